@@ -1,0 +1,62 @@
+"""Command-line flags generated from the config dataclasses, spelled as in Megatron-LM.
+
+``--config`` picks the starting point (a preset name or a YAML file); every config field is then a
+flag (``train.micro_batch_size`` -> ``--micro-batch-size``) whose help is the field's docstring.
+Only flags given on the command line override the config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from typing import Any, Literal, Optional, Sequence
+
+from megatron_yuyuan.config import SECTIONS, RunConfig, field_docs, load_config
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _arg_kwargs(tp: Any) -> dict[str, Any]:
+    """argparse keyword arguments for a field annotation."""
+    if typing.get_origin(tp) is typing.Union:  # Optional[X]
+        (tp,) = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) is Literal:
+        choices = typing.get_args(tp)
+        return {"type": type(choices[0]), "choices": choices}
+    if tp is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    return {"type": tp}
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add --config and one flag per config field, grouped by section."""
+    parser.add_argument("--config", default=None,
+                        help="preset name (tiny, small, yuyuan-3.5b) or a YAML run config")
+    for section, cls in SECTIONS.items():
+        group = parser.add_argument_group(f"{section} ({cls.__doc__.splitlines()[0]})")
+        hints = typing.get_type_hints(cls)
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            group.add_argument(_flag(f.name), dest=f"{section}.{f.name}", default=argparse.SUPPRESS,
+                               help=docs.get(f.name, ""), **_arg_kwargs(hints[f.name]))
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """Load --config, then apply every flag given on the command line."""
+    cfg = load_config(args.config)
+    raw = cfg.to_dict()
+    for key, value in vars(args).items():
+        section, _, name = key.partition(".")
+        if section in SECTIONS and name:
+            raw[section][name] = value
+    # Re-validate the merged values through the dataclasses' __post_init__.
+    return RunConfig.from_dict(raw, source="command line")
+
+
+def parse_config(argv: Optional[Sequence[str]] = None, description: str = "") -> RunConfig:
+    parser = argparse.ArgumentParser(description=description)
+    add_config_arguments(parser)
+    return config_from_args(parser.parse_args(argv))

@@ -1,0 +1,346 @@
+"""Typed run configuration: one dataclass per section, named model presets, YAML load/save.
+
+Field names are Megatron-LM's argument names (``tensor_model_parallel_size``, ``micro_batch_size``,
+``train_iters``...), so every field is also a command-line flag with Megatron's spelling
+(``--tensor-model-parallel-size``); see :mod:`megatron_yuyuan.arguments`. Each field carries a
+docstring (the string below it), which is the flag's ``--help`` text.
+
+A YAML file mirrors :class:`RunConfig`::
+
+    model: small                # a preset name, or a mapping: {preset: small, num_layers: 4}
+    parallel: {tensor_model_parallel_size: 2}
+    train: {micro_batch_size: 4, global_batch_size: 8, train_iters: 100, lr: 1.0e-4}
+    data: {seq_length: 512, mock_data: true}
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import functools
+import inspect
+import textwrap
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the field and what to do."""
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """GPT-2 architecture (Yuyuan): learned absolute positions, LayerNorm, biases, tied embeddings."""
+
+    num_layers: int
+    """Number of transformer layers."""
+    hidden_size: int
+    """Transformer hidden size (h)."""
+    num_attention_heads: int
+    """Number of attention heads; must be divisible by the tensor-parallel size."""
+    ffn_hidden_size: Optional[int] = None
+    """MLP inner size; None means 4 * hidden_size (GPT-2's n_inner=None)."""
+    max_position_embeddings: int = 1024
+    """Number of learned absolute positions (the longest sequence the model accepts)."""
+    vocab_size: int = 50257
+    """True vocabulary size (GPT-2 BPE: 50257). The embedding is padded above this; see below."""
+    make_vocab_size_divisible_by: int = 128
+    """Pad the embedding rows to a multiple of this times the tensor-parallel size (as Megatron)."""
+    layernorm_epsilon: float = 1e-5
+    """LayerNorm epsilon (GPT-2: 1e-5)."""
+    activation: Literal["gelu_tanh", "gelu"] = "gelu_tanh"
+    """MLP activation: 'gelu_tanh' is GPT-2's gelu_new; 'gelu' is the exact erf GELU."""
+    hidden_dropout: float = 0.1
+    """Dropout on residual branches and embeddings."""
+    attention_dropout: float = 0.1
+    """Dropout on attention probabilities."""
+    init_method_std: float = 0.02
+    """Std of the normal init; output projections use std / sqrt(2 * num_layers)."""
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "max_position_embeddings",
+                     "vocab_size", "make_vocab_size_divisible_by"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"model.hidden_size ({self.hidden_size}) must be divisible by "
+                f"model.num_attention_heads ({self.num_attention_heads})")
+        if self.activation not in ("gelu_tanh", "gelu"):
+            raise ConfigError(f"model.activation must be 'gelu_tanh' or 'gelu', got {self.activation!r}")
+        for name in ("hidden_dropout", "attention_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"model.{name} must be in [0, 1), got {getattr(self, name)}")
+
+    @property
+    def ffn_size(self) -> int:
+        """The MLP inner size actually used."""
+        return self.ffn_hidden_size or 4 * self.hidden_size
+
+    def padded_vocab_size(self, tensor_model_parallel_size: int = 1) -> int:
+        """Megatron's rule: round vocab_size up to a multiple of divisible_by * TP."""
+        multiple = self.make_vocab_size_divisible_by * tensor_model_parallel_size
+        return -(-self.vocab_size // multiple) * multiple
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    """How the model is split; data parallel size is world_size / (TP * PP)."""
+
+    tensor_model_parallel_size: int = 1
+    """Tensor (intra-layer) parallel size; must divide the attention heads."""
+    pipeline_model_parallel_size: int = 1
+    """Pipeline (inter-layer) parallel size; must divide the number of layers."""
+    use_distributed_optimizer: bool = False
+    """Shard optimizer state across data-parallel ranks (ZeRO-1)."""
+
+    def __post_init__(self) -> None:
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Optimisation, precision and logging."""
+
+    micro_batch_size: int = 1
+    """Sequences per micro-batch per data-parallel rank."""
+    global_batch_size: Optional[int] = None
+    """Sequences per optimizer step over all ranks; None means micro_batch_size * DP."""
+    train_iters: int = 10
+    """Number of optimizer steps."""
+    lr: float = 1e-4
+    """Peak learning rate."""
+    min_lr: float = 0.0
+    """Learning rate at the end of decay."""
+    lr_warmup_iters: int = 0
+    """Linear warmup steps from 0 to lr."""
+    lr_decay_style: Literal["constant", "linear", "cosine"] = "cosine"
+    """Decay after warmup."""
+    lr_decay_iters: Optional[int] = None
+    """Steps over which lr decays to min_lr; None means train_iters."""
+    weight_decay: float = 0.01
+    """AdamW decoupled weight decay (not applied to biases and LayerNorm)."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.999
+    """AdamW beta2."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    clip_grad: float = 1.0
+    """Clip the global gradient norm to this value (0 disables)."""
+    bf16: bool = False
+    """bf16 mixed precision (GPU): bf16 weights and activations, fp32 master weights."""
+    fp16: bool = False
+    """fp16 mixed precision (GPU) with dynamic loss scaling."""
+    initial_loss_scale: float = 2.0**32
+    """fp16: starting loss scale."""
+    loss_scale_window: int = 1000
+    """fp16: steps without overflow before the loss scale grows."""
+    hysteresis: int = 2
+    """fp16: overflows tolerated before the loss scale shrinks."""
+    min_loss_scale: float = 1.0
+    """fp16: smallest loss scale."""
+    recompute_granularity: Optional[Literal["full", "selective"]] = None
+    """Activation recompute: 'full' recomputes whole layers, 'selective' only core attention."""
+    recompute_num_layers: int = 1
+    """With 'full': layers per recompute chunk (uniform method)."""
+    seed: int = 1234
+    """Seed for weights (independent of the parallel layout), data order and dropout."""
+    log_interval: int = 1
+    """Print a Megatron-style log line every this many steps."""
+    metrics_file: Optional[str] = None
+    """Write one JSON object per step (iteration, loss, lr, grad_norm, tokens_per_s[, mfu]) here."""
+    tensorboard_dir: Optional[str] = None
+    """Write TensorBoard scalars here."""
+
+    def __post_init__(self) -> None:
+        if self.bf16 and self.fp16:
+            raise ConfigError("train.bf16 and train.fp16 are mutually exclusive: choose one")
+        for name in ("micro_batch_size", "train_iters", "log_interval", "recompute_num_layers"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.global_batch_size is not None and self.global_batch_size < 1:
+            raise ConfigError(f"train.global_batch_size must be >= 1, got {self.global_batch_size}")
+        if self.lr_decay_style not in ("constant", "linear", "cosine"):
+            raise ConfigError(f"train.lr_decay_style must be constant|linear|cosine, got "
+                              f"{self.lr_decay_style!r}")
+        if self.recompute_granularity not in (None, "full", "selective"):
+            raise ConfigError(f"train.recompute_granularity must be full|selective, got "
+                              f"{self.recompute_granularity!r}")
+        if self.lr < 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ConfigError(f"need 0 <= train.min_lr ({self.min_lr}) <= train.lr ({self.lr})")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Where training sequences come from."""
+
+    seq_length: int = 1024
+    """Tokens per training sequence."""
+    mock_data: bool = False
+    """Use deterministic synthetic token sequences (smoke tests, throughput)."""
+
+    def __post_init__(self) -> None:
+        if self.seq_length < 1:
+            raise ConfigError(f"data.seq_length must be >= 1, got {self.seq_length}")
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # Tests. vocab 1100 is not a multiple of 128 * TP, so TP=1 and TP=2 pad differently
+    # (1152 vs 1280 rows) and every TP-equivalence test also checks the pad-row masking.
+    "tiny": ModelConfig(num_layers=4, hidden_size=64, num_attention_heads=4,
+                        max_position_embeddings=256, vocab_size=1100,
+                        hidden_dropout=0.0, attention_dropout=0.0),
+    # The CPU demo: GPT-2 vocabulary, about 29M parameters.
+    "small": ModelConfig(num_layers=6, hidden_size=256, num_attention_heads=8),
+    # Yuyuan-GPT2-3.5B (IDEA-CCNL): 3,556,125,696 parameters at vocab 50257.
+    "yuyuan-3.5b": ModelConfig(num_layers=30, hidden_size=3072, num_attention_heads=32,
+                               ffn_hidden_size=12288, max_position_embeddings=1024),
+}
+
+
+def get_preset(name: str) -> ModelConfig:
+    """Return a copy of the named model preset."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+    return dataclasses.replace(PRESETS[name])
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """Everything one training run needs."""
+
+    model: ModelConfig = field(default_factory=lambda: get_preset("tiny"))
+    """Model architecture."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Parallel layout."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation and logging."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training data."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self, path: str | Path) -> Path:
+        """Write the resolved config as YAML (atomically) and return the path."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config") -> RunConfig:
+        unknown = set(raw) - set(SECTIONS)
+        if unknown:
+            raise ConfigError(f"{source}: unknown section(s) {sorted(unknown)}; "
+                              f"expected {sorted(SECTIONS)}")
+        model_raw = raw.get("model", {})
+        if isinstance(model_raw, str):
+            model_raw = {"preset": model_raw}
+        model_raw = dict(model_raw or {})
+        preset = model_raw.pop("preset", None)
+        base = dataclasses.asdict(get_preset(preset)) if preset else {}
+        sections = {"model": _build(ModelConfig, {**base, **model_raw}, f"{source}: model")}
+        for name in ("parallel", "train", "data"):
+            sections[name] = _build(SECTIONS[name], raw.get(name) or {}, f"{source}: {name}")
+        return cls(**sections)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> RunConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+        return cls.from_dict(raw, source=str(path))
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig, "parallel": ParallelConfig, "train": TrainConfig, "data": DataConfig,
+}
+
+
+def _build(cls: type, values: dict[str, Any], where: str):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - names
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {sorted(unknown)}; known: {sorted(names)}")
+    try:
+        return cls(**values)
+    except TypeError as exc:  # a missing required field
+        raise ConfigError(f"{where}: {exc}") from exc
+
+
+def load_config(spec: str | None) -> RunConfig:
+    """A preset name ('tiny', 'small', 'yuyuan-3.5b'), a YAML path, or None for the default."""
+    if spec is None:
+        return RunConfig()
+    if spec in PRESETS:
+        return RunConfig(model=get_preset(spec))
+    if spec.endswith((".yaml", ".yml")) or Path(spec).exists():
+        return RunConfig.from_yaml(spec)
+    raise ConfigError(f"--config {spec!r} is neither a preset ({', '.join(sorted(PRESETS))}) "
+                      f"nor an existing YAML file")
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each dataclass field (used as --help text)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+def validate_layout(cfg: RunConfig, world_size: int) -> int:
+    """Check that the run fits ``world_size`` processes; returns the data-parallel size.
+
+    Raises :class:`ConfigError` naming the offending values, before any process group exists.
+    """
+    tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
+    m, t = cfg.model, cfg.train
+    if m.num_attention_heads % tp:
+        raise ConfigError(f"--tensor-model-parallel-size {tp} does not divide "
+                          f"num_attention_heads {m.num_attention_heads}")
+    if m.ffn_size % tp:
+        raise ConfigError(f"--tensor-model-parallel-size {tp} does not divide ffn size {m.ffn_size}")
+    if m.num_layers % pp:
+        raise ConfigError(f"--pipeline-model-parallel-size {pp} does not divide "
+                          f"num_layers {m.num_layers}")
+    if world_size % (tp * pp):
+        raise ConfigError(f"world size {world_size} is not divisible by tensor x pipeline parallel "
+                          f"size {tp} x {pp} = {tp * pp}; launch a multiple of {tp * pp} processes")
+    dp = world_size // (tp * pp)
+    gbs = t.global_batch_size or t.micro_batch_size * dp
+    if gbs % (t.micro_batch_size * dp):
+        raise ConfigError(f"--global-batch-size {gbs} is not divisible by --micro-batch-size "
+                          f"{t.micro_batch_size} x data-parallel size {dp} = {t.micro_batch_size * dp}")
+    if cfg.data.seq_length > m.max_position_embeddings:
+        raise ConfigError(f"--seq-length {cfg.data.seq_length} exceeds max_position_embeddings "
+                          f"{m.max_position_embeddings}")
+    if pp > 1 and gbs // (t.micro_batch_size * dp) < 1:
+        raise ConfigError("pipeline parallelism needs at least one micro-batch per step")
+    if (t.bf16 or t.fp16) and not _cuda_available():
+        raise ConfigError("--bf16/--fp16 mixed precision needs a CUDA GPU; run fp32 on CPU")
+    return dp
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

@@ -1,0 +1,1 @@
+"""Training data: synthetic tokens (``mock``) and, later, MedQuAD."""

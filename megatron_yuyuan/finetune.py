@@ -1,0 +1,49 @@
+"""Train / finetune the GPT-2 (Yuyuan) model with megatron-core TP x PP x DP.
+
+Launch under torchrun (gloo on CPU, NCCL on GPUs), e.g. TP=2 on two CPU processes::
+
+    torchrun --nproc-per-node 2 -m megatron_yuyuan.finetune --config tiny --mock-data \\
+        --tensor-model-parallel-size 2 --micro-batch-size 4 --global-batch-size 8 \\
+        --seq-length 128 --train-iters 20 --metrics-file runs/tiny/metrics.jsonl
+
+Flags follow Megatron-LM's names; ``--help`` lists them all with their meaning.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional, Sequence
+
+from megatron_yuyuan import cpu_compat
+from megatron_yuyuan.arguments import parse_config
+from megatron_yuyuan.config import ConfigError, RunConfig, validate_layout
+from megatron_yuyuan.parallel import destroy_distributed, env_rank, env_world_size
+
+
+def check_config(cfg: RunConfig, world_size: int) -> None:
+    """Every check that needs no process group: fail before any work is done."""
+    validate_layout(cfg, world_size)
+    if not cfg.data.mock_data:
+        raise ConfigError("no training data: pass --mock-data (synthetic tokens)")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    cpu_compat.apply_if_no_cuda()
+    try:
+        cfg = parse_config(argv, description=__doc__.split("\n\n")[0])
+        check_config(cfg, env_world_size())
+    except ConfigError as exc:
+        if env_rank() == 0:
+            print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from megatron_yuyuan.training import train  # heavy imports only once the config is valid
+
+    try:
+        train(cfg)
+    finally:
+        destroy_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

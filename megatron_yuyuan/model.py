@@ -1,0 +1,213 @@
+"""GPT-2 / Yuyuan as a megatron-core ``GPTModel``.
+
+The only module that imports ``megatron.core.models`` and ``megatron.core.transformer``. It turns a
+:class:`~megatron_yuyuan.config.ModelConfig` into a ``TransformerConfig``, builds this pipeline
+stage's ``GPTModel`` (local spec; Transformer Engine spec when TE is importable on a GPU) and
+initialises weights from the seed alone, so TP/PP/DP layouts start from the same model.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.module import Float16Module
+
+from megatron_yuyuan.config import ModelConfig, RunConfig
+from megatron_yuyuan.parallel import Layout
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GPT-2's ``gelu_new``. A named function (not a lambda) so configs stay picklable."""
+    return F.gelu(x, approximate="tanh")
+
+
+ACTIVATIONS = {"gelu_tanh": gelu_tanh, "gelu": F.gelu}
+
+
+def _leave_uninitialized(tensor: torch.Tensor) -> torch.Tensor:
+    """megatron init_method that draws nothing: weights come from initialize_weights()."""
+    return tensor
+
+
+def have_transformer_engine() -> bool:
+    """TE is an optional GPU accelerator: used only when importable and CUDA is present."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def to_transformer_config(cfg: RunConfig) -> TransformerConfig:
+    """megatron-core TransformerConfig for this run (GPT-2 shape, our parallel layout)."""
+    m, t, p = cfg.model, cfg.train, cfg.parallel
+    on_gpu = torch.cuda.is_available()
+    dtype = torch.bfloat16 if t.bf16 else torch.float16 if t.fp16 else torch.float32
+    return TransformerConfig(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        ffn_hidden_size=m.ffn_size,
+        hidden_dropout=m.hidden_dropout,
+        attention_dropout=m.attention_dropout,
+        layernorm_epsilon=m.layernorm_epsilon,
+        normalization="LayerNorm",
+        add_bias_linear=True,
+        activation_func=ACTIVATIONS[m.activation],
+        init_method_std=m.init_method_std,
+        # megatron allocates the shards and tags them with their TP split (it skips the tagging
+        # when perform_initialization=False); initialize_weights() then fills them.
+        perform_initialization=True,
+        init_method=_leave_uninitialized,
+        output_layer_init_method=_leave_uninitialized,
+        use_cpu_initialization=not on_gpu,
+        tensor_model_parallel_size=p.tensor_model_parallel_size,
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        sequence_parallel=False,  # torch LayerNorm cannot do it; needs Apex/TE
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=t.bf16,
+        fp16=t.fp16,
+        attention_softmax_in_fp32=True,
+        apply_query_key_layer_scaling=False,
+        # Fused kernels exist only on GPU; the tanh GELU is never the fused bias-gelu.
+        gradient_accumulation_fusion=False,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=on_gpu,
+        bias_dropout_fusion=on_gpu,
+        persist_layer_norm=False,
+        recompute_granularity=t.recompute_granularity,
+        recompute_method="uniform" if t.recompute_granularity == "full" else None,
+        recompute_num_layers=t.recompute_num_layers if t.recompute_granularity == "full" else None,
+        # Loss is summed over tokens and normalised by the global token count, so answer-only
+        # masks and any DP/micro-batch split give the same gradient.
+        calculate_per_token_loss=True,
+    )
+
+
+def layer_spec():
+    if have_transformer_engine():
+        from megatron.core.models.gpt.gpt_layer_specs import (
+            get_gpt_layer_with_transformer_engine_spec,
+        )
+
+        return get_gpt_layer_with_transformer_engine_spec()
+    return get_gpt_layer_local_spec(normalization="LayerNorm")
+
+
+def build_model(cfg: RunConfig, layout: Layout, seed: Optional[int] = None) -> GPTModel:
+    """Build this rank's pipeline stage of the model.
+
+    Args:
+        cfg: run config (model shape, precision, parallel sizes).
+        layout: this process's TP/PP/DP position (from :func:`parallel.init_distributed`).
+        seed: initialise weights from this seed; None leaves them uninitialised (for loading).
+    """
+    tconfig = to_transformer_config(cfg)
+    model = GPTModel(
+        config=tconfig,
+        transformer_layer_spec=layer_spec(),
+        vocab_size=cfg.model.padded_vocab_size(layout.tp),
+        max_sequence_length=cfg.model.max_position_embeddings,
+        pre_process=layout.is_first_stage,
+        post_process=layout.is_last_stage,
+        parallel_output=True,
+        share_embeddings_and_output_weights=True,
+        position_embedding_type="learned_absolute",
+    )
+    if seed is not None:
+        initialize_weights(model, cfg.model, layout, seed)
+    return model
+
+
+def wrap_float16(model: GPTModel, cfg: RunConfig) -> torch.nn.Module:
+    """bf16/fp16 runs cast inputs/outputs at the model boundary, as Megatron-LM does."""
+    if cfg.train.bf16 or cfg.train.fp16:
+        return Float16Module(model.config, model)
+    return model
+
+
+def global_param_name(model: GPTModel, name: str) -> str:
+    """Stage-local parameter name -> name in the whole (PP=1) model.
+
+    Every pipeline stage numbers its layers from 0; ``layer_number`` holds the global 1-based index.
+    The tied output layer of the last stage is the word embedding.
+    """
+    if name.startswith("decoder.layers."):
+        local, rest = name[len("decoder.layers."):].split(".", 1)
+        return f"decoder.layers.{model.decoder.layers[int(local)].layer_number - 1}.{rest}"
+    if name == "output_layer.weight" and model.share_embeddings_and_output_weights:
+        return "embedding.word_embeddings.weight"
+    return name
+
+
+def _is_norm(name: str) -> bool:
+    return "layernorm" in name or "layer_norm" in name.rsplit(".", 1)[-1]
+
+
+@torch.no_grad()
+def initialize_weights(model: GPTModel, m: ModelConfig, layout: Layout, seed: int) -> None:
+    """GPT-2 init that depends only on ``seed`` and each parameter's global name.
+
+    Each full (unsharded, unpadded) tensor is drawn from its own generator seeded by
+    ``crc32(seed:name)``, then this rank keeps its TP slice. So TP=1, TP=2, PP=2 and DP runs start
+    from identical weights, and resharding a checkpoint is meaningful. Linear weights ~ N(0, std);
+    the two residual output projections ~ N(0, std / sqrt(2L)) (GPT-2 / Megatron scaled init);
+    biases 0; LayerNorm weight 1. Embedding rows past the true vocabulary are zero padding.
+    """
+    std_out = m.init_method_std / (2.0 * m.num_layers) ** 0.5
+    for name, param in model.named_parameters():
+        gname = global_param_name(model, name)
+        if _is_norm(gname):
+            param.fill_(1.0 if gname.endswith("weight") else 0.0)
+            continue
+        if gname.endswith("bias"):
+            param.zero_()
+            continue
+        full_shape = list(param.shape)
+        split_dim = param.partition_dim if getattr(param, "tensor_model_parallel", False) else None
+        if split_dim is not None:
+            full_shape[split_dim] *= layout.tp
+        gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{gname}".encode()))
+        std = std_out if gname.endswith(("linear_proj.weight", "linear_fc2.weight")) else m.init_method_std
+        if gname == "embedding.word_embeddings.weight":
+            full = torch.zeros(full_shape)
+            full[: m.vocab_size] = torch.randn([m.vocab_size, *full_shape[1:]], generator=gen) * std
+        else:
+            full = torch.randn(full_shape, generator=gen) * std
+        if split_dim is not None:
+            full = full.chunk(layout.tp, dim=split_dim)[layout.tp_rank]
+        param.copy_(full)
+
+
+def count_parameters(m: ModelConfig, padded_vocab: Optional[int] = None) -> int:
+    """Analytic parameter count of the GPT-2 model (tied embeddings counted once).
+
+    Per layer: QKV 3h^2+3h, projection h^2+h, fc1 fh+f, fc2 fh+h, two LayerNorms 4h.
+    """
+    h, f = m.hidden_size, m.ffn_size
+    per_layer = 4 * h * h + 2 * f * h + f + 9 * h
+    vocab = padded_vocab if padded_vocab is not None else m.vocab_size
+    return m.num_layers * per_layer + vocab * h + m.max_position_embeddings * h + 2 * h
+
+
+def count_model_parameters(model: torch.nn.Module) -> int:
+    """Parameters held by this rank's module (shared output layer not counted twice)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def training_flops_per_token(m: ModelConfig, seq_length: int, padded_vocab: int) -> float:
+    """Megatron-LM's model FLOPs per token for fwd+bwd: 72 l h^2 (1 + s/(6h) + V/(12 h l))."""
+    h, layers = m.hidden_size, m.num_layers
+    ffn_ratio = m.ffn_size / (4 * h)
+    # 72 = 24 (fwd) * 3 (fwd + 2x bwd); attention and MLP terms, with a general ffn ratio.
+    return 24 * 3 * layers * h * h * ((1 + 2 * ffn_ratio) / 3 + seq_length / (6 * h)
+                                      + padded_vocab / (12 * h * layers))

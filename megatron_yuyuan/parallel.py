@@ -1,0 +1,141 @@
+"""Process groups: torch.distributed (NCCL on GPUs, gloo on CPU) + megatron-core parallel_state.
+
+The only module that imports ``megatron.core.parallel_state`` and ``megatron.core.tensor_parallel``
+(RNG tracker, vocab-parallel cross-entropy). Launch with ``torchrun``; a plain ``python`` run is a
+world of one process.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core import tensor_parallel
+from megatron.core.tensor_parallel import vocab_parallel_cross_entropy  # noqa: F401 (re-export)
+
+from megatron_yuyuan import cpu_compat
+
+
+@dataclass(frozen=True)
+class Layout:
+    """This process's place in the TP x PP x DP grid."""
+
+    world_size: int
+    rank: int
+    tp: int
+    pp: int
+    dp: int
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+
+def env_world_size() -> int:
+    """World size as torchrun announces it (1 for a plain process)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def env_rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def init_distributed(tp: int = 1, pp: int = 1, timeout_s: int = 600) -> Layout:
+    """Create the default process group and megatron's TP/PP/DP groups.
+
+    Args:
+        tp: tensor-model-parallel size.
+        pp: pipeline-model-parallel size.
+        timeout_s: collective timeout.
+    """
+    cpu_compat.apply_if_no_cuda()
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        backend = cpu_compat.distributed_backend()
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend=backend, world_size=env_world_size(), rank=env_rank(),
+                                timeout=timedelta(seconds=timeout_s))
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    return current_layout()
+
+
+def current_layout() -> Layout:
+    return Layout(
+        world_size=dist.get_world_size(), rank=dist.get_rank(),
+        tp=ps.get_tensor_model_parallel_world_size(), pp=ps.get_pipeline_model_parallel_world_size(),
+        dp=ps.get_data_parallel_world_size(),
+        tp_rank=ps.get_tensor_model_parallel_rank(), pp_rank=ps.get_pipeline_model_parallel_rank(),
+        dp_rank=ps.get_data_parallel_rank(),
+    )
+
+
+def destroy_distributed() -> None:
+    """Tear down megatron's groups and the default group (tests run several layouts per process)."""
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def set_seed(seed: int) -> None:
+    """Seed python, numpy and torch, and megatron's tracker for TP-region dropout.
+
+    As in Megatron-LM, each pipeline stage gets its own stream (seed + 100 * pp_rank); weights do
+    not use these streams (see :func:`megatron_yuyuan.model.initialize_weights`).
+    """
+    seed = seed + 100 * ps.get_pipeline_model_parallel_rank()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def tp_group():
+    return ps.get_tensor_model_parallel_group()
+
+
+def dp_group():
+    return ps.get_data_parallel_group()
+
+
+def pp_group():
+    return ps.get_pipeline_model_parallel_group()
+
+
+def pp_last_rank() -> int:
+    """Global rank of the last pipeline stage in this process's pipeline group."""
+    return ps.get_pipeline_model_parallel_last_rank()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def print_rank_0(*args, **kwargs) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

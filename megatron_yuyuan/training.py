@@ -1,0 +1,216 @@
+"""The training loop: megatron-core schedules (no-PP loop or 1F1B), mcore DDP, megatron optimizer.
+
+The only module that imports ``megatron.core.distributed`` and ``megatron.core.pipeline_parallel``.
+Entry point: ``python -m megatron_yuyuan.finetune`` (see there for the launch command).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from tqdm import tqdm
+
+from megatron_yuyuan import parallel
+from megatron_yuyuan.config import RunConfig
+from megatron_yuyuan.data.mock import mock_batches
+from megatron_yuyuan.logging_utils import (
+    MetricsLogger,
+    StepMetrics,
+    format_log_line,
+    gpu_peak_flops,
+)
+from megatron_yuyuan.model import build_model, training_flops_per_token, wrap_float16
+from megatron_yuyuan.optim import build_optimizer, build_scheduler
+from megatron_yuyuan.parallel import Layout
+
+
+def mask_padded_vocab(logits: torch.Tensor, vocab_size: int, tp_rank: int) -> torch.Tensor:
+    """Set the logits of embedding pad rows (ids >= vocab_size) to -inf.
+
+    The padded size depends on TP (Megatron pads to a multiple of 128 * TP), so without this the
+    softmax over dummy rows would make the loss depend on the parallel layout.
+
+    Args:
+        logits: this rank's vocab shard ``[b, s, Vp / tp]``.
+    """
+    local = logits.shape[-1]
+    n_real = vocab_size - tp_rank * local  # real ids in this shard (may be <= 0 or >= local)
+    if n_real >= local:
+        return logits
+    pad = torch.arange(local, device=logits.device) >= max(n_real, 0)  # [Vp / tp]
+    return logits.masked_fill(pad, float("-inf"))
+
+
+def loss_func(labels: torch.Tensor, loss_mask: torch.Tensor, vocab_size: int, tp_rank: int,
+              logits: torch.Tensor):
+    """Token-summed cross-entropy over the real vocabulary, for megatron's schedules.
+
+    Returns the 3-tuple form ``(loss_sum, num_tokens, report)``: with ``calculate_per_token_loss``
+    megatron divides gradients by the token count over all micro-batches and DP ranks, so the
+    gradient is a true per-token mean whatever the batch split or loss mask.
+
+    Args:
+        labels: next-token ids ``[b, s]``.
+        loss_mask: 1 where the token's loss counts ``[b, s]``.
+        logits: vocab-parallel logits ``[b, s, Vp / tp]``.
+    """
+    logits = mask_padded_vocab(logits.float(), vocab_size, tp_rank)
+    losses = parallel.vocab_parallel_cross_entropy(logits, labels)  # [b, s]
+    mask = loss_mask.float()
+    loss_sum = (losses * mask).sum()
+    num_tokens = mask.sum().to(torch.int)
+    # The schedule scales the returned loss in place; report a detached copy.
+    report = torch.stack([loss_sum.detach().clone(), mask.sum().detach()])
+    return loss_sum, num_tokens, {"lm loss": report}
+
+
+def forward_step(data_iterator: Iterator[dict], model: torch.nn.Module, *, vocab_size: int,
+                 tp_rank: int, device: torch.device):
+    """One micro-batch through this pipeline stage (megatron's forward_step_func contract)."""
+    batch = {k: v.to(device, non_blocking=True) for k, v in next(data_iterator).items()}
+    # attention_mask=None: the local spec's causal softmax builds the causal mask itself.
+    output = model(batch["tokens"], batch["position_ids"], None)  # logits [b, s, V/tp] or hidden
+    return output, partial(loss_func, batch["labels"], batch["loss_mask"], vocab_size, tp_rank)
+
+
+@dataclass
+class TrainState:
+    cfg: RunConfig
+    layout: Layout
+    model: DistributedDataParallel
+    optimizer: object
+    scheduler: object
+    num_microbatches: int
+    global_batch_size: int
+    iteration: int = 0
+
+
+def device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+        else torch.device("cpu")
+
+
+def setup(cfg: RunConfig) -> TrainState:
+    """Process groups, seeded model, DDP wrapper, optimizer and LR schedule."""
+    layout = parallel.init_distributed(cfg.parallel.tensor_model_parallel_size,
+                                       cfg.parallel.pipeline_model_parallel_size)
+    parallel.set_seed(cfg.train.seed)
+    model = build_model(cfg, layout, seed=cfg.train.seed).to(device())
+    model = wrap_float16(model, cfg)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        check_for_nan_in_grad=False,
+    )
+    model = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
+    optimizer = build_optimizer(cfg, [model])
+    scheduler = build_scheduler(cfg, optimizer)
+    config = model.config
+    config.finalize_model_grads_func = finalize_model_grads
+    config.grad_scale_func = optimizer.scale_loss
+    t = cfg.train
+    gbs = t.global_batch_size or t.micro_batch_size * layout.dp
+    return TrainState(cfg=cfg, layout=layout, model=model, optimizer=optimizer, scheduler=scheduler,
+                      num_microbatches=gbs // (t.micro_batch_size * layout.dp),
+                      global_batch_size=gbs)
+
+
+def build_data_iterator(state: TrainState) -> Iterator[dict]:
+    cfg, layout = state.cfg, state.layout
+    return mock_batches(start_iteration=state.iteration, global_batch_size=state.global_batch_size,
+                        micro_batch_size=cfg.train.micro_batch_size, dp_size=layout.dp,
+                        dp_rank=layout.dp_rank, seq_length=cfg.data.seq_length,
+                        vocab_size=cfg.model.vocab_size, seed=cfg.train.seed)
+
+
+def _reduce_loss(losses: list[dict], layout: Layout) -> float:
+    """Token-weighted mean loss of the step, known on every rank of the pipeline group."""
+    total = torch.zeros(2, dtype=torch.float64)
+    for item in losses:  # non-empty on the last stage only
+        total += item["lm loss"].to(torch.float64).cpu()
+    if dist.get_backend() == "nccl":
+        total = total.cuda()
+    dist.all_reduce(total, group=parallel.dp_group())
+    dist.broadcast(total, src=parallel.pp_last_rank(), group=parallel.pp_group())
+    return float(total[0] / total[1].clamp(min=1))
+
+
+def train_step(state: TrainState, data_iterator: Iterator[dict],
+               forward_backward: Optional[Callable] = None) -> tuple[float, float, bool]:
+    """One optimizer step over the global batch. Returns (loss, grad_norm, skipped)."""
+    cfg = state.cfg
+    forward_backward = forward_backward or get_forward_backward_func()
+    state.model.zero_grad_buffer()
+    state.optimizer.zero_grad()
+    step_fn = partial(forward_step, vocab_size=cfg.model.vocab_size, tp_rank=state.layout.tp_rank,
+                      device=device())
+    losses = forward_backward(
+        forward_step_func=step_fn, data_iterator=data_iterator, model=[state.model],
+        num_microbatches=state.num_microbatches, seq_length=cfg.data.seq_length,
+        micro_batch_size=cfg.train.micro_batch_size, forward_only=False)
+    ok, grad_norm, _ = state.optimizer.step()
+    if ok:
+        state.scheduler.step(increment=1)
+    state.iteration += 1
+    return _reduce_loss(losses, state.layout), float(grad_norm or 0.0), not ok
+
+
+def train(cfg: RunConfig) -> list[StepMetrics]:
+    """Run ``cfg.train.train_iters`` steps; returns the per-step metrics (on every rank)."""
+    state = setup(cfg)
+    layout, t = state.layout, cfg.train
+    is_logger = layout.rank == 0
+    logger = MetricsLogger(t.metrics_file, t.tensorboard_dir) if is_logger else None
+    tokens_per_step = state.global_batch_size * cfg.data.seq_length
+    flops_per_token = training_flops_per_token(
+        cfg.model, cfg.data.seq_length, cfg.model.padded_vocab_size(layout.tp))
+    peak = gpu_peak_flops()
+    parallel.print_rank_0(
+        f"> training {cfg.model.num_layers} layers, hidden {cfg.model.hidden_size} on "
+        f"{layout.world_size} process(es): TP={layout.tp} PP={layout.pp} DP={layout.dp}, "
+        f"{state.num_microbatches} micro-batch(es) of {t.micro_batch_size} x {cfg.data.seq_length} "
+        f"tokens per step, backend {dist.get_backend()}")
+    data = build_data_iterator(state)
+    forward_backward = get_forward_backward_func()
+    history: list[StepMetrics] = []
+    bar = tqdm(total=t.train_iters, desc="train", disable=not is_logger, file=sys.stderr,
+               dynamic_ncols=True)
+    while state.iteration < t.train_iters:
+        parallel.barrier()
+        lr = state.optimizer.param_groups[0]["lr"]  # the lr this step uses
+        start = time.perf_counter()
+        loss, grad_norm, skipped = train_step(state, data, forward_backward)
+        elapsed = time.perf_counter() - start
+        tokens_per_s = tokens_per_step / elapsed
+        metrics = StepMetrics(
+            iteration=state.iteration, loss=loss, lr=lr,
+            grad_norm=grad_norm, tokens_per_s=tokens_per_s, step_time_s=elapsed, skipped=skipped,
+            loss_scale=float(state.optimizer.get_loss_scale()) if t.fp16 else None,
+            mfu=(tokens_per_s * flops_per_token / (peak * layout.world_size)) if peak else None)
+        history.append(metrics)
+        if logger:
+            logger.log(metrics)
+            if state.iteration % t.log_interval == 0:
+                bar.write(format_log_line(metrics, t.train_iters,
+                                          state.iteration * state.global_batch_size,
+                                          state.global_batch_size))
+        bar.set_postfix(loss=f"{loss:.4f}")
+        bar.update(1)
+    bar.close()
+    if logger:
+        for line in logger.close():
+            print(f"> wrote {line}", flush=True)
+    return history

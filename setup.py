@@ -1,0 +1,4 @@
+"""Bare setuptools shim; all metadata lives in pyproject.toml."""
+from setuptools import setup
+
+setup()
