@@ -180,13 +180,13 @@ class TrainConfig:
 class DataConfig:
     """Where training sequences come from."""
 
-    seq_length: int = 1024
-    """Tokens per training sequence."""
+    seq_length: Optional[int] = None
+    """Tokens per training sequence; None means the model's max_position_embeddings."""
     mock_data: bool = False
     """Use deterministic synthetic token sequences (smoke tests, throughput)."""
 
     def __post_init__(self) -> None:
-        if self.seq_length < 1:
+        if self.seq_length is not None and self.seq_length < 1:
             raise ConfigError(f"data.seq_length must be >= 1, got {self.seq_length}")
 
 
@@ -224,6 +224,10 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     """Training data."""
 
+    def __post_init__(self) -> None:
+        if self.data.seq_length is None:
+            self.data.seq_length = self.model.max_position_embeddings
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -241,7 +245,10 @@ class RunConfig:
         if unknown:
             raise ConfigError(f"{source}: unknown section(s) {sorted(unknown)}; "
                               f"expected {sorted(SECTIONS)}")
-        model_raw = raw.get("model", {})
+        if "model" not in raw:
+            raise ConfigError(f"{source}: missing section 'model': give a preset name "
+                              f"({', '.join(sorted(PRESETS))}) or a mapping of model fields")
+        model_raw = raw["model"]
         if isinstance(model_raw, str):
             model_raw = {"preset": model_raw}
         model_raw = dict(model_raw or {})
@@ -283,9 +290,10 @@ def _build(cls: type, values: dict[str, Any], where: str):
 
 
 def load_config(spec: str | None) -> RunConfig:
-    """A preset name ('tiny', 'small', 'yuyuan-3.5b'), a YAML path, or None for the default."""
+    """A preset name ('tiny', 'small', 'yuyuan-3.5b') or a YAML path."""
     if spec is None:
-        return RunConfig()
+        raise ConfigError(f"no --config given: pass a preset ({', '.join(sorted(PRESETS))}) "
+                          f"or a YAML run config")
     if spec in PRESETS:
         return RunConfig(model=get_preset(spec))
     if spec.endswith((".yaml", ".yml")) or Path(spec).exists():

@@ -17,7 +17,7 @@ def mock_sample(index: int, seq_length: int, vocab_size: int, seed: int) -> torc
     """Token ids ``[seq_length + 1]`` of sample ``index`` (inputs plus the final label)."""
     gen = torch.Generator().manual_seed(seed * 1_000_003 + index)
     start = int(torch.randint(vocab_size, (1,), generator=gen))
-    stride = int(torch.randint(1, 8, (1,), generator=gen))
+    stride = int(torch.randint(1, 3, (1,), generator=gen))
     return (start + stride * torch.arange(seq_length + 1)) % vocab_size
 
 

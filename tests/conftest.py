@@ -1,0 +1,64 @@
+"""Shared fixtures: CPU compatibility applied, helpers that run the trainer in-process or under torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_yuyuan import cpu_compat
+
+cpu_compat.apply_if_no_cuda()
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def run_torchrun(nproc: int, args: list[str], tmp_path: Path, timeout: int = 300) -> list[dict]:
+    """Launch ``megatron_yuyuan.finetune`` under torchrun (gloo, 1 thread per process).
+
+    Returns the per-iteration metrics the run wrote; fails with the run's output on error.
+    """
+    metrics = tmp_path / f"metrics_{len(list(tmp_path.glob('metrics_*')))}.jsonl"
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+           f"--master-port={free_port()}", "-m", "megatron_yuyuan.finetune",
+           *args, "--metrics-file", str(metrics)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return read_metrics(metrics)
+
+
+@pytest.fixture
+def single_process_group():
+    """A world of one gloo process with TP=PP=1, torn down afterwards."""
+    from megatron_yuyuan import parallel
+
+    layout = parallel.init_distributed(1, 1)
+    yield layout
+    parallel.destroy_distributed()
