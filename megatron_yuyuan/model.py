@@ -16,8 +16,11 @@ import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import Float16Module
 
+from megatron_yuyuan import parallel
 from megatron_yuyuan.config import ModelConfig, RunConfig
 from megatron_yuyuan.parallel import Layout
 
@@ -93,14 +96,94 @@ def to_transformer_config(cfg: RunConfig) -> TransformerConfig:
     )
 
 
+class SDPAttention(DotProductAttention):
+    """megatron's local core attention, computed by ``F.scaled_dot_product_attention``.
+
+    Same constructor, parameters (none) and checkpoint layout as ``DotProductAttention``; the
+    fused kernel replaces baddbmm + masked softmax + bmm (fewer passes and copies: faster on CPU,
+    flash/memory-efficient kernels on GPU). Masks follow megatron's convention (True = masked).
+    """
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None,
+                attention_bias=None, packed_seq_params=None):
+        assert packed_seq_params is None and attention_bias is None, "not supported by SDPAttention"
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [s, b, np, hn] -> [b, np, s, hn]
+        mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
+        if attention_mask is None:
+            mask, causal = None, mask_type == AttnMaskType.causal and q.size(2) > 1
+        else:
+            mask, causal = ~attention_mask, False  # SDPA's boolean mask is True = attend
+        p = self.attention_dropout.p if self.training else 0.0
+        if p > 0:  # dropout in a TP region draws from the model-parallel RNG stream, as upstream
+            with parallel.get_cuda_rng_tracker().fork():
+                ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p,
+                                                     is_causal=causal, scale=self.softmax_scale)
+        else:
+            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                                 scale=self.softmax_scale)
+        b, heads, s, hn = ctx.shape
+        return ctx.permute(2, 0, 1, 3).reshape(s, b, heads * hn)  # [s, b, hp]
+
+
 def layer_spec():
+    """TE spec when Transformer Engine is usable, else the local spec with SDPA core attention."""
     if have_transformer_engine():
         from megatron.core.models.gpt.gpt_layer_specs import (
             get_gpt_layer_with_transformer_engine_spec,
         )
 
         return get_gpt_layer_with_transformer_engine_spec()
-    return get_gpt_layer_local_spec(normalization="LayerNorm")
+    spec = get_gpt_layer_local_spec(normalization="LayerNorm")
+    spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    return spec
+
+
+class YuyuanGPTModel(GPTModel):
+    """``GPTModel`` whose loss ignores the embedding's padding rows.
+
+    Megatron pads the vocabulary to a multiple of 128 * TP, so the number of dummy rows depends on
+    TP; excluding them from the softmax keeps the loss (and training) independent of the layout.
+    """
+
+    def __init__(self, *args, true_vocab_size: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.true_vocab_size = true_vocab_size
+
+    def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor):
+        """Per-token cross-entropy ``[b, s]`` from vocab-parallel logits ``[s, b, Vp / tp]``."""
+        labels = labels.transpose(0, 1).contiguous()  # [b, s] -> [s, b]
+        return language_model_loss(logits, labels, self.true_vocab_size).transpose(0, 1)
+
+
+def mask_padded_vocab(logits: torch.Tensor, vocab_size: int, tp_rank: int) -> torch.Tensor:
+    """Set the logits of embedding pad rows (ids >= vocab_size) to -inf.
+
+    Args:
+        logits: this rank's vocab shard ``[..., Vp / tp]``.
+    """
+    local = logits.shape[-1]
+    n_real = vocab_size - tp_rank * local  # real ids in this shard (may be <= 0 or >= local)
+    if n_real >= local:
+        return logits
+    pad = torch.arange(local, device=logits.device) >= max(n_real, 0)  # [Vp / tp]
+    return logits.masked_fill(pad, float("-inf"))
+
+
+def language_model_loss(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Cross-entropy over the real vocabulary, per token.
+
+    Args:
+        logits: vocab-parallel logits ``[..., Vp / tp]``.
+        labels: target ids ``[...]``.
+        vocab_size: the true vocabulary size (pad ids above it are excluded).
+    """
+    layout = parallel.current_layout()
+    if layout.tp == 1:  # one fused log-softmax over a view of the real columns: no mask copy
+        real = logits[..., :vocab_size].float()
+        return F.cross_entropy(real.reshape(-1, vocab_size), labels.reshape(-1),
+                               reduction="none").view(labels.shape)
+    logits = mask_padded_vocab(logits.float(), vocab_size, layout.tp_rank)
+    return parallel.vocab_parallel_cross_entropy(logits, labels)
 
 
 def build_model(cfg: RunConfig, layout: Layout, seed: Optional[int] = None) -> GPTModel:
@@ -112,7 +195,8 @@ def build_model(cfg: RunConfig, layout: Layout, seed: Optional[int] = None) -> G
         seed: initialise weights from this seed; None leaves them uninitialised (for loading).
     """
     tconfig = to_transformer_config(cfg)
-    model = GPTModel(
+    model = YuyuanGPTModel(
+        true_vocab_size=cfg.model.vocab_size,
         config=tconfig,
         transformer_layer_spec=layer_spec(),
         vocab_size=cfg.model.padded_vocab_size(layout.tp),

@@ -17,7 +17,10 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
-from megatron.core.tensor_parallel import vocab_parallel_cross_entropy  # noqa: F401 (re-export)
+from megatron.core.tensor_parallel import (  # noqa: F401 (re-exported for the model)
+    get_cuda_rng_tracker,
+    vocab_parallel_cross_entropy,
+)
 
 from megatron_yuyuan import cpu_compat
 
@@ -63,13 +66,14 @@ def init_distributed(tp: int = 1, pp: int = 1, timeout_s: int = 600) -> Layout:
     """
     cpu_compat.apply_if_no_cuda()
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
         backend = cpu_compat.distributed_backend()
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend, world_size=env_world_size(), rank=env_rank(),
-                                timeout=timedelta(seconds=timeout_s))
+        world_size = env_world_size()
+        # A single process needs no rendezvous: an in-memory store, no port to collide on.
+        store = dist.HashStore() if world_size == 1 and "MASTER_ADDR" not in os.environ else None
+        dist.init_process_group(backend=backend, world_size=world_size, rank=env_rank(),
+                                store=store, timeout=timedelta(seconds=timeout_s))
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     return current_layout()
@@ -132,10 +136,3 @@ def print_rank_0(*args, **kwargs) -> None:
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(*args, **kwargs, flush=True)
 
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -36,53 +36,31 @@ from megatron_yuyuan.optim import build_optimizer, build_scheduler
 from megatron_yuyuan.parallel import Layout
 
 
-def mask_padded_vocab(logits: torch.Tensor, vocab_size: int, tp_rank: int) -> torch.Tensor:
-    """Set the logits of embedding pad rows (ids >= vocab_size) to -inf.
-
-    The padded size depends on TP (Megatron pads to a multiple of 128 * TP), so without this the
-    softmax over dummy rows would make the loss depend on the parallel layout.
-
-    Args:
-        logits: this rank's vocab shard ``[b, s, Vp / tp]``.
-    """
-    local = logits.shape[-1]
-    n_real = vocab_size - tp_rank * local  # real ids in this shard (may be <= 0 or >= local)
-    if n_real >= local:
-        return logits
-    pad = torch.arange(local, device=logits.device) >= max(n_real, 0)  # [Vp / tp]
-    return logits.masked_fill(pad, float("-inf"))
-
-
-def loss_func(labels: torch.Tensor, loss_mask: torch.Tensor, vocab_size: int, tp_rank: int,
-              logits: torch.Tensor):
-    """Token-summed cross-entropy over the real vocabulary, for megatron's schedules.
+def loss_func(loss_mask: torch.Tensor, losses: torch.Tensor):
+    """Sum the per-token losses under the mask, for megatron's schedules.
 
     Returns the 3-tuple form ``(loss_sum, num_tokens, report)``: with ``calculate_per_token_loss``
     megatron divides gradients by the token count over all micro-batches and DP ranks, so the
     gradient is a true per-token mean whatever the batch split or loss mask.
 
     Args:
-        labels: next-token ids ``[b, s]``.
         loss_mask: 1 where the token's loss counts ``[b, s]``.
-        logits: vocab-parallel logits ``[b, s, Vp / tp]``.
+        losses: per-token cross-entropy from the model's last stage ``[b, s]``.
     """
-    logits = mask_padded_vocab(logits.float(), vocab_size, tp_rank)
-    losses = parallel.vocab_parallel_cross_entropy(logits, labels)  # [b, s]
     mask = loss_mask.float()
-    loss_sum = (losses * mask).sum()
-    num_tokens = mask.sum().to(torch.int)
+    loss_sum = (losses.float() * mask).sum()
+    num_tokens = mask.sum()
     # The schedule scales the returned loss in place; report a detached copy.
-    report = torch.stack([loss_sum.detach().clone(), mask.sum().detach()])
-    return loss_sum, num_tokens, {"lm loss": report}
+    report = torch.stack([loss_sum.detach().clone(), num_tokens.detach()])
+    return loss_sum, num_tokens.to(torch.int), {"lm loss": report}
 
 
-def forward_step(data_iterator: Iterator[dict], model: torch.nn.Module, *, vocab_size: int,
-                 tp_rank: int, device: torch.device):
+def forward_step(data_iterator: Iterator[dict], model: torch.nn.Module, *, device: torch.device):
     """One micro-batch through this pipeline stage (megatron's forward_step_func contract)."""
     batch = {k: v.to(device, non_blocking=True) for k, v in next(data_iterator).items()}
-    # attention_mask=None: the local spec's causal softmax builds the causal mask itself.
-    output = model(batch["tokens"], batch["position_ids"], None)  # logits [b, s, V/tp] or hidden
-    return output, partial(loss_func, batch["labels"], batch["loss_mask"], vocab_size, tp_rank)
+    # attention_mask=None: causal attention. The last stage returns per-token losses [b, s].
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    return output, partial(loss_func, batch["loss_mask"])
 
 
 @dataclass
@@ -155,8 +133,7 @@ def train_step(state: TrainState, data_iterator: Iterator[dict],
     forward_backward = forward_backward or get_forward_backward_func()
     state.model.zero_grad_buffer()
     state.optimizer.zero_grad()
-    step_fn = partial(forward_step, vocab_size=cfg.model.vocab_size, tp_rank=state.layout.tp_rank,
-                      device=device())
+    step_fn = partial(forward_step, device=device())
     losses = forward_backward(
         forward_step_func=step_fn, data_iterator=data_iterator, model=[state.model],
         num_microbatches=state.num_microbatches, seq_length=cfg.data.seq_length,

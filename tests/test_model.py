@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from megatron_yuyuan.config import RunConfig, get_preset
 from megatron_yuyuan.model import build_model, count_model_parameters, count_parameters
-from megatron_yuyuan.training import loss_func, mask_padded_vocab
+from megatron_yuyuan.model import language_model_loss, mask_padded_vocab
+from megatron_yuyuan.training import loss_func
 
 
 def test_yuyuan_parameter_count_on_meta_device(single_process_group):
@@ -52,7 +53,7 @@ def test_padded_vocab_rows_are_excluded_from_the_loss(single_process_group):
     labels = torch.randint(vocab, (2, 5))
     mask = torch.ones(2, 5)
     mask[0, :2] = 0
-    loss_sum, num_tokens, report = loss_func(labels, mask, vocab, 0, logits)
+    loss_sum, num_tokens, report = loss_func(mask, language_model_loss(logits, labels, vocab))
     ref = F.cross_entropy(logits[..., :vocab].reshape(-1, vocab), labels.reshape(-1),
                           reduction="none").reshape(2, 5)
     torch.testing.assert_close(loss_sum, (ref * mask).sum(), rtol=1e-6, atol=1e-6)
