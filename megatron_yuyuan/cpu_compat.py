@@ -150,7 +150,22 @@ def _patch_rng() -> None:
         self.states_[name] = torch.get_rng_state()
         torch.set_rng_state(saved)
 
+    @contextlib.contextmanager
+    def fork(self, name=mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME):
+        # Upstream's fork, minus its "CPU RNG state changed" warning: on CPU the tracked stream
+        # *is* the CPU generator, so the state always changes inside the fork.
+        if name not in self.states_:
+            raise Exception(f"rng state {name} is not added")
+        saved = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(saved)
+
     mrandom.CudaRNGStatesTracker.add = add
+    mrandom.CudaRNGStatesTracker.fork = fork
 
 
 def _patch_dist_checkpointing() -> None:
