@@ -184,6 +184,13 @@ class DataConfig:
     """Tokens per training sequence; None means the model's max_position_embeddings."""
     mock_data: bool = False
     """Use deterministic synthetic token sequences (smoke tests, throughput)."""
+    data_prefix: Optional[str] = None
+    """Preprocessed MedQuAD prefix P (reads P_train.bin/.idx, P_meta.json; tools/preprocess_medquad.py)."""
+    packing: bool = True
+    """Pack several QA pairs per sequence (block-diagonal attention, positions restart per pair);
+    --no-packing pads each micro-batch to its longest pair instead."""
+    train_on_prompt: bool = False
+    """Also train on the question tokens (upstream behaviour); default is answer-only loss."""
 
     def __post_init__(self) -> None:
         if self.seq_length is not None and self.seq_length < 1:

@@ -23,8 +23,30 @@ from megatron_yuyuan.parallel import destroy_distributed, env_rank, env_world_si
 def check_config(cfg: RunConfig, world_size: int) -> None:
     """Every check that needs no process group: fail before any work is done."""
     validate_layout(cfg, world_size)
-    if not cfg.data.mock_data:
-        raise ConfigError("no training data: pass --mock-data (synthetic tokens)")
+    d = cfg.data
+    if d.mock_data == (d.data_prefix is not None):
+        raise ConfigError("no training data: pass --data-prefix PREFIX (from "
+                          "tools/preprocess_medquad.py) or --mock-data (synthetic tokens)"
+                          if not d.mock_data else "--mock-data and --data-prefix exclude each other")
+    if d.data_prefix is not None:
+        check_dataset(d.data_prefix, cfg.model.vocab_size)
+
+
+def check_dataset(prefix: str, vocab_size: int) -> None:
+    """The training split and its metadata exist and fit the model's vocabulary."""
+    from megatron_yuyuan.data.indexed import dataset_exists, read_meta
+
+    if not dataset_exists(f"{prefix}_train"):
+        raise ConfigError(f"--data-prefix {prefix}: {prefix}_train.bin/.idx not found; create them "
+                          f"with: python -m tools.preprocess_medquad --output-prefix {prefix}")
+    try:
+        meta = read_meta(prefix)
+    except FileNotFoundError as exc:
+        raise ConfigError(str(exc)) from exc
+    if meta["vocab_size"] > vocab_size:
+        raise ConfigError(f"--data-prefix {prefix}: tokenized with {meta['tokenizer']} "
+                          f"({meta['vocab_size']} ids) but the model vocabulary has {vocab_size}; "
+                          f"use a model with vocab_size >= {meta['vocab_size']}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

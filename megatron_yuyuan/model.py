@@ -93,6 +93,9 @@ def to_transformer_config(cfg: RunConfig) -> TransformerConfig:
         # Loss is summed over tokens and normalised by the global token count, so answer-only
         # masks and any DP/micro-batch split give the same gradient.
         calculate_per_token_loss=True,
+        # Dynamically padded micro-batches differ in length: PP stages exchange shapes first.
+        variable_seq_lengths=cfg.data.data_prefix is not None and not cfg.data.packing,
+        moe_token_dispatcher_type="alltoall",  # dense model; megatron's check for variable lengths
     )
 
 
@@ -125,9 +128,14 @@ class SDPAttention(DotProductAttention):
         return ctx.permute(2, 0, 1, 3).reshape(s, b, heads * hn)  # [s, b, hp]
 
 
-def layer_spec():
-    """TE spec when Transformer Engine is usable, else the local spec with SDPA core attention."""
-    if have_transformer_engine():
+def layer_spec(arbitrary_masks: bool = False):
+    """TE spec when Transformer Engine is usable, else the local spec with SDPA core attention.
+
+    Args:
+        arbitrary_masks: attention masks other than plain causal (packed sequences) will be
+            passed; the TE spec's causal kernels would ignore them, so use the local spec.
+    """
+    if have_transformer_engine() and not arbitrary_masks:
         from megatron.core.models.gpt.gpt_layer_specs import (
             get_gpt_layer_with_transformer_engine_spec,
         )
@@ -198,7 +206,8 @@ def build_model(cfg: RunConfig, layout: Layout, seed: Optional[int] = None) -> G
     model = YuyuanGPTModel(
         true_vocab_size=cfg.model.vocab_size,
         config=tconfig,
-        transformer_layer_spec=layer_spec(),
+        transformer_layer_spec=layer_spec(
+            arbitrary_masks=cfg.data.data_prefix is not None and cfg.data.packing),
         vocab_size=cfg.model.padded_vocab_size(layout.tp),
         max_sequence_length=cfg.model.max_position_embeddings,
         pre_process=layout.is_first_stage,

@@ -24,7 +24,9 @@ from tqdm import tqdm
 
 from megatron_yuyuan import parallel
 from megatron_yuyuan.config import RunConfig
-from megatron_yuyuan.data.mock import mock_batches
+from megatron_yuyuan.data.batching import micro_batch_indices
+from megatron_yuyuan.data.mock import mock_batch
+from megatron_yuyuan.data.sft_dataset import QADataset
 from megatron_yuyuan.logging_utils import (
     MetricsLogger,
     StepMetrics,
@@ -51,15 +53,18 @@ def loss_func(loss_mask: torch.Tensor, losses: torch.Tensor):
     loss_sum = (losses.float() * mask).sum()
     num_tokens = mask.sum()
     # The schedule scales the returned loss in place; report a detached copy.
-    report = torch.stack([loss_sum.detach().clone(), num_tokens.detach()])
+    positions = torch.tensor(float(mask.numel()), device=mask.device)
+    report = torch.stack([loss_sum.detach().clone(), num_tokens.detach(), positions])
     return loss_sum, num_tokens.to(torch.int), {"lm loss": report}
 
 
 def forward_step(data_iterator: Iterator[dict], model: torch.nn.Module, *, device: torch.device):
     """One micro-batch through this pipeline stage (megatron's forward_step_func contract)."""
     batch = {k: v.to(device, non_blocking=True) for k, v in next(data_iterator).items()}
-    # attention_mask=None: causal attention. The last stage returns per-token losses [b, s].
-    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    # No attention_mask: plain causal attention. Packed batches carry a block-diagonal one.
+    # The last stage returns per-token losses [b, s].
+    output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"),
+                   labels=batch["labels"])
     return output, partial(loss_func, batch["loss_mask"])
 
 
@@ -107,28 +112,40 @@ def setup(cfg: RunConfig) -> TrainState:
 
 
 def build_data_iterator(state: TrainState) -> Iterator[dict]:
-    cfg, layout = state.cfg, state.layout
-    return mock_batches(start_iteration=state.iteration, global_batch_size=state.global_batch_size,
-                        micro_batch_size=cfg.train.micro_batch_size, dp_size=layout.dp,
-                        dp_rank=layout.dp_rank, seq_length=cfg.data.seq_length,
-                        vocab_size=cfg.model.vocab_size, seed=cfg.train.seed)
+    """This rank's micro-batches from the current iteration on (mock or MedQuAD)."""
+    cfg, layout, d = state.cfg, state.layout, state.cfg.data
+    indices = micro_batch_indices(start_iteration=state.iteration,
+                                  global_batch_size=state.global_batch_size,
+                                  micro_batch_size=cfg.train.micro_batch_size,
+                                  dp_size=layout.dp, dp_rank=layout.dp_rank)
+    if d.mock_data:
+        return (mock_batch(idx, d.seq_length, cfg.model.vocab_size, cfg.train.seed)
+                for idx in indices)
+    dataset = QADataset(f"{d.data_prefix}_train", d.seq_length, packing=d.packing,
+                        train_on_prompt=d.train_on_prompt, seed=cfg.train.seed)
+    parallel.print_rank_0(
+        f"> {d.data_prefix}_train: {len(dataset.pairs)} pairs, "
+        f"{dataset.samples_per_epoch()} {'packed sequences' if d.packing else 'samples'} per epoch "
+        f"of <= {d.seq_length} tokens, {dataset.truncated} pair(s) truncated at the answer's end, "
+        f"loss on {'prompt and answer' if d.train_on_prompt else 'answers only'}")
+    return (dataset.micro_batch(idx) for idx in indices)
 
 
-def _reduce_loss(losses: list[dict], layout: Layout) -> float:
-    """Token-weighted mean loss of the step, known on every rank of the pipeline group."""
-    total = torch.zeros(2, dtype=torch.float64)
+def _reduce_loss(losses: list[dict], layout: Layout) -> tuple[float, int]:
+    """Token-weighted mean loss of the step and the positions processed, on every rank."""
+    total = torch.zeros(3, dtype=torch.float64)  # loss sum, loss tokens, positions
     for item in losses:  # non-empty on the last stage only
         total += item["lm loss"].to(torch.float64).cpu()
     if dist.get_backend() == "nccl":
         total = total.cuda()
     dist.all_reduce(total, group=parallel.dp_group())
     dist.broadcast(total, src=parallel.pp_last_rank(), group=parallel.pp_group())
-    return float(total[0] / total[1].clamp(min=1))
+    return float(total[0] / total[1].clamp(min=1)), int(total[2])
 
 
 def train_step(state: TrainState, data_iterator: Iterator[dict],
-               forward_backward: Optional[Callable] = None) -> tuple[float, float, bool]:
-    """One optimizer step over the global batch. Returns (loss, grad_norm, skipped)."""
+               forward_backward: Optional[Callable] = None) -> tuple[float, float, bool, int]:
+    """One optimizer step over the global batch. Returns (loss, grad_norm, skipped, tokens)."""
     cfg = state.cfg
     forward_backward = forward_backward or get_forward_backward_func()
     state.model.zero_grad_buffer()
@@ -142,7 +159,8 @@ def train_step(state: TrainState, data_iterator: Iterator[dict],
     if ok:
         state.scheduler.step(increment=1)
     state.iteration += 1
-    return _reduce_loss(losses, state.layout), float(grad_norm or 0.0), not ok
+    loss, tokens = _reduce_loss(losses, state.layout)
+    return loss, float(grad_norm or 0.0), not ok, tokens
 
 
 def train(cfg: RunConfig) -> list[StepMetrics]:
@@ -151,7 +169,6 @@ def train(cfg: RunConfig) -> list[StepMetrics]:
     layout, t = state.layout, cfg.train
     is_logger = layout.rank == 0
     logger = MetricsLogger(t.metrics_file, t.tensorboard_dir) if is_logger else None
-    tokens_per_step = state.global_batch_size * cfg.data.seq_length
     flops_per_token = training_flops_per_token(
         cfg.model, cfg.data.seq_length, cfg.model.padded_vocab_size(layout.tp))
     peak = gpu_peak_flops()
@@ -169,9 +186,9 @@ def train(cfg: RunConfig) -> list[StepMetrics]:
         parallel.barrier()
         lr = state.optimizer.param_groups[0]["lr"]  # the lr this step uses
         start = time.perf_counter()
-        loss, grad_norm, skipped = train_step(state, data, forward_backward)
+        loss, grad_norm, skipped, tokens = train_step(state, data, forward_backward)
         elapsed = time.perf_counter() - start
-        tokens_per_s = tokens_per_step / elapsed
+        tokens_per_s = tokens / elapsed
         metrics = StepMetrics(
             iteration=state.iteration, loss=loss, lr=lr,
             grad_norm=grad_norm, tokens_per_s=tokens_per_s, step_time_s=elapsed, skipped=skipped,

@@ -62,3 +62,14 @@ def single_process_group():
     layout = parallel.init_distributed(1, 1)
     yield layout
     parallel.destroy_distributed()
+
+
+@pytest.fixture(scope="session")
+def sample_dataset(tmp_path_factory):
+    """The embedded MedQuAD sample, preprocessed once (GPT-2 BPE): returns the output prefix."""
+    from megatron_yuyuan.data.preprocess import preprocess_medquad
+    from megatron_yuyuan.data.sample import SAMPLE_DIR
+
+    prefix = str(tmp_path_factory.mktemp("medquad") / "mq")
+    preprocess_medquad(SAMPLE_DIR, prefix, valid_size=10, test_size=10, seed=1, progress=False)
+    return prefix

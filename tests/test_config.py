@@ -93,6 +93,8 @@ def test_validate_layout_returns_dp():
     (["--config", "tiny", "--pipeline-model-parallel-size", "3"], "does not divide num_layers 4"),
     (["--config", "tiny", "--seq-length", "4096", "--mock-data"], "exceeds max_position_embeddings"),
     (["--config", "tiny"], "no training data"),
+    (["--config", "tiny", "--data-prefix", "/nonexistent/mq"], "/nonexistent/mq_train.bin/.idx not found"),
+    (["--config", "tiny", "--data-prefix", "x", "--mock-data"], "exclude each other"),
     (["--config", "tiny", "--bf16", "--fp16"], "mutually exclusive"),
 ])
 def test_cli_rejects_bad_config_before_any_work(flags, message, capsys):

@@ -73,3 +73,23 @@ def test_mixed_precision_trains_on_gpu(tmp_path, precision):
     assert metrics[-1]["loss"] < metrics[0]["loss"]
     if precision == "--fp16":
         assert all("loss_scale" in m for m in metrics)
+
+
+QA = ["--config", "tiny", "--vocab-size", "50257", "--seq-length", "128", "--micro-batch-size", "2",
+      "--global-batch-size", "4", "--train-iters", "3", "--seed", "3", "--lr", "1e-3"]
+
+
+@pytest.mark.parametrize("nproc, extra", [
+    (2, ["--tensor-model-parallel-size", "2"]),                     # packed, block-diagonal masks
+    (2, ["--pipeline-model-parallel-size", "2", "--no-packing"]),   # variable-length micro-batches
+], ids=["tp2-packed", "pp2-padded"])
+def test_medquad_training_matches_across_layouts(sample_dataset, tmp_path, nproc, extra):
+    data = ["--data-prefix", sample_dataset, *[f for f in extra if f == "--no-packing"]]
+    path = tmp_path / "ref.jsonl"
+    assert main([*QA, *data, "--metrics-file", str(path)]) == 0
+    ref = read_metrics(path)
+    got = run_torchrun(nproc, [*QA, "--data-prefix", sample_dataset, *extra], tmp_path)
+    assert len(got) == len(ref) == 3
+    for g, r in zip(got, ref):
+        assert g["loss"] == pytest.approx(r["loss"], rel=1e-5), (g, r)
+        assert g["tokens_per_s"] > 0

