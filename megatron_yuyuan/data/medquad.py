@@ -22,7 +22,6 @@ import re
 import xml.etree.ElementTree as ET
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
-from multiprocessing import Pool
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
@@ -135,7 +134,8 @@ def find_xml_files(root: Path) -> list[Path]:
     return files
 
 
-def _parse_chunk(paths: Sequence[Path]) -> tuple[list[QARecord], ParseStats]:
+def parse_files(paths: Sequence[Path]) -> tuple[list[QARecord], ParseStats]:
+    """Parse several files; records in file order."""
     records, stats = [], ParseStats()
     for path in paths:
         recs, st = parse_file(path)
@@ -144,33 +144,9 @@ def _parse_chunk(paths: Sequence[Path]) -> tuple[list[QARecord], ParseStats]:
     return records, stats
 
 
-def parse_medquad(root: Path, workers: int = 1,
-                  progress: Optional[Callable[[int], None]] = None) -> tuple[list[QARecord], ParseStats]:
-    """Parse every file under ``root``; records are sorted by id.
-
-    Args:
-        root: the MedQuAD directory.
-        workers: parser processes.
-        progress: called with the number of files done after each chunk.
-    """
-    files = find_xml_files(root)
-    chunks = [files[i:i + 256] for i in range(0, len(files), 256)]
-    records, stats = [], ParseStats()
-    if workers > 1:
-        with Pool(workers) as pool:
-            results = pool.imap(_parse_chunk, chunks)
-            for chunk, (recs, st) in zip(chunks, results):
-                records.extend(recs)
-                stats.merge(st)
-                if progress:
-                    progress(len(chunk))
-    else:
-        for chunk in chunks:
-            recs, st = _parse_chunk(chunk)
-            records.extend(recs)
-            stats.merge(st)
-            if progress:
-                progress(len(chunk))
+def parse_medquad(root: Path) -> tuple[list[QARecord], ParseStats]:
+    """Parse every file under ``root`` (one process); records are sorted by id."""
+    records, stats = parse_files(find_xml_files(root))
     records.sort(key=lambda r: r.id)
     return records, stats
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import time
+from functools import partial
+from multiprocessing import Pool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -21,10 +23,12 @@ from tqdm import tqdm
 
 from megatron_yuyuan.data.indexed import tmp_name, write_qa_documents
 from megatron_yuyuan.data.medquad import (
+    ParseStats,
+    QARecord,
     clean_records,
     drop_exact_duplicates,
     find_xml_files,
-    parse_medquad,
+    parse_files,
     split_records,
 )
 from megatron_yuyuan.prompts import PROMPT_TEMPLATE, format_answer, format_prompt
@@ -78,20 +82,65 @@ class PreprocessReport:
         return {k: v for k, v in self.__dict__.items() if k not in ("outputs", "seconds")}
 
 
-def tokenize_pairs(tokenizer: Tokenizer, questions: Sequence[str], answers: Sequence[str],
-                   batch: int = 4096, progress: bool = True) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Prompt ids and answer ids (+ EOS) for each pair, tokenised in parallel batches."""
-    prompts, outs = [], []
-    eod = [tokenizer.eod]
-    with tqdm(total=len(questions), desc="tokenize", unit="pair", disable=not progress) as bar:
-        for i in range(0, len(questions), batch):
-            qs, ans = questions[i:i + batch], answers[i:i + batch]
-            ids = tokenizer.encode_batch([format_prompt(q) for q in qs]
-                                         + [format_answer(a) for a in ans])
-            prompts.extend(np.asarray(p, dtype=np.int32) for p in ids[:len(qs)])
-            outs.extend(np.asarray(a + eod, dtype=np.int32) for a in ids[len(qs):])
-            bar.update(len(qs))
-    return prompts, outs
+@dataclass
+class ChunkResult:
+    """Parsed, cleaned and tokenised pairs of a group of files (what a worker sends back)."""
+
+    records: list[QARecord]
+    prompts: list[np.ndarray]
+    answers: list[np.ndarray]
+    stats: ParseStats
+    emptied: int
+
+
+_worker_tokenizer: Optional[Tokenizer] = None
+
+
+def _init_worker(tokenizer_spec: str) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = load_tokenizer(tokenizer_spec)
+
+
+def process_files(paths: Sequence[Path], cleaners: Sequence[str],
+                  tokenizer: Optional[Tokenizer] = None) -> ChunkResult:
+    """Parse + clean + tokenise: prompt ids, and answer ids followed by EOS, per pair."""
+    tok = tokenizer or _worker_tokenizer
+    records, stats = parse_files(paths)
+    records, emptied = clean_records(records, cleaners)
+    ids = tok.encode_batch([format_prompt(r.question) for r in records]
+                           + [format_answer(r.answer) for r in records])
+    n = len(records)
+    prompts = [np.asarray(p, dtype=np.int32) for p in ids[:n]]
+    answers = [np.asarray(a + [tok.eod], dtype=np.int32) for a in ids[n:]]
+    return ChunkResult(records, prompts, answers, stats, emptied)
+
+
+def process_all(files: Sequence[Path], cleaners: Sequence[str], tokenizer: str, workers: int,
+                progress: bool) -> ChunkResult:
+    """Run :func:`process_files` over chunks of files in ``workers`` processes, in file order."""
+    chunks = [files[i:i + 128] for i in range(0, len(files), 128)]
+    total = ChunkResult([], [], [], ParseStats(), 0)
+    with tqdm(total=len(files), desc="parse+tokenize", unit="file", disable=not progress) as bar:
+        if workers > 1:
+            with Pool(workers, initializer=_init_worker, initargs=(tokenizer,)) as pool:
+                results = pool.imap(partial(process_files, cleaners=cleaners), chunks)
+                for chunk, res in zip(chunks, results):
+                    _merge(total, res)
+                    bar.update(len(chunk))
+        else:
+            tok = load_tokenizer(tokenizer)
+            for chunk in chunks:
+                _merge(total, process_files(chunk, cleaners, tok))
+                bar.update(len(chunk))
+    return total
+
+
+def _merge(total: ChunkResult, part: ChunkResult) -> None:
+    total.records += part.records
+    total.prompts += part.prompts
+    total.answers += part.answers
+    total.stats.merge(part.stats)
+    total.emptied += part.emptied
 
 
 def preprocess_medquad(input_dir: Path, output_prefix: str, tokenizer: str = "gpt2", workers: int = 2,
@@ -101,20 +150,22 @@ def preprocess_medquad(input_dir: Path, output_prefix: str, tokenizer: str = "gp
     start = time.perf_counter()
     report = PreprocessReport()
     files = find_xml_files(Path(input_dir))  # fail fast on a bad --input
-    with tqdm(total=len(files), desc="parse", unit="file", disable=not progress) as bar:
-        records, stats = parse_medquad(Path(input_dir), workers=workers, progress=bar.update)
-    report.files = sum(stats.files.values())
-    report.pairs_read = sum(stats.pairs.values())
-    report.dropped_empty_answer = dict(stats.empty_answers)
-    report.dropped_empty_question = sum(stats.empty_questions.values())
-    records, report.dropped_by_cleaners = clean_records(records, cleaners)
+    tok = load_tokenizer(tokenizer)  # fail fast on a bad --tokenizer
+    clean_records([], cleaners)  # fail fast on an unknown cleaner
+    res = process_all(files, cleaners, tokenizer, workers, progress)
+    report.files = sum(res.stats.files.values())
+    report.pairs_read = sum(res.stats.pairs.values())
+    report.dropped_empty_answer = dict(res.stats.empty_answers)
+    report.dropped_empty_question = sum(res.stats.empty_questions.values())
+    report.dropped_by_cleaners = res.emptied
+    tokens_of = {r.id: (p, a) for r, p, a in zip(res.records, res.prompts, res.answers)}
+    records = sorted(res.records, key=lambda r: r.id)
     records, report.duplicates_dropped = drop_exact_duplicates(records)
     splits = split_records(records, valid_size=valid_size, test_size=test_size, seed=seed)
 
-    tok = load_tokenizer(tokenizer)  # after the parser pool: no fork after tokenizer threads
     ordered = [rec for name in SPLITS for rec in splits[name]]
-    prompts, answers = tokenize_pairs(tok, [r.question for r in ordered],
-                                      [r.answer for r in ordered], progress=progress)
+    prompts = [tokens_of[r.id][0] for r in ordered]
+    answers = [tokens_of[r.id][1] for r in ordered]
     lengths = np.array([len(p) + len(a) for p, a in zip(prompts, answers)])
     report.longer_than = {str(n): int((lengths > n).sum()) for n in (512, 1024)}
 
