@@ -46,7 +46,13 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """Load --config, then apply every flag given on the command line."""
-    cfg = load_config(args.config)
+    load = vars(args).get("train.load")
+    if args.config is None and load:
+        from megatron_yuyuan.checkpointing import read_info, resolve  # the checkpoint's own model
+
+        cfg = RunConfig(model=read_info(resolve(load)).model)
+    else:
+        cfg = load_config(args.config)
     raw = cfg.to_dict()
     for key, value in vars(args).items():
         section, _, name = key.partition(".")

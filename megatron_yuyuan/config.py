@@ -151,6 +151,10 @@ class TrainConfig:
     """With 'full': layers per recompute chunk (uniform method)."""
     seed: int = 1234
     """Seed for weights (independent of the parallel layout), data order and dropout."""
+    load: Optional[str] = None
+    """Start from this megatron-core checkpoint (any TP/PP); --config may then be omitted."""
+    save: Optional[str] = None
+    """Save a megatron-core checkpoint here at the end of training."""
     log_interval: int = 1
     """Print a Megatron-style log line every this many steps."""
     metrics_file: Optional[str] = None

@@ -47,6 +47,9 @@ def silence_optional_accelerator_warnings() -> None:
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|apex|TransformerEngine).*")
     warnings.filterwarnings("ignore", message=".*CUDA_DEVICE_MAX_CONNECTIONS.*")
     warnings.filterwarnings("ignore", message=".*full scope is deprecated.*")
+    # torch.distributed.checkpoint deprecation notices emitted on every dist_checkpointing call.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\..*")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"megatron\.core\..*")
 
 
 def _to_cpu(device):

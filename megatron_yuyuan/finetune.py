@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 
 from megatron_yuyuan import cpu_compat
 from megatron_yuyuan.arguments import parse_config
+from megatron_yuyuan.checkpointing import CheckpointError, check_compatible, read_info, resolve
 from megatron_yuyuan.config import ConfigError, RunConfig, validate_layout
 from megatron_yuyuan.parallel import destroy_distributed, env_rank, env_world_size
 
@@ -30,6 +31,9 @@ def check_config(cfg: RunConfig, world_size: int) -> None:
                           if not d.mock_data else "--mock-data and --data-prefix exclude each other")
     if d.data_prefix is not None:
         check_dataset(d.data_prefix, cfg.model.vocab_size)
+    if cfg.train.load is not None:
+        ckpt = resolve(cfg.train.load)
+        check_compatible(read_info(ckpt).model, cfg.model, ckpt)
 
 
 def check_dataset(prefix: str, vocab_size: int) -> None:
@@ -54,7 +58,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         cfg = parse_config(argv, description=__doc__.split("\n\n")[0])
         check_config(cfg, env_world_size())
-    except ConfigError as exc:
+    except (ConfigError, CheckpointError) as exc:
         if env_rank() == 0:
             print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -49,11 +49,17 @@ def have_transformer_engine() -> bool:
     return True
 
 
-def to_transformer_config(cfg: RunConfig) -> TransformerConfig:
-    """megatron-core TransformerConfig for this run (GPT-2 shape, our parallel layout)."""
+def to_transformer_config(cfg: RunConfig, params_dtype: Optional[torch.dtype] = None
+                          ) -> TransformerConfig:
+    """megatron-core TransformerConfig for this run (GPT-2 shape, our parallel layout).
+
+    Args:
+        params_dtype: parameter dtype; default from --bf16/--fp16 (fp32 otherwise). The
+            converters keep a checkpoint's own dtype this way.
+    """
     m, t, p = cfg.model, cfg.train, cfg.parallel
     on_gpu = torch.cuda.is_available()
-    dtype = torch.bfloat16 if t.bf16 else torch.float16 if t.fp16 else torch.float32
+    dtype = params_dtype or (torch.bfloat16 if t.bf16 else torch.float16 if t.fp16 else torch.float32)
     return TransformerConfig(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
@@ -194,21 +200,25 @@ def language_model_loss(logits: torch.Tensor, labels: torch.Tensor, vocab_size: 
     return parallel.vocab_parallel_cross_entropy(logits, labels)
 
 
-def build_model(cfg: RunConfig, layout: Layout, seed: Optional[int] = None) -> GPTModel:
+def build_model(cfg: RunConfig, layout: Layout, seed: Optional[int] = None,
+                padded_vocab_size: Optional[int] = None,
+                params_dtype: Optional[torch.dtype] = None) -> GPTModel:
     """Build this rank's pipeline stage of the model.
 
     Args:
         cfg: run config (model shape, precision, parallel sizes).
         layout: this process's TP/PP/DP position (from :func:`parallel.init_distributed`).
         seed: initialise weights from this seed; None leaves them uninitialised (for loading).
+        padded_vocab_size: embedding rows; default Megatron's padding for this TP.
+        params_dtype: parameter dtype (see :func:`to_transformer_config`).
     """
-    tconfig = to_transformer_config(cfg)
+    tconfig = to_transformer_config(cfg, params_dtype)
     model = YuyuanGPTModel(
         true_vocab_size=cfg.model.vocab_size,
         config=tconfig,
         transformer_layer_spec=layer_spec(
             arbitrary_masks=cfg.data.data_prefix is not None and cfg.data.packing),
-        vocab_size=cfg.model.padded_vocab_size(layout.tp),
+        vocab_size=padded_vocab_size or cfg.model.padded_vocab_size(layout.tp),
         max_sequence_length=cfg.model.max_position_embeddings,
         pre_process=layout.is_first_stage,
         post_process=layout.is_last_stage,

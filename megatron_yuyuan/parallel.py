@@ -18,6 +18,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 from megatron.core.tensor_parallel import (  # noqa: F401 (re-exported for the model)
+    gather_from_tensor_model_parallel_region,
     get_cuda_rng_tracker,
     vocab_parallel_cross_entropy,
 )
@@ -125,6 +126,10 @@ def pp_group():
 def pp_last_rank() -> int:
     """Global rank of the last pipeline stage in this process's pipeline group."""
     return ps.get_pipeline_model_parallel_last_rank()
+
+
+def is_rank_0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def barrier() -> None:

@@ -22,7 +22,7 @@ from megatron.core.distributed import (
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from tqdm import tqdm
 
-from megatron_yuyuan import parallel
+from megatron_yuyuan import checkpointing, parallel
 from megatron_yuyuan.config import RunConfig
 from megatron_yuyuan.data.batching import micro_batch_indices
 from megatron_yuyuan.data.mock import mock_batch
@@ -90,8 +90,13 @@ def setup(cfg: RunConfig) -> TrainState:
     layout = parallel.init_distributed(cfg.parallel.tensor_model_parallel_size,
                                        cfg.parallel.pipeline_model_parallel_size)
     parallel.set_seed(cfg.train.seed)
-    model = build_model(cfg, layout, seed=cfg.train.seed).to(device())
-    model = wrap_float16(model, cfg)
+    t = cfg.train
+    model = build_model(cfg, layout, seed=None if t.load else t.seed)
+    if t.load:
+        info = checkpointing.load_model(t.load, model, cfg.model, layout)
+        parallel.print_rank_0(f"> loaded weights from {t.load} (saved as {info.dtype}, "
+                              f"vocab padded to {info.padded_vocab_size})")
+    model = wrap_float16(model.to(device()), cfg)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,
@@ -104,11 +109,17 @@ def setup(cfg: RunConfig) -> TrainState:
     config = model.config
     config.finalize_model_grads_func = finalize_model_grads
     config.grad_scale_func = optimizer.scale_loss
-    t = cfg.train
     gbs = t.global_batch_size or t.micro_batch_size * layout.dp
     return TrainState(cfg=cfg, layout=layout, model=model, optimizer=optimizer, scheduler=scheduler,
                       num_microbatches=gbs // (t.micro_batch_size * layout.dp),
                       global_batch_size=gbs)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel inside DDP / Float16Module wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
 
 
 def build_data_iterator(state: TrainState) -> Iterator[dict]:
@@ -204,6 +215,10 @@ def train(cfg: RunConfig) -> list[StepMetrics]:
         bar.set_postfix(loss=f"{loss:.4f}")
         bar.update(1)
     bar.close()
+    if t.save:
+        path = checkpointing.save_model(t.save, unwrap(state.model), cfg.model, state.iteration,
+                                        cfg.model.padded_vocab_size(layout.tp))
+        parallel.print_rank_0(f"> saved checkpoint {path}")
     if logger:
         for line in logger.close():
             print(f"> wrote {line}", flush=True)

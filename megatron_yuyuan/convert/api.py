@@ -1,0 +1,158 @@
+"""Conversions between HF / legacy Megatron-LM checkpoints and megatron-core checkpoints.
+
+All run in one process: torch_dist checkpoints hold global tensors, so the TP/PP a checkpoint is
+"for" only decides the padded vocabulary (a multiple of 128 * TP); ``finetune --load`` reshards it
+to any layout. Weights stay in the source dtype and are moved one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+import torch
+
+from megatron_yuyuan import checkpointing, parallel
+from megatron_yuyuan.config import ConfigError, ModelConfig, RunConfig, validate_layout
+from megatron_yuyuan.convert.hf_io import (
+    ShardedSafetensorsWriter,
+    hf_config_dict,
+    iter_hf_weights,
+    model_config_from_hf,
+    write_generation_config,
+    write_tokenizer_files,
+)
+from megatron_yuyuan.convert.legacy import read_legacy_checkpoint
+from megatron_yuyuan.convert.weight_map import (
+    Shapes,
+    expected_mcore_names,
+    hf_to_mcore,
+    mcore_to_hf,
+)
+from megatron_yuyuan.model import build_model
+
+TOKENIZER_SUBDIR = "tokenizer"
+
+
+def check_target_layout(m: ModelConfig, tp: int, pp: int) -> None:
+    """The layout the checkpoint is meant for must fit the model (clear error otherwise)."""
+    validate_layout(RunConfig(model=m, parallel=_parallel(tp, pp)), world_size=tp * pp)
+
+
+def _parallel(tp: int, pp: int):
+    from megatron_yuyuan.config import ParallelConfig
+
+    return ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+
+
+def _fill_and_save(model_cfg: ModelConfig, dtype: torch.dtype, padded_vocab: int,
+                   tensors: Iterable[tuple[str, Callable[[], torch.Tensor]]], save: Path,
+                   source: str) -> Path:
+    """Build the model once, copy each named megatron-core tensor in, check coverage, save."""
+    layout = parallel.init_distributed(1, 1)
+    model = build_model(RunConfig(model=model_cfg), layout, padded_vocab_size=padded_vocab,
+                        params_dtype=dtype)
+    params = dict(model.named_parameters())
+    expected = expected_mcore_names(model_cfg.num_layers)
+    seen = set()
+    with torch.no_grad():
+        for name, load in tensors:
+            if name not in params:
+                raise KeyError(f"{source}: weight {name!r} has no place in a {model_cfg.num_layers}-layer "
+                               f"model (unexpected key)")
+            tensor = load()
+            if tuple(tensor.shape) != tuple(params[name].shape):
+                raise ValueError(f"{source}: {name} has shape {tuple(tensor.shape)}, the model expects "
+                                 f"{tuple(params[name].shape)}: config.json and weights disagree")
+            params[name].copy_(tensor)
+            seen.add(name)
+    missing = sorted(expected - seen)
+    if missing:
+        raise KeyError(f"{source}: missing weights (megatron names) {missing[:8]}"
+                       f"{' ...' if len(missing) > 8 else ''}")
+    return checkpointing.save_model(save, model, model_cfg, iteration=0,
+                                    padded_vocab_size=padded_vocab)
+
+
+def convert_hf_to_megatron(hf_dir: str | Path, save: str | Path, tp: int = 1, pp: int = 1,
+                           dtype: Optional[torch.dtype] = None) -> Path:
+    """HF GPT-2 directory -> megatron-core checkpoint under ``save``; returns the iteration dir."""
+    hf_dir = Path(hf_dir)
+    model_cfg, src_dtype = model_config_from_hf(hf_dir)
+    check_target_layout(model_cfg, tp, pp)
+    padded = model_cfg.padded_vocab_size(tp)
+    shapes = Shapes(model_cfg.hidden_size, model_cfg.num_attention_heads, model_cfg.vocab_size, padded)
+
+    def mapped():
+        for name, load in iter_hf_weights(hf_dir):
+            out = hf_to_mcore(name, load(), shapes)  # loads lazily, one tensor at a time
+            if out is not None:
+                yield out[0], (lambda t=out[1]: t)
+
+    final = _fill_and_save(model_cfg, dtype or src_dtype, padded, mapped(), Path(save), str(hf_dir))
+    if (hf_dir / "vocab.json").is_file() or (hf_dir / "tokenizer.json").is_file():
+        (final / TOKENIZER_SUBDIR).mkdir(exist_ok=True)
+        write_tokenizer_files(final / TOKENIZER_SUBDIR, model_cfg.vocab_size, hf_dir)
+    return final
+
+
+def convert_legacy_to_megatron(mlm_dir: str | Path, save: str | Path, tp: int = 1, pp: int = 1,
+                               vocab_size: Optional[int] = None, trust_pickle: bool = False,
+                               dtype: Optional[torch.dtype] = None) -> Path:
+    """Legacy Megatron-LM checkpoint -> megatron-core checkpoint; returns the iteration dir."""
+    model_cfg, legacy_padded, full = read_legacy_checkpoint(Path(mlm_dir), vocab_size, trust_pickle)
+    check_target_layout(model_cfg, tp, pp)
+    padded = model_cfg.padded_vocab_size(tp)
+    emb = full["embedding.word_embeddings.weight"]
+    repadded = emb.new_zeros((padded, emb.shape[1]))
+    repadded[: model_cfg.vocab_size] = emb[: model_cfg.vocab_size]
+    full["embedding.word_embeddings.weight"] = repadded
+    src_dtype = emb.dtype
+    return _fill_and_save(model_cfg, dtype or src_dtype, padded,
+                          ((k, (lambda t=v: t)) for k, v in full.items()), Path(save), str(mlm_dir))
+
+
+def convert_megatron_to_hf(load: str | Path, out: str | Path,
+                           tokenizer_dir: Optional[str | Path] = None) -> list[Path]:
+    """megatron-core checkpoint (any TP/PP) -> HF directory; returns the files written.
+
+    Written into ``out.tmp`` and renamed to ``out`` when complete.
+    """
+    ckpt = checkpointing.resolve(load)
+    info = checkpointing.read_info(ckpt)
+    layout = parallel.init_distributed(1, 1)
+    with torch.device("meta"):  # a template for the keys only: no second copy of the weights
+        template = build_model(RunConfig(model=info.model), layout,
+                               padded_vocab_size=info.padded_vocab_size, params_dtype=info.dtype)
+    state, _ = checkpointing.load_full_state(ckpt, template)
+    m = info.model
+    shapes = Shapes(m.hidden_size, m.num_attention_heads, m.vocab_size, info.padded_vocab_size)
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        writer = ShardedSafetensorsWriter(tmp)
+        for name in list(state):
+            mapped = mcore_to_hf(name, state.pop(name), shapes)
+            if mapped is not None:
+                writer.add(*mapped)
+        files = writer.close()
+        import json
+
+        (tmp / "config.json").write_text(json.dumps(hf_config_dict(m, info.dtype), indent=1))
+        tok_src = Path(tokenizer_dir) if tokenizer_dir else (
+            ckpt / TOKENIZER_SUBDIR if (ckpt / TOKENIZER_SUBDIR).is_dir() else None)
+        if not write_tokenizer_files(tmp, m.vocab_size, tok_src):
+            print(f"> note: vocab_size {m.vocab_size} is not GPT-2's and no --tokenizer was given: "
+                  f"no tokenizer files written")
+        write_generation_config(tmp, m.vocab_size)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return [out / p.name for p in files] + sorted(p for p in out.iterdir() if p.suffix == ".json"
+                                                  and p.name != "model.safetensors.index.json")

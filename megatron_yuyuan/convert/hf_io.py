@@ -1,0 +1,187 @@
+"""Reading and writing Hugging Face GPT-2 directories (config.json, weights, tokenizer files)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import torch
+
+from megatron_yuyuan.config import ModelConfig
+from megatron_yuyuan.tokenizer import GPT2_VOCAB_SIZE, gpt2_bpe_files
+
+_TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+_SHARD_BYTES = 2 * 1024**3
+
+
+class HFFormatError(ValueError):
+    """An HF directory we cannot convert; the message names the file/field."""
+
+
+def model_config_from_hf(hf_dir: Path) -> tuple[ModelConfig, torch.dtype]:
+    """ModelConfig and weight dtype from ``config.json``, refusing what GPT-2 here cannot express."""
+    path = Path(hf_dir) / "config.json"
+    if not path.is_file():
+        raise HFFormatError(f"{path} not found: --hf-dir must hold an HF GPT-2 model directory")
+    c = json.loads(path.read_text())
+    if c.get("model_type") not in ("gpt2", None):
+        raise HFFormatError(f"{path}: model_type {c.get('model_type')!r} is not gpt2")
+    act = c.get("activation_function", "gelu_new")
+    if act not in (*_TANH_GELUS, "gelu"):
+        raise HFFormatError(f"{path}: activation_function {act!r} is not supported "
+                            f"(gelu_new, gelu_pytorch_tanh, gelu_fast or gelu)")
+    for key, ok in (("scale_attn_by_inverse_layer_idx", False), ("scale_attn_weights", True),
+                    ("tie_word_embeddings", True), ("add_cross_attention", False)):
+        if c.get(key, ok) != ok:
+            raise HFFormatError(f"{path}: {key}={c[key]} is not supported (needs {ok})")
+    try:
+        model = ModelConfig(
+            num_layers=c["n_layer"], hidden_size=c["n_embd"], num_attention_heads=c["n_head"],
+            ffn_hidden_size=c.get("n_inner"), max_position_embeddings=c["n_positions"],
+            vocab_size=c["vocab_size"], layernorm_epsilon=c.get("layer_norm_epsilon", 1e-5),
+            activation="gelu" if act == "gelu" else "gelu_tanh",
+            hidden_dropout=c.get("resid_pdrop", 0.1), attention_dropout=c.get("attn_pdrop", 0.1),
+            init_method_std=c.get("initializer_range", 0.02))
+    except KeyError as exc:
+        raise HFFormatError(f"{path}: missing field {exc}") from exc
+    except ValueError as exc:
+        raise HFFormatError(f"{path}: {exc}") from exc
+    dtype = getattr(torch, str(c.get("torch_dtype") or c.get("dtype") or "float32"))
+    return model, dtype
+
+
+def hf_config_dict(m: ModelConfig, dtype: torch.dtype) -> dict:
+    """config.json for a GPT2LMHeadModel of this shape."""
+    from transformers import GPT2Config
+
+    cfg = GPT2Config(
+        vocab_size=m.vocab_size, n_positions=m.max_position_embeddings, n_embd=m.hidden_size,
+        n_layer=m.num_layers, n_head=m.num_attention_heads,
+        n_inner=None if m.ffn_size == 4 * m.hidden_size else m.ffn_size,
+        activation_function="gelu_new" if m.activation == "gelu_tanh" else "gelu",
+        resid_pdrop=m.hidden_dropout, embd_pdrop=m.hidden_dropout, attn_pdrop=m.attention_dropout,
+        layer_norm_epsilon=m.layernorm_epsilon, initializer_range=m.init_method_std,
+        bos_token_id=min(m.vocab_size, GPT2_VOCAB_SIZE) - 1,
+        eos_token_id=min(m.vocab_size, GPT2_VOCAB_SIZE) - 1,
+        tie_word_embeddings=True, architectures=["GPT2LMHeadModel"])
+    out = cfg.to_dict()
+    out["torch_dtype"] = str(dtype).removeprefix("torch.")
+    return out
+
+
+def iter_hf_weights(hf_dir: Path) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
+    """(name, loader) for every tensor, loading lazily one at a time.
+
+    Reads sharded or single safetensors, else ``pytorch_model.bin`` (sharded or not) with
+    ``weights_only=True`` and ``mmap=True``.
+    """
+    hf_dir = Path(hf_dir)
+    files = _weight_files(hf_dir, "model.safetensors", "model.safetensors.index.json")
+    if files:
+        from safetensors import safe_open
+
+        for file in files:
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():
+                    yield name, (lambda f=f, name=name: f.get_tensor(name))
+        return
+    files = _weight_files(hf_dir, "pytorch_model.bin", "pytorch_model.bin.index.json")
+    if not files:
+        raise HFFormatError(f"{hf_dir}: no model.safetensors(.index.json) or "
+                            f"pytorch_model.bin(.index.json) found")
+    for file in files:
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:  # noqa: BLE001 - name the file whatever went wrong
+            raise HFFormatError(f"{file}: cannot be read as a weights-only torch file ({exc})") from exc
+        for name in list(state):
+            yield name, (lambda t=state[name]: t)
+
+
+def _weight_files(hf_dir: Path, single: str, index: str) -> list[Path]:
+    if (hf_dir / index).is_file():
+        shards = json.loads((hf_dir / index).read_text())["weight_map"].values()
+        files = [hf_dir / s for s in dict.fromkeys(shards)]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise HFFormatError(f"{hf_dir / index} lists missing shard file(s): {missing}")
+        return files
+    return [hf_dir / single] if (hf_dir / single).is_file() else []
+
+
+class ShardedSafetensorsWriter:
+    """Writes tensors into ~2 GB safetensors shards as they come, then the index (HF layout)."""
+
+    def __init__(self, out_dir: Path, shard_bytes: int = _SHARD_BYTES) -> None:
+        self.out_dir, self.shard_bytes = Path(out_dir), shard_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.shards: list[dict[str, torch.Tensor]] = []
+        self.files: list[tuple[Path, list[str]]] = []
+        self.total = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        self.pending[name] = tensor.contiguous()
+        self.pending_bytes += tensor.numel() * tensor.element_size()
+        self.total += tensor.numel() * tensor.element_size()
+        if self.pending_bytes >= self.shard_bytes:
+            self._flush()
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self.pending:
+            return
+        path = self.out_dir / f"model-{len(self.files) + 1:05d}.safetensors"
+        save_file(self.pending, str(path), metadata={"format": "pt"})
+        self.files.append((path, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> list[Path]:
+        self._flush()
+        if len(self.files) == 1:  # a single file takes the unsharded name
+            single = self.out_dir / "model.safetensors"
+            self.files[0][0].rename(single)
+            return [single]
+        n = len(self.files)
+        weight_map = {}
+        for i, (path, names) in enumerate(self.files):
+            final = self.out_dir / f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            path.rename(final)
+            weight_map.update({name: final.name for name in names})
+        index = self.out_dir / "model.safetensors.index.json"
+        index.write_text(json.dumps({"metadata": {"total_size": self.total},
+                                     "weight_map": weight_map}, indent=1))
+        return [self.out_dir / f for f in dict.fromkeys(weight_map.values())] + [index]
+
+
+def write_tokenizer_files(out_dir: Path, vocab_size: int, tokenizer_dir: Optional[Path]) -> bool:
+    """Tokenizer files for AutoTokenizer: copied from ``tokenizer_dir``, or GPT-2's own when the
+    vocabulary is GPT-2's. Returns False when neither applies."""
+    from transformers import GPT2TokenizerFast
+
+    if tokenizer_dir is not None:
+        for name in ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json",
+                     "special_tokens_map.json"):
+            if (Path(tokenizer_dir) / name).is_file():
+                shutil.copy(Path(tokenizer_dir) / name, out_dir / name)
+        return True
+    if vocab_size != GPT2_VOCAB_SIZE:
+        return False
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab, merges = gpt2_bpe_files()
+        shutil.copy(vocab, Path(tmp) / "vocab.json")
+        shutil.copy(merges, Path(tmp) / "merges.txt")
+        tok = GPT2TokenizerFast.from_pretrained(tmp)
+        tok.save_pretrained(str(out_dir))
+    return True
+
+
+def write_generation_config(out_dir: Path, vocab_size: int) -> None:
+    from transformers import GenerationConfig
+
+    eos = min(vocab_size, GPT2_VOCAB_SIZE) - 1
+    GenerationConfig(bos_token_id=eos, eos_token_id=eos, pad_token_id=eos).save_pretrained(str(out_dir))

@@ -1,0 +1,99 @@
+"""``--verify``: run the source and the converted model on sample text and compare logits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from megatron_yuyuan import checkpointing, parallel
+from megatron_yuyuan.config import RunConfig
+from megatron_yuyuan.model import build_model
+from megatron_yuyuan.tokenizer import load_tokenizer
+
+SAMPLE_TEXT = ("Question:What are the symptoms of Holmes-Adie syndrome ? answer: Holmes-Adie "
+               "syndrome is a neurological disorder affecting the pupil of the eye and the "
+               "autonomic nervous system. Most people with the syndrome have a larger pupil.")
+
+
+@dataclass
+class Parity:
+    max_abs_diff: float
+    top1_agreement: float
+    tokens: int
+
+    def line(self) -> str:
+        return (f"logit parity over {self.tokens} tokens (fp32): max |diff| = {self.max_abs_diff:.3e}, "
+                f"top-1 agreement = {100 * self.top1_agreement:.2f}%")
+
+
+def sample_ids(vocab_size: int, max_len: int) -> torch.Tensor:
+    """GPT-2 tokens of SAMPLE_TEXT (folded into the vocabulary for non-GPT-2 test models)."""
+    ids = torch.tensor(load_tokenizer("gpt2").encode(SAMPLE_TEXT)) % vocab_size
+    return ids[:max_len].unsqueeze(0)  # [1, s]
+
+
+def megatron_logits(load: str | Path, ids: torch.Tensor, tp: int = 1) -> torch.Tensor:
+    """fp32 logits ``[b, s, V]`` of a megatron-core checkpoint at tensor-parallel size ``tp``
+    (launch ``tp`` processes with torchrun for tp > 1)."""
+    info = checkpointing.read_info(checkpointing.resolve(load))
+    layout = parallel.init_distributed(tp, 1)
+    model = build_model(RunConfig(model=info.model), layout, params_dtype=torch.float32)
+    checkpointing.load_model(load, model, info.model, layout)
+    model.eval()
+    with torch.no_grad():
+        logits = model(ids, torch.arange(ids.shape[1]).unsqueeze(0), None)  # [b, s, Vp / tp]
+        logits = parallel.gather_from_tensor_model_parallel_region(logits)  # [b, s, Vp]
+    return logits[..., : info.model.vocab_size].float()
+
+
+def hf_logits(hf_dir: str | Path, ids: torch.Tensor) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+def compare(a: torch.Tensor, b: torch.Tensor) -> Parity:
+    return Parity(max_abs_diff=float((a - b).abs().max()),
+                  top1_agreement=float((a.argmax(-1) == b.argmax(-1)).float().mean()),
+                  tokens=a.shape[0] * a.shape[1])
+
+
+def verify(hf_dir: str | Path, load: str | Path, tolerance: float, tp: int = 1
+           ) -> tuple[Parity, bool]:
+    """Parity between an HF directory and a megatron-core checkpoint of the same weights."""
+    info = checkpointing.read_info(checkpointing.resolve(load))
+    ids = sample_ids(info.model.vocab_size, min(64, info.model.max_position_embeddings))
+    parity = compare(hf_logits(hf_dir, ids), megatron_logits(load, ids, tp))
+    return parity, parity.max_abs_diff <= tolerance and parity.top1_agreement == 1.0
+
+
+def main(argv=None) -> int:
+    """``torchrun --nproc-per-node N -m megatron_yuyuan.convert.verify --hf-dir H --load C
+    --tensor-model-parallel-size N``: logit parity with the megatron model split over N ranks."""
+    import argparse
+
+    from megatron_yuyuan import cpu_compat
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--hf-dir", required=True)
+    p.add_argument("--load", required=True)
+    p.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    p.add_argument("--tolerance", type=float, default=1e-4)
+    args = p.parse_args(argv)
+    cpu_compat.apply_if_no_cuda()
+    try:
+        parity, ok = verify(args.hf_dir, args.load, args.tolerance, args.tensor_model_parallel_size)
+        parallel.print_rank_0(f"> TP={args.tensor_model_parallel_size} {parity.line()} "
+                              f"[{'OK' if ok else 'FAIL'}, tolerance {args.tolerance:g}]")
+    finally:
+        parallel.destroy_distributed()
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
