@@ -80,7 +80,15 @@ def _write_info(ckpt_dir: Path, info: CheckpointInfo) -> None:
 
 def save_model(save: str | Path, model: torch.nn.Module, model_cfg: ModelConfig, iteration: int,
                padded_vocab_size: int) -> Path:
-    """Save this rank's part of ``model`` (every rank calls it); returns the iteration directory.
+    """Save this rank's part of ``model`` (every rank calls it); returns the iteration directory."""
+    dtype = next(model.parameters()).dtype
+    return save_sharded(save, model.sharded_state_dict(), model_cfg, iteration, padded_vocab_size,
+                        dtype)
+
+
+def save_sharded(save: str | Path, sharded: dict, model_cfg: ModelConfig, iteration: int,
+                 padded_vocab_size: int, dtype: torch.dtype) -> Path:
+    """Save a sharded state dict as checkpoint ``iteration`` under ``save``.
 
     Written to ``iter_N.tmp`` first, renamed when complete, then ``latest`` is updated.
     """
@@ -92,10 +100,9 @@ def save_model(save: str | Path, model: torch.nn.Module, model_cfg: ModelConfig,
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     parallel.barrier()
-    dist_checkpointing.save(model.sharded_state_dict(), str(tmp))
+    dist_checkpointing.save(sharded, str(tmp))
     parallel.barrier()
     if rank0:
-        dtype = next(model.parameters()).dtype
         _write_info(tmp, CheckpointInfo(model_cfg, dtype, padded_vocab_size, iteration))
         if final.exists():
             shutil.rmtree(final)

@@ -8,6 +8,7 @@ initialises weights from the seed alone, so TP/PP/DP layouts start from the same
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 from typing import Optional
 
@@ -212,6 +213,9 @@ def build_model(cfg: RunConfig, layout: Layout, seed: Optional[int] = None,
         padded_vocab_size: embedding rows; default Megatron's padding for this TP.
         params_dtype: parameter dtype (see :func:`to_transformer_config`).
     """
+    # The layout that exists is the one to build for, whatever the config says.
+    cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(
+        cfg.parallel, tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp))
     tconfig = to_transformer_config(cfg, params_dtype)
     model = YuyuanGPTModel(
         true_vocab_size=cfg.model.vocab_size,

@@ -128,6 +128,25 @@ def pp_last_rank() -> int:
     return ps.get_pipeline_model_parallel_last_rank()
 
 
+def send_next(tensor: torch.Tensor) -> None:
+    """Send an activation to the next pipeline stage."""
+    dist.send(tensor.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank(), group=pp_group())
+
+
+def recv_prev(shape, dtype, device) -> torch.Tensor:
+    """Receive an activation from the previous pipeline stage."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    dist.recv(out, src=ps.get_pipeline_model_parallel_prev_rank(), group=pp_group())
+    return out
+
+
+def broadcast_from_last_stage(tensor: torch.Tensor) -> torch.Tensor:
+    """Every stage of this pipeline gets the last stage's ``tensor`` (same shape and dtype)."""
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        dist.broadcast(tensor, src=pp_last_rank(), group=pp_group())
+    return tensor
+
+
 def is_rank_0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 

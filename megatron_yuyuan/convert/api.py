@@ -49,30 +49,35 @@ def _parallel(tp: int, pp: int):
 def _fill_and_save(model_cfg: ModelConfig, dtype: torch.dtype, padded_vocab: int,
                    tensors: Iterable[tuple[str, Callable[[], torch.Tensor]]], save: Path,
                    source: str) -> Path:
-    """Build the model once, copy each named megatron-core tensor in, check coverage, save."""
+    """Place each named megatron-core tensor into the model's sharded state dict and save it.
+
+    The model is built on the meta device, only for its checkpoint keys and shapes, so the weights
+    exist once in memory, in the source dtype.
+    """
     layout = parallel.init_distributed(1, 1)
-    model = build_model(RunConfig(model=model_cfg), layout, padded_vocab_size=padded_vocab,
-                        params_dtype=dtype)
-    params = dict(model.named_parameters())
+    with torch.device("meta"):
+        template = build_model(RunConfig(model=model_cfg), layout, padded_vocab_size=padded_vocab,
+                               params_dtype=dtype)
+    sharded = template.sharded_state_dict()
     expected = expected_mcore_names(model_cfg.num_layers)
     seen = set()
-    with torch.no_grad():
-        for name, load in tensors:
-            if name not in params:
-                raise KeyError(f"{source}: weight {name!r} has no place in a {model_cfg.num_layers}-layer "
-                               f"model (unexpected key)")
-            tensor = load()
-            if tuple(tensor.shape) != tuple(params[name].shape):
-                raise ValueError(f"{source}: {name} has shape {tuple(tensor.shape)}, the model expects "
-                                 f"{tuple(params[name].shape)}: config.json and weights disagree")
-            params[name].copy_(tensor)
-            seen.add(name)
+    for name, load in tensors:
+        if name not in expected or name not in sharded:
+            raise KeyError(f"{source}: weight {name!r} has no place in a {model_cfg.num_layers}-layer "
+                           f"model (unexpected key)")
+        tensor = load().to(dtype)
+        want = tuple(sharded[name].local_shape)
+        if tuple(tensor.shape) != want:
+            raise ValueError(f"{source}: {name} has shape {tuple(tensor.shape)}, the model expects "
+                             f"{want}: config.json and weights disagree")
+        sharded[name].data = tensor.contiguous()
+        seen.add(name)
     missing = sorted(expected - seen)
     if missing:
         raise KeyError(f"{source}: missing weights (megatron names) {missing[:8]}"
                        f"{' ...' if len(missing) > 8 else ''}")
-    return checkpointing.save_model(save, model, model_cfg, iteration=0,
-                                    padded_vocab_size=padded_vocab)
+    return checkpointing.save_sharded(save, sharded, model_cfg, iteration=0,
+                                      padded_vocab_size=padded_vocab, dtype=dtype)
 
 
 def convert_hf_to_megatron(hf_dir: str | Path, save: str | Path, tp: int = 1, pp: int = 1,
