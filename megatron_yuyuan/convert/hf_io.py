@@ -76,17 +76,14 @@ def iter_hf_weights(hf_dir: Path) -> Iterator[tuple[str, Callable[[], torch.Tens
     """(name, loader) for every tensor, loading lazily one at a time.
 
     Reads sharded or single safetensors, else ``pytorch_model.bin`` (sharded or not) with
-    ``weights_only=True`` and ``mmap=True``.
+    ``weights_only=True`` and ``mmap=True``. Loaders return tensors that own their memory: a tensor
+    left pointing into the memory-mapped file would keep the whole file's pages resident.
     """
     hf_dir = Path(hf_dir)
     files = _weight_files(hf_dir, "model.safetensors", "model.safetensors.index.json")
     if files:
-        from safetensors import safe_open
-
         for file in files:
-            with safe_open(str(file), framework="pt") as f:
-                for name in f.keys():
-                    yield name, (lambda f=f, name=name: f.get_tensor(name))
+            yield from _read_safetensors(file)
         return
     files = _weight_files(hf_dir, "pytorch_model.bin", "pytorch_model.bin.index.json")
     if not files:
@@ -98,7 +95,44 @@ def iter_hf_weights(hf_dir: Path) -> Iterator[tuple[str, Callable[[], torch.Tens
         except Exception as exc:  # noqa: BLE001 - name the file whatever went wrong
             raise HFFormatError(f"{file}: cannot be read as a weights-only torch file ({exc})") from exc
         for name in list(state):
-            yield name, (lambda t=state[name]: t)
+            yield name, (lambda t=state.pop(name): t.clone())
+
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+              "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+              "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _read_safetensors(file: Path) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
+    """Tensors of one safetensors file, each read into its own buffer with plain file reads.
+
+    No memory map: a mapped file keeps every page it has served resident, which would add the
+    whole shard to the converter's peak memory.
+    """
+    with open(file, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        try:
+            header = json.loads(f.read(header_len))
+        except ValueError as exc:
+            raise HFFormatError(f"{file}: not a safetensors file ({exc})") from exc
+    base = 8 + header_len
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        if meta["dtype"] not in _ST_DTYPES:
+            raise HFFormatError(f"{file}: tensor {name} has unsupported dtype {meta['dtype']}")
+
+        def load(meta=meta) -> torch.Tensor:
+            start, end = meta["data_offsets"]
+            buf = bytearray(end - start)
+            with open(file, "rb") as f:
+                f.seek(base + start)
+                f.readinto(buf)
+            if not buf:
+                return torch.empty(meta["shape"], dtype=_ST_DTYPES[meta["dtype"]])
+            return torch.frombuffer(buf, dtype=_ST_DTYPES[meta["dtype"]]).reshape(meta["shape"])
+
+        yield name, load
 
 
 def _weight_files(hf_dir: Path, single: str, index: str) -> list[Path]:
