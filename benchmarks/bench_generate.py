@@ -73,7 +73,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg = SamplingConfig(max_new_tokens=args.max_new_tokens)
     with tempfile.TemporaryDirectory() as tmp:
         hf_dir, mc_dir = make_models(Path(tmp), args.preset)
-        ours = MegatronGenerator(str(mc_dir))
+        ours = MegatronGenerator.from_checkpoint(str(mc_dir))
         theirs = HFGenerator(str(hf_dir))
         prompts = ours.tokenizer.encode_batch([format_prompt(q) for q in questions])
         ours.generate_ids(prompts, cfg)  # warm-up

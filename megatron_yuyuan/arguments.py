@@ -46,7 +46,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """Load --config, then apply every flag given on the command line."""
-    load = vars(args).get("train.load")
+    load = vars(args).get("train.load") or vars(args).get("train.pretrained_checkpoint")
     if args.config is None and load:
         from megatron_yuyuan.checkpointing import read_info, resolve  # the checkpoint's own model
 

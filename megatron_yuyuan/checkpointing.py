@@ -23,14 +23,13 @@ from typing import Optional
 import torch
 import yaml
 from megatron.core import dist_checkpointing
-from megatron.core.dist_checkpointing.mapping import ShardedTensor
+from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 
 from megatron_yuyuan import parallel
 from megatron_yuyuan.config import ConfigError, ModelConfig
 
 LATEST = "latest_checkpointed_iteration.txt"
 MODEL_CONFIG = "model_config.yaml"
-_VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -40,6 +39,11 @@ class CheckpointError(ValueError):
 
 def iteration_dir(save: Path, iteration: int) -> Path:
     return Path(save) / f"iter_{iteration:07d}"
+
+
+def has_checkpoint(path: str | Path) -> bool:
+    path = Path(path)
+    return (path / MODEL_CONFIG).is_file() or (path / LATEST).is_file()
 
 
 def resolve(load: str | Path) -> Path:
@@ -61,12 +65,18 @@ class CheckpointInfo:
     dtype: torch.dtype
     padded_vocab_size: int
     iteration: int
+    training_state: bool = False
+    """Optimizer, LR schedule and RNG states are saved too (a resumable training checkpoint)."""
+    layout: tuple[int, int, int] = (1, 1, 1)
+    """(TP, PP, DP) it was saved at."""
 
 
 def read_info(ckpt_dir: Path) -> CheckpointInfo:
     raw = yaml.safe_load((Path(ckpt_dir) / MODEL_CONFIG).read_text())
     return CheckpointInfo(model=ModelConfig(**raw["model"]), dtype=_DTYPES[raw["dtype"]],
-                          padded_vocab_size=raw["padded_vocab_size"], iteration=raw["iteration"])
+                          padded_vocab_size=raw["padded_vocab_size"], iteration=raw["iteration"],
+                          training_state=raw.get("training_state", False),
+                          layout=tuple(raw.get("layout", (1, 1, 1))))
 
 
 def _write_info(ckpt_dir: Path, info: CheckpointInfo) -> None:
@@ -75,6 +85,8 @@ def _write_info(ckpt_dir: Path, info: CheckpointInfo) -> None:
         "dtype": str(info.dtype).removeprefix("torch."),
         "padded_vocab_size": info.padded_vocab_size,
         "iteration": info.iteration,
+        "training_state": info.training_state,
+        "layout": list(info.layout),
     }, sort_keys=False))
 
 
@@ -87,7 +99,8 @@ def save_model(save: str | Path, model: torch.nn.Module, model_cfg: ModelConfig,
 
 
 def save_sharded(save: str | Path, sharded: dict, model_cfg: ModelConfig, iteration: int,
-                 padded_vocab_size: int, dtype: torch.dtype) -> Path:
+                 padded_vocab_size: int, dtype: torch.dtype, training_state: bool = False,
+                 layout: tuple[int, int, int] = (1, 1, 1), run_config: Optional[dict] = None) -> Path:
     """Save a sharded state dict as checkpoint ``iteration`` under ``save``.
 
     Written to ``iter_N.tmp`` first, renamed when complete, then ``latest`` is updated.
@@ -103,7 +116,10 @@ def save_sharded(save: str | Path, sharded: dict, model_cfg: ModelConfig, iterat
     dist_checkpointing.save(sharded, str(tmp))
     parallel.barrier()
     if rank0:
-        _write_info(tmp, CheckpointInfo(model_cfg, dtype, padded_vocab_size, iteration))
+        _write_info(tmp, CheckpointInfo(model_cfg, dtype, padded_vocab_size, iteration,
+                                        training_state, layout))
+        if run_config is not None:
+            (tmp / "run_config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
@@ -132,32 +148,13 @@ def load_model(load: str | Path, model: torch.nn.Module, model_cfg: ModelConfig,
     ckpt = resolve(load)
     info = read_info(ckpt)
     check_compatible(info.model, model_cfg, ckpt)
-    sharded = model.sharded_state_dict()
-    repad = {}
-    for name, sh in list(sharded.items()):
-        if (isinstance(sh, ShardedTensor) and sh.key in _VOCAB_KEYS
-                and sh.global_shape[0] != info.padded_vocab_size):
-            # Saved at another TP, hence another padding: read the vocab rows whole, re-pad below.
-            full = torch.empty((info.padded_vocab_size, *sh.global_shape[1:]), dtype=sh.data.dtype)
-            # Every TP rank now reads the whole tensor: only one of them may be the main replica.
-            rid = sh.replica_id if isinstance(sh.replica_id, tuple) else (sh.replica_id,)
-            rid = (int(rid[0] != 0 or layout.tp_rank != 0), *rid[1:])
-            repad[name] = ShardedTensor.from_rank_offsets(sh.key, full, replica_id=rid)
-            sharded[name] = repad[name]
-    loaded = dist_checkpointing.load(sharded, str(ckpt))
+    # Embedding rows are padded to a multiple of 128 * TP, so a checkpoint saved at another TP
+    # has another row count: megatron marks those tensors allow_shape_mismatch and copies the
+    # overlapping rows (the pad rows beyond the real vocabulary are zeros either way).
+    loaded = dist_checkpointing.load(model.sharded_state_dict(), str(ckpt))
     state = {k: v for k, v in loaded.items() if not k.endswith("_extra_state")}
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, full in ((n, loaded[n]) for n in repad):
-            local = params[name]
-            rows = local.shape[0]
-            start = layout.tp_rank * rows
-            local.zero_()
-            real = max(0, min(rows, model_cfg.vocab_size - start))
-            local[:real].copy_(full[start:start + real])
-            state.pop(name)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith("_extra_state") and k not in repad]
+    missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:
         raise CheckpointError(f"{ckpt}: missing keys {missing}, unexpected keys {unexpected}")
     return info
@@ -180,3 +177,97 @@ def load_full_state(load: str | Path, template: torch.nn.Module) -> tuple[dict[s
             sharded[name] = sh
     loaded = dist_checkpointing.load(sharded, str(ckpt))
     return {name: loaded[name] for name in sharded}, info
+
+
+# --- resumable training checkpoints -----------------------------------------------------------
+_OPT_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+def _rng_state() -> dict:
+    import random
+
+    import numpy as np
+
+    state = {"random": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state(),
+             "tracker": parallel.get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _rng_object(layout: parallel.Layout, data) -> ShardedObject:
+    """One RNG state per rank, placed by its (PP, TP, DP) coordinates."""
+    return ShardedObject("rng_state", data, (layout.pp, layout.tp, layout.dp),
+                         (layout.pp_rank, layout.tp_rank, layout.dp_rank), replica_id=0)
+
+
+def _training_sharded_dict(model, optimizer, layout: parallel.Layout, loading: bool,
+                           rng: Optional[dict] = None) -> dict:
+    model_sd = model.sharded_state_dict()
+    return {"model": model_sd,
+            "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=loading,
+                                                      metadata=_OPT_METADATA),
+            "rng_state": _rng_object(layout, rng)}
+
+
+def save_training_checkpoint(save: str | Path, model, optimizer, scheduler, iteration: int,
+                             run_config, layout: parallel.Layout) -> Path:
+    """Model, optimizer, LR schedule, RNG states and the data position (= iteration)."""
+    sharded = _training_sharded_dict(model, optimizer, layout, loading=False, rng=_rng_state())
+    sharded["scheduler"] = scheduler.state_dict()
+    sharded["iteration"] = iteration
+    dtype = next(model.parameters()).dtype
+    return save_sharded(save, sharded, run_config.model, iteration,
+                        run_config.model.padded_vocab_size(layout.tp), dtype, training_state=True,
+                        layout=(layout.tp, layout.pp, layout.dp), run_config=run_config.to_dict())
+
+
+def load_training_checkpoint(load: str | Path, model, optimizer, scheduler, model_cfg: ModelConfig,
+                             layout: parallel.Layout, finetune: bool = False) -> int:
+    """Restore a run; returns the iteration to continue from.
+
+    A weights-only checkpoint (e.g. converted from HF), or ``finetune=True``, loads the weights and
+    starts at iteration 0 with a fresh optimizer. RNG states are restored only at the layout they
+    were saved at (they are per rank).
+    """
+    ckpt = resolve(load)
+    info = read_info(ckpt)
+    check_compatible(info.model, model_cfg, ckpt)
+    if finetune or not info.training_state:
+        load_model(ckpt, model, model_cfg, layout)
+        return 0
+    same_layout = tuple(info.layout) == (layout.tp, layout.pp, layout.dp)
+    from megatron_yuyuan.optim import finish_optimizer_loading, prepare_optimizer_for_loading
+
+    prepare_optimizer_for_loading(optimizer)
+    sharded = _training_sharded_dict(model, optimizer, layout, loading=True)
+    if not same_layout:
+        sharded.pop("rng_state")
+    sharded["scheduler"] = None
+    sharded["iteration"] = None
+    loaded = dist_checkpointing.load(sharded, str(ckpt))
+    model_state = {k: v for k, v in loaded["model"].items() if not k.endswith("_extra_state")}
+    missing, unexpected = model.load_state_dict(model_state, strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise CheckpointError(f"{ckpt}: missing keys {missing}, unexpected keys {unexpected}")
+    optimizer.load_state_dict(loaded["optimizer"])
+    finish_optimizer_loading(optimizer)
+    scheduler.load_state_dict(loaded["scheduler"])
+    if same_layout:
+        _set_rng_state(loaded["rng_state"])
+    return int(loaded["iteration"])

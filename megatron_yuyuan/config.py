@@ -152,9 +152,25 @@ class TrainConfig:
     seed: int = 1234
     """Seed for weights (independent of the parallel layout), data order and dropout."""
     load: Optional[str] = None
-    """Start from this megatron-core checkpoint (any TP/PP); --config may then be omitted."""
+    """Resume from this checkpoint directory (any TP/PP; --config may then be omitted). A
+    weights-only checkpoint, e.g. converted from HF, starts a finetune at iteration 0."""
+    finetune: bool = False
+    """With --load: take the weights only (fresh optimizer and schedule, iteration 0)."""
+    pretrained_checkpoint: Optional[str] = None
+    """Weights to start from when --load holds no checkpoint yet (e.g. converted Yuyuan weights);
+    with --load equal to --save, a restarted job then resumes its own latest checkpoint."""
     save: Optional[str] = None
-    """Save a megatron-core checkpoint here at the end of training."""
+    """Save checkpoints here (model, optimizer, LR schedule, RNG, data position, config)."""
+    save_interval: Optional[int] = None
+    """Save every this many iterations (and always at the end when --save is given)."""
+    eval_interval: Optional[int] = None
+    """Compute the validation loss every this many iterations (and at the end)."""
+    eval_iters: int = 4
+    """Global batches of the validation split per validation."""
+    eval_bleu_samples: int = 0
+    """After training, answer this many validation questions and print their BLEU table."""
+    eval_max_new_tokens: int = 64
+    """Generation length for --eval-bleu-samples."""
     log_interval: int = 1
     """Print a Megatron-style log line every this many steps."""
     metrics_file: Optional[str] = None
@@ -165,8 +181,12 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.bf16 and self.fp16:
             raise ConfigError("train.bf16 and train.fp16 are mutually exclusive: choose one")
-        for name in ("micro_batch_size", "train_iters", "log_interval", "recompute_num_layers"):
+        for name in ("micro_batch_size", "train_iters", "log_interval", "recompute_num_layers",
+                     "eval_iters", "eval_max_new_tokens"):
             if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("save_interval", "eval_interval"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.global_batch_size is not None and self.global_batch_size < 1:
             raise ConfigError(f"train.global_batch_size must be >= 1, got {self.global_batch_size}")

@@ -16,7 +16,13 @@ from typing import Optional, Sequence
 
 from megatron_yuyuan import cpu_compat
 from megatron_yuyuan.arguments import parse_config
-from megatron_yuyuan.checkpointing import CheckpointError, check_compatible, read_info, resolve
+from megatron_yuyuan.checkpointing import (
+    CheckpointError,
+    check_compatible,
+    has_checkpoint,
+    read_info,
+    resolve,
+)
 from megatron_yuyuan.config import ConfigError, RunConfig, validate_layout
 from megatron_yuyuan.parallel import destroy_distributed, env_rank, env_world_size
 
@@ -31,9 +37,16 @@ def check_config(cfg: RunConfig, world_size: int) -> None:
                           if not d.mock_data else "--mock-data and --data-prefix exclude each other")
     if d.data_prefix is not None:
         check_dataset(d.data_prefix, cfg.model.vocab_size)
-    if cfg.train.load is not None:
-        ckpt = resolve(cfg.train.load)
-        check_compatible(read_info(ckpt).model, cfg.model, ckpt)
+    t = cfg.train
+    if t.load and not has_checkpoint(t.load) and t.load != t.save and not t.pretrained_checkpoint:
+        raise ConfigError(f"--load {t.load}: no checkpoint there (give --pretrained-checkpoint to "
+                          f"start from other weights, or --load equal to --save for a new run)")
+    for path in (t.load, t.pretrained_checkpoint):
+        if path and has_checkpoint(path):
+            ckpt = resolve(path)
+            check_compatible(read_info(ckpt).model, cfg.model, ckpt)
+        elif path and path == t.pretrained_checkpoint:
+            raise ConfigError(f"--pretrained-checkpoint {path}: no checkpoint there")
 
 
 def check_dataset(prefix: str, vocab_size: int) -> None:

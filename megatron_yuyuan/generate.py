@@ -76,40 +76,51 @@ def left_pad(prompts: Sequence[Sequence[int]], total: int, pad: int) -> tuple[to
 
 
 class MegatronGenerator:
-    """Batched generation with this rank's part of a megatron-core checkpoint.
+    """Batched generation with this rank's part of a megatron-core ``GPTModel``.
 
     Args:
-        load: checkpoint directory (saved at any TP/PP).
-        tp, pp: the layout to run at (launch tp * pp * dp processes).
-        tokenizer: tokenizer spec; default the checkpoint's own tokenizer files, else GPT-2.
+        model: this rank's pipeline stage (in memory, e.g. right after training).
+        layout: its TP/PP/DP position.
+        model_cfg: the model's ModelConfig.
+        tokenizer: the tokenizer the model was trained with.
     """
 
-    def __init__(self, load: str, tp: int = 1, pp: int = 1, tokenizer: Optional[str] = None,
-                 dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, model: torch.nn.Module, layout: parallel.Layout, model_cfg,
+                 tokenizer: Tokenizer) -> None:
+        self.model = model.eval()
+        self.layout = layout
+        self.model_cfg = model_cfg
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.tokenizer = tokenizer
+        self.vocab_size = model_cfg.vocab_size
+        self.max_positions = model_cfg.max_position_embeddings
+
+    @classmethod
+    def from_checkpoint(cls, load: str, tp: int = 1, pp: int = 1, tokenizer: Optional[str] = None,
+                        dtype: torch.dtype = torch.float32) -> MegatronGenerator:
+        """Load a checkpoint (saved at any TP/PP) at this layout (launch tp * pp * dp processes).
+        The tokenizer defaults to the checkpoint's own files, else GPT-2."""
         from megatron_yuyuan import checkpointing
         from megatron_yuyuan.config import RunConfig
         from megatron_yuyuan.model import build_model
 
         ckpt = checkpointing.resolve(load)
-        self.info = checkpointing.read_info(ckpt)
-        self.layout = parallel.init_distributed(tp, pp)
-        cfg = RunConfig(model=self.info.model)
-        model = build_model(cfg, self.layout, params_dtype=dtype)
-        checkpointing.load_model(ckpt, model, self.info.model, self.layout)
-        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
-            else torch.device("cpu")
-        self.model = model.to(self.device).eval()
-        self.dtype = dtype
+        info = checkpointing.read_info(ckpt)
+        layout = parallel.init_distributed(tp, pp)
+        model = build_model(RunConfig(model=info.model), layout, params_dtype=dtype)
+        checkpointing.load_model(ckpt, model, info.model, layout)
+        if torch.cuda.is_available():
+            model = model.cuda()
         tok_dir = ckpt / "tokenizer"
-        self.tokenizer = load_tokenizer(tokenizer or (str(tok_dir) if tok_dir.is_dir() else "gpt2"))
-        self.vocab_size = self.info.model.vocab_size
-        self.max_positions = self.info.model.max_position_embeddings
+        return cls(model, layout, info.model,
+                   load_tokenizer(tokenizer or (str(tok_dir) if tok_dir.is_dir() else "gpt2")))
 
     def _forward(self, tokens, positions, mask, context) -> Optional[torch.Tensor]:
         """One pass through this pipeline stage; full-vocab logits ``[b, q, V]`` on the last stage."""
         b, q = tokens.shape
         if not self.layout.is_first_stage:
-            hidden = parallel.recv_prev((q, b, self.info.model.hidden_size), self.dtype, self.device)
+            hidden = parallel.recv_prev((q, b, self.model_cfg.hidden_size), self.dtype, self.device)
             self.model.set_input_tensor(hidden)
         # megatron gathers the vocab shards itself in inference mode: logits [b, q, Vp]
         out = self.model(tokens, positions, mask, inference_context=context,
@@ -272,8 +283,8 @@ def sampling_from_args(args) -> SamplingConfig:
 def build_generator(args):
     if args.hf_dir:
         return HFGenerator(args.hf_dir, args.tokenizer)
-    return MegatronGenerator(args.load, args.tensor_model_parallel_size,
-                             args.pipeline_model_parallel_size, args.tokenizer)
+    return MegatronGenerator.from_checkpoint(args.load, args.tensor_model_parallel_size,
+                                             args.pipeline_model_parallel_size, args.tokenizer)
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:

@@ -56,7 +56,8 @@ class MetricsLogger:
         self._metrics = None
         if self.metrics_path:
             self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
-            self._metrics = self.metrics_path.open("w")
+            # Append: a resumed run continues the same file.
+            self._metrics = self.metrics_path.open("a")
         self.tensorboard_dir = tensorboard_dir
         self._tb = None
         if tensorboard_dir:
@@ -74,6 +75,13 @@ class MetricsLogger:
                 value = getattr(m, key)
                 if value is not None and math.isfinite(value):
                     self._tb.add_scalar(f"train/{key}", value, m.iteration)
+
+    def log_validation(self, iteration: int, loss: float) -> None:
+        if self._metrics:
+            self._metrics.write(json.dumps({"iteration": iteration, "valid_loss": loss}) + "\n")
+            self._metrics.flush()
+        if self._tb:
+            self._tb.add_scalar("valid/loss", loss, iteration)
 
     def close(self) -> list[str]:
         """Close the files; return a line per output written."""
@@ -106,3 +114,27 @@ def format_log_line(m: StepMetrics, train_iters: int, consumed_samples: int,
         parts.append(f"MFU: {100 * m.mfu:.1f}%")
     parts.append(f"number of skipped iterations: {int(m.skipped):3d}")
     return " | ".join(parts) + " |"
+
+
+def plot_loss_curve(history: list[StepMetrics], valid: list[tuple[int, float]], path: Path) -> Path:
+    """Training loss per iteration (and validation loss points) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([m.iteration for m in history], [m.loss for m in history], label="train loss", lw=1)
+    if valid:
+        ax.plot(*zip(*valid), "o-", label="validation loss")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss (nats / token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

@@ -59,3 +59,74 @@ def build_scheduler(cfg: RunConfig, optimizer) -> OptimizerParamScheduler:
         wd_incr_steps=t.train_iters,
         wd_incr_style="constant",
     )
+
+
+# --- megatron-core 0.16 DistributedOptimizer over torch AdamW (no Apex/TE): three load bugs ---
+# (shared/notes/megatron_core_on_cpu.md §4.5). Not CPU-specific: they hit any run without Apex/TE.
+def _inner_optimizers(optimizer) -> list:
+    return [o.optimizer for o in getattr(optimizer, "chained_optimizers", [optimizer])]
+
+
+def _uses_torch_adam_fallback(optimizer) -> bool:
+    from megatron.core.optimizer import distrib_optimizer
+
+    return _has_distributed_optimizer(optimizer) and not distrib_optimizer.HAVE_APEX_OR_TE
+
+
+def _has_distributed_optimizer(optimizer) -> bool:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    return any(isinstance(o, DistributedOptimizer)
+               for o in getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def prepare_optimizer_for_loading(optimizer) -> None:
+    """Give never-stepped params an Adam state, or state_dict() asserts on the missing 'step'."""
+    if not _uses_torch_adam_fallback(optimizer):
+        return
+    _patch_set_states_once()
+    for inner in _inner_optimizers(optimizer):
+        for group in inner.param_groups:
+            for p in group["params"]:
+                if not inner.state[p]:
+                    inner.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                                      "exp_avg_sq": torch.zeros_like(p)}
+
+
+def finish_optimizer_loading(optimizer) -> None:
+    """load_state_dict hands every param one shared 'step' tensor; torch AdamW would then bump it
+    once per param per step (a silently wrong resume). Give each param its own."""
+    if not _uses_torch_adam_fallback(optimizer):
+        return
+    for inner in _inner_optimizers(optimizer):
+        for st in inner.state.values():
+            if "step" in st:
+                st["step"] = st["step"].clone()
+
+
+_PATCHED = False
+
+
+def _patch_set_states_once() -> None:
+    """_set_main_param_and_optimizer_states copies every state key, 'step' included, from a dict
+    that has no 'step': hide it during the call."""
+    global _PATCHED
+    if _PATCHED:
+        return
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer._set_main_param_and_optimizer_states
+
+    def set_states(self, model_param, tensors):
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+        state = self.optimizer.state[main_param]
+        step = state.pop("step", None) if "step" not in tensors else None
+        try:
+            original(self, model_param, tensors)
+        finally:
+            if step is not None:
+                state["step"] = step
+
+    DistributedOptimizer._set_main_param_and_optimizer_states = set_states
+    _PATCHED = True

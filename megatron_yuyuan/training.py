@@ -6,10 +6,12 @@ Entry point: ``python -m megatron_yuyuan.finetune`` (see there for the launch co
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -32,6 +34,7 @@ from megatron_yuyuan.logging_utils import (
     StepMetrics,
     format_log_line,
     gpu_peak_flops,
+    plot_loss_curve,
 )
 from megatron_yuyuan.model import build_model, training_flops_per_token, wrap_float16
 from megatron_yuyuan.optim import build_optimizer, build_scheduler
@@ -91,12 +94,9 @@ def setup(cfg: RunConfig) -> TrainState:
                                        cfg.parallel.pipeline_model_parallel_size)
     parallel.set_seed(cfg.train.seed)
     t = cfg.train
-    model = build_model(cfg, layout, seed=None if t.load else t.seed)
-    if t.load:
-        info = checkpointing.load_model(t.load, model, cfg.model, layout)
-        parallel.print_rank_0(f"> loaded weights from {t.load} (saved as {info.dtype}, "
-                              f"vocab padded to {info.padded_vocab_size})")
-    model = wrap_float16(model.to(device()), cfg)
+    source = start_checkpoint(cfg)
+    gpt = build_model(cfg, layout, seed=None if source else t.seed)
+    model = wrap_float16(gpt.to(device()), cfg)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,
@@ -110,9 +110,19 @@ def setup(cfg: RunConfig) -> TrainState:
     config.finalize_model_grads_func = finalize_model_grads
     config.grad_scale_func = optimizer.scale_loss
     gbs = t.global_batch_size or t.micro_batch_size * layout.dp
-    return TrainState(cfg=cfg, layout=layout, model=model, optimizer=optimizer, scheduler=scheduler,
-                      num_microbatches=gbs // (t.micro_batch_size * layout.dp),
-                      global_batch_size=gbs)
+    state = TrainState(cfg=cfg, layout=layout, model=model, optimizer=optimizer, scheduler=scheduler,
+                       num_microbatches=gbs // (t.micro_batch_size * layout.dp),
+                       global_batch_size=gbs)
+    if source:
+        state.iteration = checkpointing.load_training_checkpoint(
+            source, gpt, optimizer, scheduler, cfg.model, layout,
+            finetune=t.finetune or source != t.load)
+        if state.iteration == 0:  # weights only: mixed precision's fp32 main weights follow them
+            optimizer.reload_model_params()
+        parallel.print_rank_0(f"> loaded {source}: "
+                              + (f"resuming at iteration {state.iteration}" if state.iteration
+                                 else "weights only, starting at iteration 0"))
+    return state
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -122,18 +132,30 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def build_data_iterator(state: TrainState) -> Iterator[dict]:
-    """This rank's micro-batches from the current iteration on (mock or MedQuAD)."""
+def start_checkpoint(cfg: RunConfig) -> Optional[str]:
+    """What to load: --load when it holds a checkpoint, else --pretrained-checkpoint, else None."""
+    t = cfg.train
+    if t.load and checkpointing.has_checkpoint(t.load):
+        return t.load
+    return t.pretrained_checkpoint
+
+
+def build_data_iterator(state: TrainState, split: str = "train",
+                        start_iteration: Optional[int] = None) -> Iterator[dict]:
+    """This rank's micro-batches from ``start_iteration`` (default: the current one) on."""
     cfg, layout, d = state.cfg, state.layout, state.cfg.data
-    indices = micro_batch_indices(start_iteration=state.iteration,
+    start = state.iteration if start_iteration is None else start_iteration
+    indices = micro_batch_indices(start_iteration=start,
                                   global_batch_size=state.global_batch_size,
                                   micro_batch_size=cfg.train.micro_batch_size,
                                   dp_size=layout.dp, dp_rank=layout.dp_rank)
     if d.mock_data:
-        return (mock_batch(idx, d.seq_length, cfg.model.vocab_size, cfg.train.seed)
-                for idx in indices)
-    dataset = QADataset(f"{d.data_prefix}_train", d.seq_length, packing=d.packing,
+        seed = cfg.train.seed + (0 if split == "train" else 1)  # validation: other samples
+        return (mock_batch(idx, d.seq_length, cfg.model.vocab_size, seed) for idx in indices)
+    dataset = QADataset(f"{d.data_prefix}_{split}", d.seq_length, packing=d.packing,
                         train_on_prompt=d.train_on_prompt, seed=cfg.train.seed)
+    if split != "train":
+        return (dataset.micro_batch(idx) for idx in indices)
     parallel.print_rank_0(
         f"> {d.data_prefix}_train: {len(dataset.pairs)} pairs, "
         f"{dataset.samples_per_epoch()} {'packed sequences' if d.packing else 'samples'} per epoch "
@@ -174,6 +196,63 @@ def train_step(state: TrainState, data_iterator: Iterator[dict],
     return loss, float(grad_norm or 0.0), not ok, tokens
 
 
+@torch.no_grad()
+def validation_loss(state: TrainState, forward_backward: Callable) -> float:
+    """Mean token loss over the first ``eval_iters`` global batches of the validation split."""
+    cfg = state.cfg
+    data = build_data_iterator(state, "valid", start_iteration=0)
+    state.model.eval()
+    total = torch.zeros(3, dtype=torch.float64)
+    step_fn = partial(forward_step, device=device())
+    for _ in range(cfg.train.eval_iters):
+        losses = forward_backward(
+            forward_step_func=step_fn, data_iterator=data, model=[state.model],
+            num_microbatches=state.num_microbatches, seq_length=cfg.data.seq_length,
+            micro_batch_size=cfg.train.micro_batch_size, forward_only=True)
+        for item in losses:
+            total += item["lm loss"].to(torch.float64).cpu()
+    state.model.train()
+    if dist.get_backend() == "nccl":
+        total = total.cuda()
+    dist.all_reduce(total, group=parallel.dp_group())
+    dist.broadcast(total, src=parallel.pp_last_rank(), group=parallel.pp_group())
+    return float(total[0] / total[1].clamp(min=1))
+
+
+def save(state: TrainState) -> None:
+    path = checkpointing.save_training_checkpoint(
+        state.cfg.train.save, unwrap(state.model), state.optimizer, state.scheduler,
+        state.iteration, state.cfg, state.layout)
+    parallel.print_rank_0(f"> saved checkpoint {path}")
+
+
+def score_validation_answers(state: TrainState, out_dir: Path) -> None:
+    """Generate answers for the first N validation questions with the trained model; BLEU table."""
+    from megatron_yuyuan.data.indexed import read_meta
+    from megatron_yuyuan.evaluate import evaluate, print_summary
+    from megatron_yuyuan.generate import MegatronGenerator, SamplingConfig, generate_file
+    from megatron_yuyuan.tokenizer import load_tokenizer
+
+    cfg = state.cfg
+    prefix = cfg.data.data_prefix
+    tokenizer = load_tokenizer(read_meta(prefix)["tokenizer"])
+    gen = MegatronGenerator(unwrap(state.model), state.layout, cfg.model, tokenizer)
+    n = cfg.train.eval_bleu_samples
+    preds = out_dir / "predictions_valid.jsonl"
+    written = generate_file(gen, Path(f"{prefix}_valid.jsonl"), preds,
+                            SamplingConfig(max_new_tokens=cfg.train.eval_max_new_tokens),
+                            batch_size=8, limit=n)
+    state.model.train()
+    if written is None:
+        return
+    refs = out_dir / "references_valid.jsonl"
+    refs.write_text("".join(line + "\n" for line in
+                            Path(f"{prefix}_valid.jsonl").read_text().splitlines()[:n]))
+    report = evaluate(refs, {"finetuned": preds}, out_dir)
+    print_summary(report)
+    print(f"> wrote {preds} and {out_dir / 'report.md'}", flush=True)
+
+
 def train(cfg: RunConfig) -> list[StepMetrics]:
     """Run ``cfg.train.train_iters`` steps; returns the per-step metrics (on every rank)."""
     state = setup(cfg)
@@ -191,8 +270,10 @@ def train(cfg: RunConfig) -> list[StepMetrics]:
     data = build_data_iterator(state)
     forward_backward = get_forward_backward_func()
     history: list[StepMetrics] = []
-    bar = tqdm(total=t.train_iters, desc="train", disable=not is_logger, file=sys.stderr,
-               dynamic_ncols=True)
+    valid_history: list[tuple[int, float]] = []
+    out_dir = Path(t.save) if t.save else Path(t.metrics_file).parent if t.metrics_file else None
+    bar = tqdm(total=t.train_iters, initial=state.iteration, desc="train", disable=not is_logger,
+               file=sys.stderr, dynamic_ncols=True)
     while state.iteration < t.train_iters:
         parallel.barrier()
         lr = state.optimizer.param_groups[0]["lr"]  # the lr this step uses
@@ -214,11 +295,24 @@ def train(cfg: RunConfig) -> list[StepMetrics]:
                                           state.global_batch_size))
         bar.set_postfix(loss=f"{loss:.4f}")
         bar.update(1)
+        last = state.iteration == t.train_iters
+        if t.eval_interval and (state.iteration % t.eval_interval == 0 or last):
+            valid = validation_loss(state, forward_backward)
+            valid_history.append((state.iteration, valid))
+            if logger:
+                logger.log_validation(state.iteration, valid)
+                bar.write(f" validation loss at iteration {state.iteration}: {valid:.6E} | "
+                          f"ppl: {math.exp(min(valid, 50)):.3f}")
+        if t.save and ((t.save_interval and state.iteration % t.save_interval == 0) or last):
+            save(state)
+            if logger:
+                plot_loss_curve(history, valid_history, Path(t.save) / "loss_curve.png")
     bar.close()
-    if t.save:
-        path = checkpointing.save_model(t.save, unwrap(state.model), cfg.model, state.iteration,
-                                        cfg.model.padded_vocab_size(layout.tp))
-        parallel.print_rank_0(f"> saved checkpoint {path}")
+    if t.eval_bleu_samples and cfg.data.data_prefix and out_dir is not None:
+        score_validation_answers(state, out_dir / "eval")
+    if logger and out_dir is not None and history:
+        curve = plot_loss_curve(history, valid_history, out_dir / "loss_curve.png")
+        print(f"> wrote {curve}", flush=True)
     if logger:
         for line in logger.close():
             print(f"> wrote {line}", flush=True)

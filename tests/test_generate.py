@@ -57,7 +57,7 @@ def models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def megatron_generator(models):
-    gen = MegatronGenerator(str(models / "mc"))
+    gen = MegatronGenerator.from_checkpoint(str(models / "mc"))
     yield gen
     from megatron_yuyuan.parallel import destroy_distributed
 
