@@ -23,8 +23,6 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from megatron_yuyuan.data.preprocess import preprocess_medquad
-from megatron_yuyuan.data.sft_dataset import QADataset
 from megatron_yuyuan.tokenizer import gpt2_bpe_files
 
 
@@ -53,6 +51,8 @@ def naive_baseline(root: Path) -> tuple[float, int, int]:
 
 def padding_efficiency(prefix: str, seq_length: int) -> tuple[float, float]:
     """Real-token share of the train split: packed vs padded to ``seq_length`` (truncated there)."""
+    from megatron_yuyuan.data.sft_dataset import QADataset
+
     ds = QADataset(f"{prefix}_train", seq_length, packing=True, seed=0)
     real = sum(len(p.tokens) - 1 for p in ds.pairs)
     packed = real / (ds.samples_per_epoch() * seq_length)
@@ -69,6 +69,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     root = Path(args.input)
     if not root.is_dir():
         parser.error(f"--input {root}: no such directory")
+
+    # Imported here: spawned workers re-import this module and must stay light (no torch).
+    from megatron_yuyuan.data.preprocess import preprocess_medquad
 
     base_s, base_pairs, base_tokens = naive_baseline(root)
     with tempfile.TemporaryDirectory() as out:

@@ -14,7 +14,6 @@ import sys
 from typing import Optional, Sequence
 
 from megatron_yuyuan.data.medquad import CLEANERS, MedQuADError
-from megatron_yuyuan.data.preprocess import preprocess_medquad
 from megatron_yuyuan.data.sample import SAMPLE_DIR
 
 
@@ -33,6 +32,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    f"{', '.join(sorted(CLEANERS))} (default: none)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
+    # Imported here: spawned parser workers re-import this module and must stay light (no torch).
+    from megatron_yuyuan.data.preprocess import preprocess_medquad
+
     try:
         report = preprocess_medquad(args.input, args.output_prefix, tokenizer=args.tokenizer,
                                     workers=args.workers, valid_size=args.valid_size,

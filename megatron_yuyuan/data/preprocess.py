@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import time
 from functools import partial
-from multiprocessing import Pool
+from multiprocessing import get_context
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -24,15 +24,14 @@ from tqdm import tqdm
 from megatron_yuyuan.data.indexed import tmp_name, write_qa_documents
 from megatron_yuyuan.data.medquad import (
     ParseStats,
-    QARecord,
     clean_records,
     drop_exact_duplicates,
     find_xml_files,
-    parse_files,
     split_records,
 )
-from megatron_yuyuan.prompts import PROMPT_TEMPLATE, format_answer, format_prompt
-from megatron_yuyuan.tokenizer import Tokenizer, load_tokenizer
+from megatron_yuyuan.data.workers import ChunkResult, init_worker, process_files
+from megatron_yuyuan.prompts import PROMPT_TEMPLATE
+from megatron_yuyuan.tokenizer import load_tokenizer
 
 SPLITS = ("train", "valid", "test")
 
@@ -82,39 +81,6 @@ class PreprocessReport:
         return {k: v for k, v in self.__dict__.items() if k not in ("outputs", "seconds")}
 
 
-@dataclass
-class ChunkResult:
-    """Parsed, cleaned and tokenised pairs of a group of files (what a worker sends back)."""
-
-    records: list[QARecord]
-    prompts: list[np.ndarray]
-    answers: list[np.ndarray]
-    stats: ParseStats
-    emptied: int
-
-
-_worker_tokenizer: Optional[Tokenizer] = None
-
-
-def _init_worker(tokenizer_spec: str) -> None:
-    global _worker_tokenizer
-    _worker_tokenizer = load_tokenizer(tokenizer_spec)
-
-
-def process_files(paths: Sequence[Path], cleaners: Sequence[str],
-                  tokenizer: Optional[Tokenizer] = None) -> ChunkResult:
-    """Parse + clean + tokenise: prompt ids, and answer ids followed by EOS, per pair."""
-    tok = tokenizer or _worker_tokenizer
-    records, stats = parse_files(paths)
-    records, emptied = clean_records(records, cleaners)
-    ids = tok.encode_batch([format_prompt(r.question) for r in records]
-                           + [format_answer(r.answer) for r in records])
-    n = len(records)
-    prompts = [np.asarray(p, dtype=np.int32) for p in ids[:n]]
-    answers = [np.asarray(a + [tok.eod], dtype=np.int32) for a in ids[n:]]
-    return ChunkResult(records, prompts, answers, stats, emptied)
-
-
 def process_all(files: Sequence[Path], cleaners: Sequence[str], tokenizer: str, workers: int,
                 progress: bool) -> ChunkResult:
     """Run :func:`process_files` over chunks of files in ``workers`` processes, in file order."""
@@ -122,7 +88,10 @@ def process_all(files: Sequence[Path], cleaners: Sequence[str], tokenizer: str, 
     total = ChunkResult([], [], [], ParseStats(), 0)
     with tqdm(total=len(files), desc="parse+tokenize", unit="file", disable=not progress) as bar:
         if workers > 1:
-            with Pool(workers, initializer=_init_worker, initargs=(tokenizer,)) as pool:
+            # spawn, not fork: the caller may hold threads (torch, gloo), and a forked child can
+            # deadlock on a lock one of them held. The worker module imports no torch.
+            ctx = get_context("spawn")
+            with ctx.Pool(workers, initializer=init_worker, initargs=(tokenizer,)) as pool:
                 results = pool.imap(partial(process_files, cleaners=cleaners), chunks)
                 for chunk, res in zip(chunks, results):
                     _merge(total, res)
