@@ -151,8 +151,10 @@ def load_model(load: str | Path, model: torch.nn.Module, model_cfg: ModelConfig,
     # Embedding rows are padded to a multiple of 128 * TP, so a checkpoint saved at another TP
     # has another row count: megatron marks those tensors allow_shape_mismatch and copies the
     # overlapping rows (the pad rows beyond the real vocabulary are zeros either way).
-    loaded = dist_checkpointing.load(model.sharded_state_dict(), str(ckpt))
-    state = {k: v for k, v in loaded.items() if not k.endswith("_extra_state")}
+    request = model.sharded_state_dict()
+    loaded = dist_checkpointing.load(request, str(ckpt))
+    # The result also carries the checkpoint's common (non-tensor) state, e.g. the optimizer's.
+    state = {k: loaded[k] for k in request if not k.endswith("_extra_state")}
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:

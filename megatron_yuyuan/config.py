@@ -196,6 +196,10 @@ class TrainConfig:
         if self.recompute_granularity not in (None, "full", "selective"):
             raise ConfigError(f"train.recompute_granularity must be full|selective, got "
                               f"{self.recompute_granularity!r}")
+        decay_iters = self.lr_decay_iters or self.train_iters
+        if self.lr_decay_style != "constant" and decay_iters <= self.lr_warmup_iters:
+            raise ConfigError(f"--lr-decay-iters ({decay_iters}, default --train-iters) must exceed "
+                              f"--lr-warmup-iters ({self.lr_warmup_iters})")
         if self.lr < 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ConfigError(f"need 0 <= train.min_lr ({self.min_lr}) <= train.lr ({self.lr})")
 

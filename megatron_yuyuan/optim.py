@@ -9,7 +9,7 @@ import torch
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from megatron_yuyuan.config import ConfigError, RunConfig
+from megatron_yuyuan.config import RunConfig
 
 
 def build_optimizer(cfg: RunConfig, model_chunks: list[torch.nn.Module]):
@@ -42,10 +42,7 @@ def build_optimizer(cfg: RunConfig, model_chunks: list[torch.nn.Module]):
 def build_scheduler(cfg: RunConfig, optimizer) -> OptimizerParamScheduler:
     """Linear warmup from 0 to lr, then constant/linear/cosine decay to min_lr (per iteration)."""
     t = cfg.train
-    decay_iters = t.lr_decay_iters or t.train_iters
-    if t.lr_decay_style != "constant" and decay_iters <= t.lr_warmup_iters:
-        raise ConfigError(f"--lr-decay-iters ({decay_iters}) must exceed --lr-warmup-iters "
-                          f"({t.lr_warmup_iters})")
+    decay_iters = t.lr_decay_iters or t.train_iters  # > lr_warmup_iters (TrainConfig checks)
     return OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,

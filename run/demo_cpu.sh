@@ -2,11 +2,11 @@
 # The README demo, end to end on CPU: embedded MedQuAD sample -> indexed dataset -> TP=2 finetune
 # on 2 CPU processes -> HF export (with logit check) -> generation -> BLEU table, side by side for
 # the megatron-core checkpoint (TP=2) and its HF export.
-#   bash run/demo_cpu.sh                 # DEMO_ITERS=60 by default; DEMO_OUT=runs/demo
+#   bash run/demo_cpu.sh         # DEMO_ITERS=120 by default; DEMO_OUT=runs/demo
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${DEMO_OUT:-runs/demo}
-ITERS=${DEMO_ITERS:-60}
+ITERS=${DEMO_ITERS:-120}
 NEW_TOKENS=${DEMO_NEW_TOKENS:-48}
 PYTHON=${PYTHON:-python}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
@@ -17,7 +17,7 @@ echo "== 1/4 preprocess the embedded MedQuAD sample"
 
 echo "== 2/4 finetune the 'small' preset with TP=2 on 2 CPU processes"
 MASTER_PORT=${MASTER_PORT:-29517} PYTHON="$PYTHON" bash run/finetune_qa.sh --config run/configs/demo_cpu.yaml \
-  --train-iters "$ITERS" --data-prefix "$OUT/data/medquad" --load "$OUT/checkpoints" \
+  --train-iters "$ITERS" --lr-warmup-iters "$(( ITERS / 12 ))" --data-prefix "$OUT/data/medquad" --load "$OUT/checkpoints" \
   --save "$OUT/checkpoints" --save-interval "$ITERS" --eval-interval "$ITERS" \
   --metrics-file "$OUT/metrics.jsonl" --tensorboard-dir "$OUT/tensorboard"
 

@@ -96,6 +96,7 @@ def test_validate_layout_returns_dp():
     (["--config", "tiny", "--data-prefix", "/nonexistent/mq"], "/nonexistent/mq_train.bin/.idx not found"),
     (["--config", "tiny", "--data-prefix", "x", "--mock-data"], "exclude each other"),
     (["--config", "tiny", "--bf16", "--fp16"], "mutually exclusive"),
+    (["--config", "tiny", "--train-iters", "4", "--lr-warmup-iters", "5"], "must exceed --lr-warmup-iters"),
 ])
 def test_cli_rejects_bad_config_before_any_work(flags, message, capsys):
     assert main(flags) == 2
