@@ -130,7 +130,7 @@ class MegatronGenerator:
             return None
         return out[..., : self.vocab_size].float()
 
-    @torch.no_grad()
+    @torch.inference_mode()  # lighter than no_grad: no version counters on the KV cache
     def generate_ids(self, prompts: Sequence[Sequence[int]], cfg: SamplingConfig,
                      use_cache: bool = True) -> list[list[int]]:
         """New token ids per prompt, up to and excluding EOS."""
