@@ -41,13 +41,9 @@ def _leave_uninitialized(tensor: torch.Tensor) -> torch.Tensor:
 
 def have_transformer_engine() -> bool:
     """TE is an optional GPU accelerator: used only when importable and CUDA is present."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import transformer_engine  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    import importlib.util
+
+    return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
 
 
 def to_transformer_config(cfg: RunConfig, params_dtype: Optional[torch.dtype] = None
