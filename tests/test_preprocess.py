@@ -151,3 +151,44 @@ def test_cached_gpt2_encoder_matches_transformers(tmp_path):
     texts += ["  leading spaces", "tabs\tand\nnewlines\n\n", "naïve café – 5°C ≥ 3µg", "it's we'll 1234"]
     ours = load_tokenizer("gpt2").encode_batch(texts)
     assert ours == [hf(t)["input_ids"] for t in texts]
+
+
+@pytest.mark.parametrize("kind", ["hf_dir", "sentencepiece"])
+def test_other_tokenizers_round_trip(tmp_path, kind):
+    """--tokenizer HF_DIR and --tokenizer SP.model: megatron-core reads back the template text."""
+    from megatron_yuyuan.tokenizer import gpt2_bpe_files
+
+    if kind == "hf_dir":
+        spec = tmp_path / "tok"
+        spec.mkdir()
+        vocab, merges = gpt2_bpe_files()
+        shutil.copy(vocab, spec / "vocab.json")
+        shutil.copy(merges, spec / "merges.txt")
+        (spec / "tokenizer_config.json").write_text(json.dumps(
+            {"tokenizer_class": "GPT2Tokenizer", "eos_token": "<|endoftext|>"}))
+    else:
+        import sentencepiece as spm
+
+        records, _ = parse_medquad(SAMPLE_DIR)
+        text = tmp_path / "corpus.txt"
+        text.write_text("\n".join(format_example(r.question, r.answer) for r in records))
+        spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(tmp_path / "sp"),
+                                       vocab_size=800, eos_id=2, bos_id=-1, pad_id=-1, unk_id=1,
+                                       byte_fallback=True, character_coverage=1.0,
+                                       minloglevel=2)
+        spec = tmp_path / "sp.model"
+    prefix = tmp_path / "mq"
+    preprocess_medquad(SAMPLE_DIR, str(prefix), tokenizer=str(spec), valid_size=5, test_size=5,
+                       seed=1, progress=False)
+    tok = load_tokenizer(str(spec))
+    meta = json.loads(Path(f"{prefix}_meta.json").read_text())
+    assert meta["tokenizer"] == str(spec) and meta["eod"] == tok.eod
+    rows = [json.loads(line) for line in open(f"{prefix}_test.jsonl")]
+    ds = IndexedDataset(f"{prefix}_test")
+    for d, row in enumerate(rows):
+        prompt, answer = ds[2 * d].tolist(), ds[2 * d + 1].tolist()
+        assert answer[-1] == tok.eod
+        assert tok.decode(prompt) == format_prompt(row["question"])
+        text = tok.decode(prompt + answer[:-1])
+        # sentencepiece normalises whitespace, so compare word by word
+        assert text.split() == format_example(row["question"], row["answer"]).split()

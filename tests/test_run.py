@@ -178,3 +178,22 @@ def test_readme_demo_shortened(tmp_path):
     b = [json.loads(l)["generation"] for l in (out / "eval" / "predictions_hf-export.jsonl").open()]
     assert a == b and len(a) == 10
     assert "top-1 agreement = 100.00%" in proc.stdout
+    assert any("valid_loss" in json.loads(l) for l in (out / "metrics.jsonl").open())
+
+
+def test_validation_loss_and_end_of_run_bleu(sample_dataset, tmp_path):
+    """--eval-interval logs validation losses; --eval-bleu-samples answers N validation questions
+    with the trained model and writes the BLEU report next to the checkpoints."""
+    args = ["--config", "tiny", "--vocab-size", "50257", "--data-prefix", sample_dataset,
+            "--seq-length", "128", "--micro-batch-size", "2", "--global-batch-size", "4",
+            "--train-iters", "4", "--lr-warmup-iters", "1", "--eval-interval", "2", "--eval-iters", "1",
+            "--eval-bleu-samples", "3", "--eval-max-new-tokens", "4", "--save", str(tmp_path / "ckpt"),
+            "--metrics-file", str(tmp_path / "m.jsonl")]
+    assert main(args) == 0
+    valid = [m for m in read_metrics(tmp_path / "m.jsonl") if "valid_loss" in m]
+    assert [m["iteration"] for m in valid] == [2, 4] and all(m["valid_loss"] > 0 for m in valid)
+    report = json.loads((tmp_path / "ckpt" / "eval" / "report.json").read_text())
+    assert report["questions"] == 3 and "finetuned" in report["systems"]
+    preds = (tmp_path / "ckpt" / "eval" / "predictions_valid.jsonl").read_text().splitlines()
+    assert len(preds) == 3 and all(json.loads(p)["new_tokens"] <= 4 for p in preds)
+    assert (tmp_path / "ckpt" / "loss_curve.png").is_file()
