@@ -23,11 +23,13 @@ import torch
 from megatron_yuyuan.config import get_preset
 from megatron_yuyuan.convert.hf_io import ShardedSafetensorsWriter, hf_config_dict
 
-_RUN = ("import resource, runpy, sys; sys.argv = sys.argv[1:]; mod = sys.argv[0]\n"
-        "try:\n    runpy.run_module(mod, run_name='__main__')\nexcept SystemExit as e:\n"
-        "    code = e.code\nelse:\n    code = 0\n"
-        "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)\n"
-        "sys.exit(code)")
+_RUN = (
+    "import resource, runpy, sys; sys.argv = sys.argv[1:]; mod = sys.argv[0]\n"
+    "try:\n    runpy.run_module(mod, run_name='__main__')\nexcept SystemExit as e:\n"
+    "    code = e.code\nelse:\n    code = 0\n"
+    "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)\n"
+    "sys.exit(code)"
+)
 
 
 def write_random_hf(out: Path, preset: str) -> int:
@@ -45,11 +47,20 @@ def write_random_hf(out: Path, preset: str) -> int:
     writer.add("transformer.wpe.weight", rnd(p, h))
     for i in range(m.num_layers):
         pre = f"transformer.h.{i}."
-        for name, shape in (("ln_1.weight", (h,)), ("ln_1.bias", (h,)), ("attn.c_attn.weight", (h, 3 * h)),
-                            ("attn.c_attn.bias", (3 * h,)), ("attn.c_proj.weight", (h, h)),
-                            ("attn.c_proj.bias", (h,)), ("ln_2.weight", (h,)), ("ln_2.bias", (h,)),
-                            ("mlp.c_fc.weight", (h, f)), ("mlp.c_fc.bias", (f,)),
-                            ("mlp.c_proj.weight", (f, h)), ("mlp.c_proj.bias", (h,))):
+        for name, shape in (
+            ("ln_1.weight", (h,)),
+            ("ln_1.bias", (h,)),
+            ("attn.c_attn.weight", (h, 3 * h)),
+            ("attn.c_attn.bias", (3 * h,)),
+            ("attn.c_proj.weight", (h, h)),
+            ("attn.c_proj.bias", (h,)),
+            ("ln_2.weight", (h,)),
+            ("ln_2.bias", (h,)),
+            ("mlp.c_fc.weight", (h, f)),
+            ("mlp.c_fc.bias", (f,)),
+            ("mlp.c_proj.weight", (f, h)),
+            ("mlp.c_proj.bias", (h,)),
+        ):
             writer.add(pre + name, rnd(*shape))
     writer.add("transformer.ln_f.weight", rnd(h))
     writer.add("transformer.ln_f.bias", rnd(h))
@@ -61,7 +72,9 @@ def write_random_hf(out: Path, preset: str) -> int:
 def timed(module: str, *args: str) -> tuple[float, float]:
     """Run ``python -m module args`` in a fresh process: (seconds, peak RSS in bytes)."""
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", _RUN, module, *args], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", _RUN, module, *args], capture_output=True, text=True
+    )
     elapsed = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"{module} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
@@ -101,15 +114,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     start = time.perf_counter()
     size = write_random_hf(hf, args.preset)
     make_s = time.perf_counter() - start
-    to_mc_s, to_mc_rss = timed("checkpoints_convert.to_megatron", "--hf-dir", str(hf), "--save", str(mc),
-                               "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2")
+    to_mc_s, to_mc_rss = timed(
+        "checkpoints_convert.to_megatron",
+        "--hf-dir",
+        str(hf),
+        "--save",
+        str(mc),
+        "--tensor-model-parallel-size",
+        "2",
+        "--pipeline-model-parallel-size",
+        "2",
+    )
     to_hf_s, to_hf_rss = timed("checkpoints_convert.to_hf", "--load", str(mc), "--out", str(back))
     equal = same_weights(hf, back)
-    print(f"\n{args.preset}: random fp16 HF checkpoint {size / 1e9:.2f} GB (written in {make_s:.0f} s)")
+    print(
+        f"\n{args.preset}: random fp16 HF checkpoint {size / 1e9:.2f} GB (written in {make_s:.0f} s)"
+    )
     print("| step | wall s | peak RSS GB | peak RSS / checkpoint |")
     print("|---|---|---|---|")
-    print(f"| HF -> megatron-core (TP=2, PP=2) | {to_mc_s:.1f} | {to_mc_rss / 1e9:.2f} | {to_mc_rss / size:.2f}x |")
-    print(f"| megatron-core -> HF | {to_hf_s:.1f} | {to_hf_rss / 1e9:.2f} | {to_hf_rss / size:.2f}x |")
+    print(
+        f"| HF -> megatron-core (TP=2, PP=2) | {to_mc_s:.1f} | {to_mc_rss / 1e9:.2f} | {to_mc_rss / size:.2f}x |"
+    )
+    print(
+        f"| megatron-core -> HF | {to_hf_s:.1f} | {to_hf_rss / 1e9:.2f} | {to_hf_rss / size:.2f}x |"
+    )
     print(f"round trip bitwise identical: {equal}")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)

@@ -34,9 +34,16 @@ def make_models(root: Path, preset: str) -> tuple[Path, Path]:
 
     m = get_preset(preset)
     torch.manual_seed(0)
-    hf = GPT2LMHeadModel(GPT2Config(vocab_size=m.vocab_size, n_positions=m.max_position_embeddings,
-                                    n_embd=m.hidden_size, n_layer=m.num_layers,
-                                    n_head=m.num_attention_heads, n_inner=m.ffn_size))
+    hf = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=m.vocab_size,
+            n_positions=m.max_position_embeddings,
+            n_embd=m.hidden_size,
+            n_layer=m.num_layers,
+            n_head=m.num_attention_heads,
+            n_inner=m.ffn_size,
+        )
+    )
     with torch.no_grad():  # peaked logits: greedy text that does not hit EOS early
         for p in hf.parameters():
             if p.dim() == 2:
@@ -83,15 +90,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         nocache_s, _ = time_it(lambda: ours.generate_ids(prompts, cfg, use_cache=False), 1)
     new = sum(len(x) for x in our_out)
     same = our_out == hf_out
-    print(f"\ngreedy generation, {args.preset} preset, batch {args.batch_size}, up to "
-          f"{args.max_new_tokens} new tokens, {args.threads} threads, fp32 CPU; "
-          f"baseline: transformers generate (KV cache) on the same weights")
+    print(
+        f"\ngreedy generation, {args.preset} preset, batch {args.batch_size}, up to "
+        f"{args.max_new_tokens} new tokens, {args.threads} threads, fp32 CPU; "
+        f"baseline: transformers generate (KV cache) on the same weights"
+    )
     print("| generator | new tokens | median s | tokens/s | ratio |")
     print("|---|---|---|---|---|")
-    print(f"| transformers generate | {sum(len(x) for x in hf_out)} | {hf_s:.2f} | {new / hf_s:.0f} | 1.00x |")
-    print(f"| megatron_yuyuan, KV cache | {new} | {our_s:.2f} | {new / our_s:.0f} | {hf_s / our_s:.2f}x |")
-    print(f"| megatron_yuyuan, no cache | {new} | {nocache_s:.2f} | {new / nocache_s:.0f} | "
-          f"{hf_s / nocache_s:.2f}x |")
+    print(
+        f"| transformers generate | {sum(len(x) for x in hf_out)} | {hf_s:.2f} | {new / hf_s:.0f} | 1.00x |"
+    )
+    print(
+        f"| megatron_yuyuan, KV cache | {new} | {our_s:.2f} | {new / our_s:.0f} | {hf_s / our_s:.2f}x |"
+    )
+    print(
+        f"| megatron_yuyuan, no cache | {new} | {nocache_s:.2f} | {new / nocache_s:.0f} | "
+        f"{hf_s / nocache_s:.2f}x |"
+    )
     print(f"identical tokens: {same}")
     return 0 if same else 1
 

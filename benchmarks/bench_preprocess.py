@@ -21,7 +21,6 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Optional, Sequence
 
-import numpy as np
 
 from megatron_yuyuan.tokenizer import gpt2_bpe_files
 
@@ -82,18 +81,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ours_tokens = sum(report.split_tokens.values())
         packed, padded = padding_efficiency(prefix, args.seq_length)
 
-    print(f"\nMedQuAD preprocessing, {root} ({report.files:,} files), GPT-2 BPE; "
-          f"baseline: stdlib XML + HF GPT2TokenizerFast per pair, 1 process, no output")
+    print(
+        f"\nMedQuAD preprocessing, {root} ({report.files:,} files), GPT-2 BPE; "
+        f"baseline: stdlib XML + HF GPT2TokenizerFast per pair, 1 process, no output"
+    )
     print("| pipeline | pairs | tokens | wall s | tokens/s | speed-up |")
     print("|---|---|---|---|---|---|")
-    print(f"| naive baseline | {base_pairs:,} | {base_tokens:,} | {base_s:.2f} | "
-          f"{base_tokens / base_s:,.0f} | 1.00x |")
-    print(f"| megatron_yuyuan (workers={args.workers}, end to end) | "
-          f"{sum(report.split_pairs.values()):,} | {ours_tokens:,} | {ours_s:.2f} | "
-          f"{ours_tokens / ours_s:,.0f} | {base_s / ours_s:.2f}x |")
-    print(f"\nreal tokens per {args.seq_length}-token sequence (train split): packed "
-          f"{100 * packed:.1f}% vs padded to {args.seq_length} {100 * padded:.1f}% "
-          f"({packed / padded:.1f}x less compute per real token)")
+    print(
+        f"| naive baseline | {base_pairs:,} | {base_tokens:,} | {base_s:.2f} | "
+        f"{base_tokens / base_s:,.0f} | 1.00x |"
+    )
+    print(
+        f"| megatron_yuyuan (workers={args.workers}, end to end) | "
+        f"{sum(report.split_pairs.values()):,} | {ours_tokens:,} | {ours_s:.2f} | "
+        f"{ours_tokens / ours_s:,.0f} | {base_s / ours_s:.2f}x |"
+    )
+    print(
+        f"\nreal tokens per {args.seq_length}-token sequence (train split): packed "
+        f"{100 * packed:.1f}% vs padded to {args.seq_length} {100 * padded:.1f}% "
+        f"({packed / padded:.1f}x less compute per real token)"
+    )
     return 0
 
 

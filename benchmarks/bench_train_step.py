@@ -44,11 +44,22 @@ def hf_step_fn(cfg: RunConfig, batches: list[torch.Tensor]) -> Callable[[], None
     from transformers import GPT2Config, GPT2LMHeadModel
 
     m = cfg.model
-    hf = GPT2LMHeadModel(GPT2Config(
-        vocab_size=m.vocab_size, n_positions=m.max_position_embeddings, n_embd=m.hidden_size,
-        n_layer=m.num_layers, n_head=m.num_attention_heads, n_inner=m.ffn_size,
-        activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        layer_norm_epsilon=m.layernorm_epsilon, tie_word_embeddings=True))
+    hf = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=m.vocab_size,
+            n_positions=m.max_position_embeddings,
+            n_embd=m.hidden_size,
+            n_layer=m.num_layers,
+            n_head=m.num_attention_heads,
+            n_inner=m.ffn_size,
+            activation_function="gelu_new",
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            layer_norm_epsilon=m.layernorm_epsilon,
+            tie_word_embeddings=True,
+        )
+    )
     hf.train()
     opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, weight_decay=0.01)
     cycle = itertools.cycle(batches)
@@ -69,11 +80,15 @@ def ours_step_fn(cfg: RunConfig, batches: list[torch.Tensor]) -> Callable[[], No
 
     state = setup(cfg)
     seq = cfg.data.seq_length
-    prepared = [{
-        "tokens": ids[:, :-1].contiguous(), "labels": ids[:, 1:].contiguous(),
-        "loss_mask": torch.ones(ids.shape[0], seq),
-        "position_ids": torch.arange(seq).expand(ids.shape[0], -1),
-    } for ids in batches]
+    prepared = [
+        {
+            "tokens": ids[:, :-1].contiguous(),
+            "labels": ids[:, 1:].contiguous(),
+            "loss_mask": torch.ones(ids.shape[0], seq),
+            "position_ids": torch.arange(seq).expand(ids.shape[0], -1),
+        }
+        for ids in batches
+    ]
     cycle = itertools.cycle(prepared)
 
     def step() -> None:
@@ -82,8 +97,14 @@ def ours_step_fn(cfg: RunConfig, batches: list[torch.Tensor]) -> Callable[[], No
     return step
 
 
-def run(presets: Sequence[str], threads: int, batch: int, seq_lengths: dict[str, int], steps: int,
-        warmup: int) -> list[dict]:
+def run(
+    presets: Sequence[str],
+    threads: int,
+    batch: int,
+    seq_lengths: dict[str, int],
+    steps: int,
+    warmup: int,
+) -> list[dict]:
     cpu_compat.apply_if_no_cuda()
     torch.set_num_threads(threads)
     rows = []
@@ -91,36 +112,58 @@ def run(presets: Sequence[str], threads: int, batch: int, seq_lengths: dict[str,
         seq = seq_lengths.get(name, 128)
         model = get_preset(name)
         model.hidden_dropout = model.attention_dropout = 0.0
-        cfg = RunConfig(model=model, data=DataConfig(seq_length=seq, mock_data=True),
-                        train=TrainConfig(micro_batch_size=batch, global_batch_size=batch,
-                                          train_iters=steps + warmup, lr_decay_style="constant",
-                                          clip_grad=1.0))
+        cfg = RunConfig(
+            model=model,
+            data=DataConfig(seq_length=seq, mock_data=True),
+            train=TrainConfig(
+                micro_batch_size=batch,
+                global_batch_size=batch,
+                train_iters=steps + warmup,
+                lr_decay_style="constant",
+                clip_grad=1.0,
+            ),
+        )
         batches = _batches(model.vocab_size, batch, seq)
         torch.manual_seed(0)
         hf_ms = _median_ms(hf_step_fn(cfg, batches), steps, warmup)
         ours_ms = _median_ms(ours_step_fn(cfg, batches), steps, warmup)
         parallel.destroy_distributed()
         tokens = batch * seq
-        rows.append({"preset": name, "layers": model.num_layers, "hidden": model.hidden_size,
-                     "tokens_per_step": tokens, "threads": threads,
-                     "hf_ms": hf_ms, "ours_ms": ours_ms,
-                     "hf_tokens_per_s": tokens / hf_ms * 1000,
-                     "ours_tokens_per_s": tokens / ours_ms * 1000, "ratio": hf_ms / ours_ms})
+        rows.append(
+            {
+                "preset": name,
+                "layers": model.num_layers,
+                "hidden": model.hidden_size,
+                "tokens_per_step": tokens,
+                "threads": threads,
+                "hf_ms": hf_ms,
+                "ours_ms": ours_ms,
+                "hf_tokens_per_s": tokens / hf_ms * 1000,
+                "ours_tokens_per_s": tokens / ours_ms * 1000,
+                "ratio": hf_ms / ours_ms,
+            }
+        )
     return rows
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"\ntrain step, fp32, TP=1, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-          f"baseline: transformers GPT2LMHeadModel (same shape, batch, threads)")
-    header = f"| {'preset':8} | {'shape':10} | {'tokens':>6} | {'threads':>7} | {'HF ms':>8} | " \
-             f"{'ours ms':>8} | {'HF tok/s':>9} | {'ours tok/s':>10} | {'ratio':>6} |"
+    print(
+        f"\ntrain step, fp32, TP=1, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+        f"baseline: transformers GPT2LMHeadModel (same shape, batch, threads)"
+    )
+    header = (
+        f"| {'preset':8} | {'shape':10} | {'tokens':>6} | {'threads':>7} | {'HF ms':>8} | "
+        f"{'ours ms':>8} | {'HF tok/s':>9} | {'ours tok/s':>10} | {'ratio':>6} |"
+    )
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
     for r in rows:
-        print(f"| {r['preset']:8} | {str(r['layers']) + 'L h' + str(r['hidden']):10} | "
-              f"{r['tokens_per_step']:6d} | {r['threads']:7d} | {r['hf_ms']:8.1f} | "
-              f"{r['ours_ms']:8.1f} | {r['hf_tokens_per_s']:9.0f} | {r['ours_tokens_per_s']:10.0f} | "
-              f"{r['ratio']:5.2f}x |")
+        print(
+            f"| {r['preset']:8} | {str(r['layers']) + 'L h' + str(r['hidden']):10} | "
+            f"{r['tokens_per_step']:6d} | {r['threads']:7d} | {r['hf_ms']:8.1f} | "
+            f"{r['ours_ms']:8.1f} | {r['hf_tokens_per_s']:9.0f} | {r['ours_tokens_per_s']:10.0f} | "
+            f"{r['ratio']:5.2f}x |"
+        )
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -128,8 +171,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--presets", default="tiny,small")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--micro-batch-size", type=int, default=8)
-    parser.add_argument("--seq-length", type=int, default=None,
-                        help="default: 128 for tiny, 256 for small")
+    parser.add_argument(
+        "--seq-length", type=int, default=None, help="default: 128 for tiny, 256 for small"
+    )
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--json", default=None, help="also write the rows here")

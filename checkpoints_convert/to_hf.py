@@ -20,9 +20,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--load", required=True, help="checkpoint directory (SAVE or SAVE/iter_N)")
     p.add_argument("--out", required=True, help="HF output directory")
-    p.add_argument("--tokenizer", default=None,
-                   help="copy tokenizer files from this directory (default: the checkpoint's, "
-                        "else GPT-2's when the vocabulary is GPT-2's)")
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="copy tokenizer files from this directory (default: the checkpoint's, "
+        "else GPT-2's when the vocabulary is GPT-2's)",
+    )
     p.add_argument("--verify", action="store_true", help="compare logits of both models")
     p.add_argument("--tolerance", type=float, default=1e-3, help="max |logit diff| for --verify")
     args = p.parse_args(argv)

@@ -20,17 +20,34 @@ from megatron_yuyuan.parallel import destroy_distributed
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--hf-dir", help="HF GPT-2 directory: config.json + safetensors or pytorch_model.bin")
+    src.add_argument(
+        "--hf-dir", help="HF GPT-2 directory: config.json + safetensors or pytorch_model.bin"
+    )
     src.add_argument("--megatron-lm-dir", help="legacy Megatron-LM checkpoint (iter_*/mp_rank_*/)")
     p.add_argument("--save", required=True, help="output checkpoint directory")
-    p.add_argument("--tensor-model-parallel-size", type=int, default=1,
-                   help="TP the checkpoint is padded for (vocab multiple of 128 x TP)")
-    p.add_argument("--pipeline-model-parallel-size", type=int, default=1,
-                   help="PP it will run at (checked against the layer count)")
-    p.add_argument("--vocab-size", type=int, default=None,
-                   help="legacy input only: true vocabulary size (default 50257 for GPT-2 BPE)")
-    p.add_argument("--trust-pickle", action="store_true",
-                   help="legacy input only: allow loading pickled objects beyond weights")
+    p.add_argument(
+        "--tensor-model-parallel-size",
+        type=int,
+        default=1,
+        help="TP the checkpoint is padded for (vocab multiple of 128 x TP)",
+    )
+    p.add_argument(
+        "--pipeline-model-parallel-size",
+        type=int,
+        default=1,
+        help="PP it will run at (checked against the layer count)",
+    )
+    p.add_argument(
+        "--vocab-size",
+        type=int,
+        default=None,
+        help="legacy input only: true vocabulary size (default 50257 for GPT-2 BPE)",
+    )
+    p.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="legacy input only: allow loading pickled objects beyond weights",
+    )
     p.add_argument("--verify", action="store_true", help="compare logits (needs --hf-dir)")
     p.add_argument("--tolerance", type=float, default=1e-3, help="max |logit diff| for --verify")
     args = p.parse_args(argv)
@@ -47,8 +64,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.hf_dir:
             out = convert_hf_to_megatron(args.hf_dir, args.save, tp, pp)
         else:
-            out = convert_legacy_to_megatron(args.megatron_lm_dir, args.save, tp, pp,
-                                             args.vocab_size, args.trust_pickle)
+            out = convert_legacy_to_megatron(
+                args.megatron_lm_dir, args.save, tp, pp, args.vocab_size, args.trust_pickle
+            )
         print(f"> wrote megatron-core checkpoint {out} (padded for TP={tp}; PP={pp} checked)")
         if args.verify:
             if not args.hf_dir:
@@ -58,8 +76,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"> {parity.line()} [{'OK' if ok else 'FAIL'}, tolerance {args.tolerance:g}]")
             if not ok:
                 return 1
-    except (ConfigError, CheckpointError, HFFormatError, LegacyFormatError, KeyError,
-            ValueError, FileNotFoundError) as exc:
+    except (
+        ConfigError,
+        CheckpointError,
+        HFFormatError,
+        LegacyFormatError,
+        KeyError,
+        ValueError,
+        FileNotFoundError,
+    ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:

@@ -33,15 +33,21 @@ def _arg_kwargs(tp: Any) -> dict[str, Any]:
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """Add --config and one flag per config field, grouped by section."""
-    parser.add_argument("--config", default=None,
-                        help="preset name (tiny, small, yuyuan-3.5b) or a YAML run config")
+    parser.add_argument(
+        "--config", default=None, help="preset name (tiny, small, yuyuan-3.5b) or a YAML run config"
+    )
     for section, cls in SECTIONS.items():
         group = parser.add_argument_group(f"{section} ({cls.__doc__.splitlines()[0]})")
         hints = typing.get_type_hints(cls)
         docs = field_docs(cls)
         for f in dataclasses.fields(cls):
-            group.add_argument(_flag(f.name), dest=f"{section}.{f.name}", default=argparse.SUPPRESS,
-                               help=docs.get(f.name, ""), **_arg_kwargs(hints[f.name]))
+            group.add_argument(
+                _flag(f.name),
+                dest=f"{section}.{f.name}",
+                default=argparse.SUPPRESS,
+                help=docs.get(f.name, ""),
+                **_arg_kwargs(hints[f.name]),
+            )
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:

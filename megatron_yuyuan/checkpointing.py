@@ -26,7 +26,7 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 
 from megatron_yuyuan import parallel
-from megatron_yuyuan.config import ConfigError, ModelConfig
+from megatron_yuyuan.config import ModelConfig
 
 LATEST = "latest_checkpointed_iteration.txt"
 MODEL_CONFIG = "model_config.yaml"
@@ -54,7 +54,9 @@ def resolve(load: str | Path) -> Path:
     latest = path / LATEST
     if latest.is_file():
         return iteration_dir(path, int(latest.read_text().strip()))
-    raise CheckpointError(f"--load {path}: no checkpoint there (neither {LATEST} nor {MODEL_CONFIG})")
+    raise CheckpointError(
+        f"--load {path}: no checkpoint there (neither {LATEST} nor {MODEL_CONFIG})"
+    )
 
 
 @dataclasses.dataclass
@@ -73,34 +75,57 @@ class CheckpointInfo:
 
 def read_info(ckpt_dir: Path) -> CheckpointInfo:
     raw = yaml.safe_load((Path(ckpt_dir) / MODEL_CONFIG).read_text())
-    return CheckpointInfo(model=ModelConfig(**raw["model"]), dtype=_DTYPES[raw["dtype"]],
-                          padded_vocab_size=raw["padded_vocab_size"], iteration=raw["iteration"],
-                          training_state=raw.get("training_state", False),
-                          layout=tuple(raw.get("layout", (1, 1, 1))))
+    return CheckpointInfo(
+        model=ModelConfig(**raw["model"]),
+        dtype=_DTYPES[raw["dtype"]],
+        padded_vocab_size=raw["padded_vocab_size"],
+        iteration=raw["iteration"],
+        training_state=raw.get("training_state", False),
+        layout=tuple(raw.get("layout", (1, 1, 1))),
+    )
 
 
 def _write_info(ckpt_dir: Path, info: CheckpointInfo) -> None:
-    (ckpt_dir / MODEL_CONFIG).write_text(yaml.safe_dump({
-        "model": dataclasses.asdict(info.model),
-        "dtype": str(info.dtype).removeprefix("torch."),
-        "padded_vocab_size": info.padded_vocab_size,
-        "iteration": info.iteration,
-        "training_state": info.training_state,
-        "layout": list(info.layout),
-    }, sort_keys=False))
+    (ckpt_dir / MODEL_CONFIG).write_text(
+        yaml.safe_dump(
+            {
+                "model": dataclasses.asdict(info.model),
+                "dtype": str(info.dtype).removeprefix("torch."),
+                "padded_vocab_size": info.padded_vocab_size,
+                "iteration": info.iteration,
+                "training_state": info.training_state,
+                "layout": list(info.layout),
+            },
+            sort_keys=False,
+        )
+    )
 
 
-def save_model(save: str | Path, model: torch.nn.Module, model_cfg: ModelConfig, iteration: int,
-               padded_vocab_size: int) -> Path:
+def save_model(
+    save: str | Path,
+    model: torch.nn.Module,
+    model_cfg: ModelConfig,
+    iteration: int,
+    padded_vocab_size: int,
+) -> Path:
     """Save this rank's part of ``model`` (every rank calls it); returns the iteration directory."""
     dtype = next(model.parameters()).dtype
-    return save_sharded(save, model.sharded_state_dict(), model_cfg, iteration, padded_vocab_size,
-                        dtype)
+    return save_sharded(
+        save, model.sharded_state_dict(), model_cfg, iteration, padded_vocab_size, dtype
+    )
 
 
-def save_sharded(save: str | Path, sharded: dict, model_cfg: ModelConfig, iteration: int,
-                 padded_vocab_size: int, dtype: torch.dtype, training_state: bool = False,
-                 layout: tuple[int, int, int] = (1, 1, 1), run_config: Optional[dict] = None) -> Path:
+def save_sharded(
+    save: str | Path,
+    sharded: dict,
+    model_cfg: ModelConfig,
+    iteration: int,
+    padded_vocab_size: int,
+    dtype: torch.dtype,
+    training_state: bool = False,
+    layout: tuple[int, int, int] = (1, 1, 1),
+    run_config: Optional[dict] = None,
+) -> Path:
     """Save a sharded state dict as checkpoint ``iteration`` under ``save``.
 
     Written to ``iter_N.tmp`` first, renamed when complete, then ``latest`` is updated.
@@ -116,8 +141,10 @@ def save_sharded(save: str | Path, sharded: dict, model_cfg: ModelConfig, iterat
     dist_checkpointing.save(sharded, str(tmp))
     parallel.barrier()
     if rank0:
-        _write_info(tmp, CheckpointInfo(model_cfg, dtype, padded_vocab_size, iteration,
-                                        training_state, layout))
+        _write_info(
+            tmp,
+            CheckpointInfo(model_cfg, dtype, padded_vocab_size, iteration, training_state, layout),
+        )
         if run_config is not None:
             (tmp / "run_config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
         if final.exists():
@@ -133,17 +160,30 @@ def save_sharded(save: str | Path, sharded: dict, model_cfg: ModelConfig, iterat
 
 def check_compatible(saved: ModelConfig, model_cfg: ModelConfig, where: Path) -> None:
     """The checkpoint's architecture must equal the model's (dropout and init may differ)."""
-    shape = ("num_layers", "hidden_size", "num_attention_heads", "ffn_size",
-             "max_position_embeddings", "vocab_size")
-    diffs = [f"{name}: checkpoint {getattr(saved, name)} vs config {getattr(model_cfg, name)}"
-             for name in shape if getattr(saved, name) != getattr(model_cfg, name)]
+    shape = (
+        "num_layers",
+        "hidden_size",
+        "num_attention_heads",
+        "ffn_size",
+        "max_position_embeddings",
+        "vocab_size",
+    )
+    diffs = [
+        f"{name}: checkpoint {getattr(saved, name)} vs config {getattr(model_cfg, name)}"
+        for name in shape
+        if getattr(saved, name) != getattr(model_cfg, name)
+    ]
     if diffs:
-        raise CheckpointError(f"{where}: the checkpoint's model does not match the config ("
-                              + "; ".join(diffs) + "); pass the matching --config")
+        raise CheckpointError(
+            f"{where}: the checkpoint's model does not match the config ("
+            + "; ".join(diffs)
+            + "); pass the matching --config"
+        )
 
 
-def load_model(load: str | Path, model: torch.nn.Module, model_cfg: ModelConfig,
-               layout: parallel.Layout) -> CheckpointInfo:
+def load_model(
+    load: str | Path, model: torch.nn.Module, model_cfg: ModelConfig, layout: parallel.Layout
+) -> CheckpointInfo:
     """Load weights into this rank's ``model`` at any TP/PP (every rank calls it)."""
     ckpt = resolve(load)
     info = read_info(ckpt)
@@ -162,8 +202,9 @@ def load_model(load: str | Path, model: torch.nn.Module, model_cfg: ModelConfig,
     return info
 
 
-def load_full_state(load: str | Path, template: torch.nn.Module) -> tuple[dict[str, torch.Tensor],
-                                                                           CheckpointInfo]:
+def load_full_state(
+    load: str | Path, template: torch.nn.Module
+) -> tuple[dict[str, torch.Tensor], CheckpointInfo]:
     """Every weight of a checkpoint as full tensors, named as in ``template``'s state dict.
 
     ``template`` is a model built (on the meta device is enough) at TP=1, PP=1 with the
@@ -190,9 +231,12 @@ def _rng_state() -> dict:
 
     import numpy as np
 
-    state = {"random": random.getstate(), "numpy": np.random.get_state(),
-             "torch": torch.get_rng_state(),
-             "tracker": parallel.get_cuda_rng_tracker().get_states()}
+    state = {
+        "random": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": parallel.get_cuda_rng_tracker().get_states(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -213,33 +257,64 @@ def _set_rng_state(state: dict) -> None:
 
 def _rng_object(layout: parallel.Layout, data) -> ShardedObject:
     """One RNG state per rank, placed by its (PP, TP, DP) coordinates."""
-    return ShardedObject("rng_state", data, (layout.pp, layout.tp, layout.dp),
-                         (layout.pp_rank, layout.tp_rank, layout.dp_rank), replica_id=0)
+    return ShardedObject(
+        "rng_state",
+        data,
+        (layout.pp, layout.tp, layout.dp),
+        (layout.pp_rank, layout.tp_rank, layout.dp_rank),
+        replica_id=0,
+    )
 
 
-def _training_sharded_dict(model, optimizer, layout: parallel.Layout, loading: bool,
-                           rng: Optional[dict] = None) -> dict:
+def _training_sharded_dict(
+    model, optimizer, layout: parallel.Layout, loading: bool, rng: Optional[dict] = None
+) -> dict:
     model_sd = model.sharded_state_dict()
-    return {"model": model_sd,
-            "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=loading,
-                                                      metadata=_OPT_METADATA),
-            "rng_state": _rng_object(layout, rng)}
+    return {
+        "model": model_sd,
+        "optimizer": optimizer.sharded_state_dict(
+            model_sd, is_loading=loading, metadata=_OPT_METADATA
+        ),
+        "rng_state": _rng_object(layout, rng),
+    }
 
 
-def save_training_checkpoint(save: str | Path, model, optimizer, scheduler, iteration: int,
-                             run_config, layout: parallel.Layout) -> Path:
+def save_training_checkpoint(
+    save: str | Path,
+    model,
+    optimizer,
+    scheduler,
+    iteration: int,
+    run_config,
+    layout: parallel.Layout,
+) -> Path:
     """Model, optimizer, LR schedule, RNG states and the data position (= iteration)."""
     sharded = _training_sharded_dict(model, optimizer, layout, loading=False, rng=_rng_state())
     sharded["scheduler"] = scheduler.state_dict()
     sharded["iteration"] = iteration
     dtype = next(model.parameters()).dtype
-    return save_sharded(save, sharded, run_config.model, iteration,
-                        run_config.model.padded_vocab_size(layout.tp), dtype, training_state=True,
-                        layout=(layout.tp, layout.pp, layout.dp), run_config=run_config.to_dict())
+    return save_sharded(
+        save,
+        sharded,
+        run_config.model,
+        iteration,
+        run_config.model.padded_vocab_size(layout.tp),
+        dtype,
+        training_state=True,
+        layout=(layout.tp, layout.pp, layout.dp),
+        run_config=run_config.to_dict(),
+    )
 
 
-def load_training_checkpoint(load: str | Path, model, optimizer, scheduler, model_cfg: ModelConfig,
-                             layout: parallel.Layout, finetune: bool = False) -> int:
+def load_training_checkpoint(
+    load: str | Path,
+    model,
+    optimizer,
+    scheduler,
+    model_cfg: ModelConfig,
+    layout: parallel.Layout,
+    finetune: bool = False,
+) -> int:
     """Restore a run; returns the iteration to continue from.
 
     A weights-only checkpoint (e.g. converted from HF), or ``finetune=True``, loads the weights and

@@ -61,16 +61,25 @@ class ModelConfig:
     """Std of the normal init; output projections use std / sqrt(2 * num_layers)."""
 
     def __post_init__(self) -> None:
-        for name in ("num_layers", "hidden_size", "num_attention_heads", "max_position_embeddings",
-                     "vocab_size", "make_vocab_size_divisible_by"):
+        for name in (
+            "num_layers",
+            "hidden_size",
+            "num_attention_heads",
+            "max_position_embeddings",
+            "vocab_size",
+            "make_vocab_size_divisible_by",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"model.hidden_size ({self.hidden_size}) must be divisible by "
-                f"model.num_attention_heads ({self.num_attention_heads})")
+                f"model.num_attention_heads ({self.num_attention_heads})"
+            )
         if self.activation not in ("gelu_tanh", "gelu"):
-            raise ConfigError(f"model.activation must be 'gelu_tanh' or 'gelu', got {self.activation!r}")
+            raise ConfigError(
+                f"model.activation must be 'gelu_tanh' or 'gelu', got {self.activation!r}"
+            )
         for name in ("hidden_dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"model.{name} must be in [0, 1), got {getattr(self, name)}")
@@ -181,8 +190,14 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.bf16 and self.fp16:
             raise ConfigError("train.bf16 and train.fp16 are mutually exclusive: choose one")
-        for name in ("micro_batch_size", "train_iters", "log_interval", "recompute_num_layers",
-                     "eval_iters", "eval_max_new_tokens"):
+        for name in (
+            "micro_batch_size",
+            "train_iters",
+            "log_interval",
+            "recompute_num_layers",
+            "eval_iters",
+            "eval_max_new_tokens",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("save_interval", "eval_interval"):
@@ -191,15 +206,20 @@ class TrainConfig:
         if self.global_batch_size is not None and self.global_batch_size < 1:
             raise ConfigError(f"train.global_batch_size must be >= 1, got {self.global_batch_size}")
         if self.lr_decay_style not in ("constant", "linear", "cosine"):
-            raise ConfigError(f"train.lr_decay_style must be constant|linear|cosine, got "
-                              f"{self.lr_decay_style!r}")
+            raise ConfigError(
+                f"train.lr_decay_style must be constant|linear|cosine, got {self.lr_decay_style!r}"
+            )
         if self.recompute_granularity not in (None, "full", "selective"):
-            raise ConfigError(f"train.recompute_granularity must be full|selective, got "
-                              f"{self.recompute_granularity!r}")
+            raise ConfigError(
+                f"train.recompute_granularity must be full|selective, got "
+                f"{self.recompute_granularity!r}"
+            )
         decay_iters = self.lr_decay_iters or self.train_iters
         if self.lr_decay_style != "constant" and decay_iters <= self.lr_warmup_iters:
-            raise ConfigError(f"--lr-decay-iters ({decay_iters}, default --train-iters) must exceed "
-                              f"--lr-warmup-iters ({self.lr_warmup_iters})")
+            raise ConfigError(
+                f"--lr-decay-iters ({decay_iters}, default --train-iters) must exceed "
+                f"--lr-warmup-iters ({self.lr_warmup_iters})"
+            )
         if self.lr < 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ConfigError(f"need 0 <= train.min_lr ({self.min_lr}) <= train.lr ({self.lr})")
 
@@ -228,14 +248,25 @@ class DataConfig:
 PRESETS: dict[str, ModelConfig] = {
     # Tests. vocab 1100 is not a multiple of 128 * TP, so TP=1 and TP=2 pad differently
     # (1152 vs 1280 rows) and every TP-equivalence test also checks the pad-row masking.
-    "tiny": ModelConfig(num_layers=4, hidden_size=64, num_attention_heads=4,
-                        max_position_embeddings=256, vocab_size=1100,
-                        hidden_dropout=0.0, attention_dropout=0.0),
+    "tiny": ModelConfig(
+        num_layers=4,
+        hidden_size=64,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+        vocab_size=1100,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+    ),
     # The CPU demo: GPT-2 vocabulary, about 29M parameters.
     "small": ModelConfig(num_layers=6, hidden_size=256, num_attention_heads=8),
     # Yuyuan-GPT2-3.5B (IDEA-CCNL): 3,556,125,696 parameters at vocab 50257.
-    "yuyuan-3.5b": ModelConfig(num_layers=30, hidden_size=3072, num_attention_heads=32,
-                               ffn_hidden_size=12288, max_position_embeddings=1024),
+    "yuyuan-3.5b": ModelConfig(
+        num_layers=30,
+        hidden_size=3072,
+        num_attention_heads=32,
+        ffn_hidden_size=12288,
+        max_position_embeddings=1024,
+    ),
 }
 
 
@@ -278,11 +309,14 @@ class RunConfig:
     def from_dict(cls, raw: dict[str, Any], source: str = "config") -> RunConfig:
         unknown = set(raw) - set(SECTIONS)
         if unknown:
-            raise ConfigError(f"{source}: unknown section(s) {sorted(unknown)}; "
-                              f"expected {sorted(SECTIONS)}")
+            raise ConfigError(
+                f"{source}: unknown section(s) {sorted(unknown)}; expected {sorted(SECTIONS)}"
+            )
         if "model" not in raw:
-            raise ConfigError(f"{source}: missing section 'model': give a preset name "
-                              f"({', '.join(sorted(PRESETS))}) or a mapping of model fields")
+            raise ConfigError(
+                f"{source}: missing section 'model': give a preset name "
+                f"({', '.join(sorted(PRESETS))}) or a mapping of model fields"
+            )
         model_raw = raw["model"]
         if isinstance(model_raw, str):
             model_raw = {"preset": model_raw}
@@ -309,7 +343,10 @@ class RunConfig:
 
 
 SECTIONS: dict[str, type] = {
-    "model": ModelConfig, "parallel": ParallelConfig, "train": TrainConfig, "data": DataConfig,
+    "model": ModelConfig,
+    "parallel": ParallelConfig,
+    "train": TrainConfig,
+    "data": DataConfig,
 }
 
 
@@ -327,14 +364,17 @@ def _build(cls: type, values: dict[str, Any], where: str):
 def load_config(spec: str | None) -> RunConfig:
     """A preset name ('tiny', 'small', 'yuyuan-3.5b') or a YAML path."""
     if spec is None:
-        raise ConfigError(f"no --config given: pass a preset ({', '.join(sorted(PRESETS))}) "
-                          f"or a YAML run config")
+        raise ConfigError(
+            f"no --config given: pass a preset ({', '.join(sorted(PRESETS))}) or a YAML run config"
+        )
     if spec in PRESETS:
         return RunConfig(model=get_preset(spec))
     if spec.endswith((".yaml", ".yml")) or Path(spec).exists():
         return RunConfig.from_yaml(spec)
-    raise ConfigError(f"--config {spec!r} is neither a preset ({', '.join(sorted(PRESETS))}) "
-                      f"nor an existing YAML file")
+    raise ConfigError(
+        f"--config {spec!r} is neither a preset ({', '.join(sorted(PRESETS))}) "
+        f"nor an existing YAML file"
+    )
 
 
 @functools.cache
@@ -344,8 +384,12 @@ def field_docs(cls: type) -> dict[str, str]:
     body = tree.body[0].body
     docs = {}
     for node, nxt in zip(body, body[1:]):
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+        ):
             docs[node.target.id] = " ".join(str(nxt.value.value).split())
     return docs
 
@@ -358,24 +402,35 @@ def validate_layout(cfg: RunConfig, world_size: int) -> int:
     tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
     m, t = cfg.model, cfg.train
     if m.num_attention_heads % tp:
-        raise ConfigError(f"--tensor-model-parallel-size {tp} does not divide "
-                          f"num_attention_heads {m.num_attention_heads}")
+        raise ConfigError(
+            f"--tensor-model-parallel-size {tp} does not divide "
+            f"num_attention_heads {m.num_attention_heads}"
+        )
     if m.ffn_size % tp:
-        raise ConfigError(f"--tensor-model-parallel-size {tp} does not divide ffn size {m.ffn_size}")
+        raise ConfigError(
+            f"--tensor-model-parallel-size {tp} does not divide ffn size {m.ffn_size}"
+        )
     if m.num_layers % pp:
-        raise ConfigError(f"--pipeline-model-parallel-size {pp} does not divide "
-                          f"num_layers {m.num_layers}")
+        raise ConfigError(
+            f"--pipeline-model-parallel-size {pp} does not divide num_layers {m.num_layers}"
+        )
     if world_size % (tp * pp):
-        raise ConfigError(f"world size {world_size} is not divisible by tensor x pipeline parallel "
-                          f"size {tp} x {pp} = {tp * pp}; launch a multiple of {tp * pp} processes")
+        raise ConfigError(
+            f"world size {world_size} is not divisible by tensor x pipeline parallel "
+            f"size {tp} x {pp} = {tp * pp}; launch a multiple of {tp * pp} processes"
+        )
     dp = world_size // (tp * pp)
     gbs = t.global_batch_size or t.micro_batch_size * dp
     if gbs % (t.micro_batch_size * dp):
-        raise ConfigError(f"--global-batch-size {gbs} is not divisible by --micro-batch-size "
-                          f"{t.micro_batch_size} x data-parallel size {dp} = {t.micro_batch_size * dp}")
+        raise ConfigError(
+            f"--global-batch-size {gbs} is not divisible by --micro-batch-size "
+            f"{t.micro_batch_size} x data-parallel size {dp} = {t.micro_batch_size * dp}"
+        )
     if cfg.data.seq_length > m.max_position_embeddings:
-        raise ConfigError(f"--seq-length {cfg.data.seq_length} exceeds max_position_embeddings "
-                          f"{m.max_position_embeddings}")
+        raise ConfigError(
+            f"--seq-length {cfg.data.seq_length} exceeds max_position_embeddings "
+            f"{m.max_position_embeddings}"
+        )
     if pp > 1 and gbs // (t.micro_batch_size * dp) < 1:
         raise ConfigError("pipeline parallelism needs at least one micro-batch per step")
     if (t.bf16 or t.fp16) and not _cuda_available():

@@ -38,13 +38,26 @@ _MODULES_WITH_CUDA_LITERALS = (
     "megatron.core.tensor_parallel.data",
 )
 _FACTORIES = frozenset(
-    {"zeros", "ones", "empty", "full", "tensor", "arange", "randn", "rand", "zeros_like", "ones_like"}
+    {
+        "zeros",
+        "ones",
+        "empty",
+        "full",
+        "tensor",
+        "arange",
+        "randn",
+        "rand",
+        "zeros_like",
+        "ones_like",
+    }
 )
 
 
 def silence_optional_accelerator_warnings() -> None:
     """Hide the 'Apex / Transformer Engine not installed' warnings: both are optional here."""
-    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|apex|TransformerEngine).*")
+    warnings.filterwarnings(
+        "ignore", message=".*(Apex|Transformer Engine|apex|TransformerEngine).*"
+    )
     warnings.filterwarnings("ignore", message=".*CUDA_DEVICE_MAX_CONNECTIONS.*")
     warnings.filterwarnings("ignore", message=".*full scope is deprecated.*")
     # torch.distributed.checkpoint deprecation notices emitted on every dist_checkpointing call.

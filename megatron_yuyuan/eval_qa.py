@@ -30,9 +30,13 @@ from megatron_yuyuan.generate import (
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_arguments(p)
-    p.add_argument("--references", required=True, help="test split JSONL (question, answer, id, qtype)")
+    p.add_argument(
+        "--references", required=True, help="test split JSONL (question, answer, id, qtype)"
+    )
     p.add_argument("--out", required=True, help="directory for predictions and the report")
-    p.add_argument("--name", default=None, help="system name in the report (default: from the path)")
+    p.add_argument(
+        "--name", default=None, help="system name in the report (default: from the path)"
+    )
     p.add_argument("--limit", type=int, default=None, help="score only the first N questions")
     p.add_argument("--smoothing", default="method1", help="nltk SmoothingFunction method")
     add_sampling_arguments(p)
@@ -45,18 +49,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not refs.is_file():
             raise ValueError(f"--references {refs} does not exist")
         generator = build_generator(args)
-        written = generate_file(generator, refs, out / f"predictions_{name}.jsonl",
-                                sampling_from_args(args), args.batch_size, args.limit)
+        written = generate_file(
+            generator,
+            refs,
+            out / f"predictions_{name}.jsonl",
+            sampling_from_args(args),
+            args.batch_size,
+            args.limit,
+        )
         if written is None:  # not rank 0
             return 0
         print(f"> wrote {written}")
         scored_refs = refs
         if args.limit is not None:  # score against the same first N references
             scored_refs = out / f"references_first{args.limit}.jsonl"
-            scored_refs.write_text("".join(line + "\n" for line in
-                                           refs.read_text().splitlines()[: args.limit]))
-        systems = {f.stem.removeprefix("predictions_"): f for f in sorted(out.glob("predictions_*.jsonl"))
-                   if len(read_jsonl(f)) == len(read_jsonl(scored_refs))}
+            scored_refs.write_text(
+                "".join(line + "\n" for line in refs.read_text().splitlines()[: args.limit])
+            )
+        systems = {
+            f.stem.removeprefix("predictions_"): f
+            for f in sorted(out.glob("predictions_*.jsonl"))
+            if len(read_jsonl(f)) == len(read_jsonl(scored_refs))
+        }
         report = evaluate(scored_refs, systems, out, args.smoothing)
         print_summary(report)
         for f in ("report.md", "report.json", "bleu_by_qtype.png"):

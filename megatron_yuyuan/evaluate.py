@@ -53,7 +53,9 @@ def smoothing_function(name: str):
 
     fn = getattr(SmoothingFunction(), name, None)
     if fn is None or not name.startswith("method"):
-        raise ValueError(f"--smoothing {name!r}: use an nltk SmoothingFunction method (method0..method7)")
+        raise ValueError(
+            f"--smoothing {name!r}: use an nltk SmoothingFunction method (method0..method7)"
+        )
     return fn
 
 
@@ -68,11 +70,14 @@ def bleu_scores(refs: Sequence[list[str]], hyps: Sequence[list[str]], smoothing:
         for kind in KINDS:
             for n in NS:
                 w = bleu_weights(n, kind)
-                scores = [sentence_bleu([r], h, weights=w, smoothing_function=fn)
-                          for r, h in zip(refs, hyps)]
+                scores = [
+                    sentence_bleu([r], h, weights=w, smoothing_function=fn)
+                    for r, h in zip(refs, hyps)
+                ]
                 out["sentence"][kind][n] = sum(scores) / len(scores) if scores else 0.0
-                out["corpus"][kind][n] = corpus_bleu([[r] for r in refs], list(hyps), weights=w,
-                                                     smoothing_function=fn)
+                out["corpus"][kind][n] = corpus_bleu(
+                    [[r] for r in refs], list(hyps), weights=w, smoothing_function=fn
+                )
     return out
 
 
@@ -101,16 +106,21 @@ def align(references: list[dict], predictions: list[dict], path: Path) -> list[s
         by_id = {p["id"]: p for p in predictions}
         missing = [r["id"] for r in references if r["id"] not in by_id]
         if missing:
-            raise ValueError(f"{path}: no prediction for {len(missing)} reference id(s), e.g. {missing[:3]}")
+            raise ValueError(
+                f"{path}: no prediction for {len(missing)} reference id(s), e.g. {missing[:3]}"
+            )
         return [prediction_text(by_id[r["id"]], path) for r in references]
     if len(predictions) != len(references):
-        raise ValueError(f"{path}: {len(predictions)} predictions for {len(references)} references "
-                         f"and no ids to match them")
+        raise ValueError(
+            f"{path}: {len(predictions)} predictions for {len(references)} references "
+            f"and no ids to match them"
+        )
     return [prediction_text(p, path) for p in predictions]
 
 
-def evaluate(references_path: Path, systems: dict[str, Path], out_dir: Path,
-             smoothing: str = "method1") -> dict:
+def evaluate(
+    references_path: Path, systems: dict[str, Path], out_dir: Path, smoothing: str = "method1"
+) -> dict:
     """Score every system; write report.md, report.json and the per-qtype chart into ``out_dir``."""
     import sacrebleu
 
@@ -121,16 +131,23 @@ def evaluate(references_path: Path, systems: dict[str, Path], out_dir: Path,
     ref_text = [r["answer"] for r in refs]
     ref_tok = [tokenize(t) for t in ref_text]
     qtypes = [r.get("qtype", "all") for r in refs]
-    report = {"references": str(references_path), "questions": len(refs), "smoothing": smoothing,
-              "tokenization": r"lowercase, re.findall(r'\w+|[^\w\s]')", "systems": {}}
+    report = {
+        "references": str(references_path),
+        "questions": len(refs),
+        "smoothing": smoothing,
+        "tokenization": r"lowercase, re.findall(r'\w+|[^\w\s]')",
+        "systems": {},
+    }
     for name, path in systems.items():
         hyps = align(refs, read_jsonl(path), path)
         hyp_tok = [tokenize(h) for h in hyps]
-        entry = {"predictions": str(path),
-                 "unsmoothed": bleu_scores(ref_tok, hyp_tok, "method0"),
-                 "smoothed": bleu_scores(ref_tok, hyp_tok, smoothing),
-                 "sacrebleu": sacrebleu.corpus_bleu(hyps, [ref_text]).score / 100.0,
-                 "by_qtype": {}}
+        entry = {
+            "predictions": str(path),
+            "unsmoothed": bleu_scores(ref_tok, hyp_tok, "method0"),
+            "smoothed": bleu_scores(ref_tok, hyp_tok, smoothing),
+            "sacrebleu": sacrebleu.corpus_bleu(hyps, [ref_text]).score / 100.0,
+            "by_qtype": {},
+        }
         groups = defaultdict(list)
         for i, q in enumerate(qtypes):
             groups[q].append(i)
@@ -154,9 +171,13 @@ def _table(report: dict, pick) -> list[str]:
 
 def render_markdown(report: dict) -> str:
     sm = report["smoothing"]
-    out = [f"# BLEU on {report['questions']} questions", "",
-           f"References: `{report['references']}`. Tokenisation: {report['tokenization']}. "
-           f"Smoothed = nltk `SmoothingFunction().{sm}`; unsmoothed = `method0`.", ""]
+    out = [
+        f"# BLEU on {report['questions']} questions",
+        "",
+        f"References: `{report['references']}`. Tokenisation: {report['tokenization']}. "
+        f"Smoothed = nltk `SmoothingFunction().{sm}`; unsmoothed = `method0`.",
+        "",
+    ]
     for level, level_name in (("sentence", "Sentence-average"), ("corpus", "Corpus-level")):
         for kind in KINDS:
             for smooth in ("unsmoothed", "smoothed"):
@@ -168,12 +189,20 @@ def render_markdown(report: dict) -> str:
     out += [f"| {n} | {e['sacrebleu']:.4f} |" for n, e in report["systems"].items()]
     names = list(report["systems"])
     qtypes = sorted({q for e in report["systems"].values() for q in e["by_qtype"]})
-    out += ["", f"## By question type: sentence-average cumulative BLEU-4, smoothed ({sm})", "",
-            "| question type | n | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    out += [
+        "",
+        f"## By question type: sentence-average cumulative BLEU-4, smoothed ({sm})",
+        "",
+        "| question type | n | " + " | ".join(names) + " |",
+        "|---|---|" + "---|" * len(names),
+    ]
     for q in qtypes:
         first = report["systems"][names[0]]["by_qtype"][q]
-        out.append(f"| {q} | {first['n']} | " + " | ".join(
-            f"{report['systems'][n]['by_qtype'][q]['bleu4']:.4f}" for n in names) + " |")
+        out.append(
+            f"| {q} | {first['n']} | "
+            + " | ".join(f"{report['systems'][n]['by_qtype'][q]['bleu4']:.4f}" for n in names)
+            + " |"
+        )
     return "\n".join(out) + "\n"
 
 
@@ -201,14 +230,23 @@ def plot_by_qtype(report: dict, path: Path) -> None:
 
 
 def print_summary(report: dict) -> None:
-    print(f"sentence-average cumulative BLEU on {report['questions']} questions "
-          f"(unsmoothed | smoothed {report['smoothing']}):")
-    print("| system | BLEU-1 | BLEU-2 | BLEU-3 | BLEU-4 | smoothed BLEU-1 | BLEU-2 | BLEU-3 | BLEU-4 |")
+    print(
+        f"sentence-average cumulative BLEU on {report['questions']} questions "
+        f"(unsmoothed | smoothed {report['smoothing']}):"
+    )
+    print(
+        "| system | BLEU-1 | BLEU-2 | BLEU-3 | BLEU-4 | smoothed BLEU-1 | BLEU-2 | BLEU-3 | BLEU-4 |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for name, e in report["systems"].items():
         u, s = e["unsmoothed"]["sentence"]["cumulative"], e["smoothed"]["sentence"]["cumulative"]
-        print(f"| {name} | " + " | ".join(f"{u[n]:.4f}" for n in NS) + " | "
-              + " | ".join(f"{s[n]:.4f}" for n in NS) + " |")
+        print(
+            f"| {name} | "
+            + " | ".join(f"{u[n]:.4f}" for n in NS)
+            + " | "
+            + " | ".join(f"{s[n]:.4f}" for n in NS)
+            + " |"
+        )
 
 
 def parse_systems(specs: Sequence[str]) -> dict[str, Path]:
@@ -231,8 +269,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--smoothing", default="method1", help="nltk SmoothingFunction method")
     args = p.parse_args(argv)
     try:
-        report = evaluate(Path(args.references), parse_systems(args.predictions), Path(args.out),
-                          args.smoothing)
+        report = evaluate(
+            Path(args.references), parse_systems(args.predictions), Path(args.out), args.smoothing
+        )
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -32,15 +32,20 @@ def check_config(cfg: RunConfig, world_size: int) -> None:
     validate_layout(cfg, world_size)
     d = cfg.data
     if d.mock_data == (d.data_prefix is not None):
-        raise ConfigError("no training data: pass --data-prefix PREFIX (from "
-                          "tools/preprocess_medquad.py) or --mock-data (synthetic tokens)"
-                          if not d.mock_data else "--mock-data and --data-prefix exclude each other")
+        raise ConfigError(
+            "no training data: pass --data-prefix PREFIX (from "
+            "tools/preprocess_medquad.py) or --mock-data (synthetic tokens)"
+            if not d.mock_data
+            else "--mock-data and --data-prefix exclude each other"
+        )
     if d.data_prefix is not None:
         check_dataset(d.data_prefix, cfg.model.vocab_size)
     t = cfg.train
     if t.load and not has_checkpoint(t.load) and t.load != t.save and not t.pretrained_checkpoint:
-        raise ConfigError(f"--load {t.load}: no checkpoint there (give --pretrained-checkpoint to "
-                          f"start from other weights, or --load equal to --save for a new run)")
+        raise ConfigError(
+            f"--load {t.load}: no checkpoint there (give --pretrained-checkpoint to "
+            f"start from other weights, or --load equal to --save for a new run)"
+        )
     for path in (t.load, t.pretrained_checkpoint):
         if path and has_checkpoint(path):
             ckpt = resolve(path)
@@ -54,16 +59,20 @@ def check_dataset(prefix: str, vocab_size: int) -> None:
     from megatron_yuyuan.data.indexed import dataset_exists, read_meta
 
     if not dataset_exists(f"{prefix}_train"):
-        raise ConfigError(f"--data-prefix {prefix}: {prefix}_train.bin/.idx not found; create them "
-                          f"with: python -m tools.preprocess_medquad --output-prefix {prefix}")
+        raise ConfigError(
+            f"--data-prefix {prefix}: {prefix}_train.bin/.idx not found; create them "
+            f"with: python -m tools.preprocess_medquad --output-prefix {prefix}"
+        )
     try:
         meta = read_meta(prefix)
     except FileNotFoundError as exc:
         raise ConfigError(str(exc)) from exc
     if meta["vocab_size"] > vocab_size:
-        raise ConfigError(f"--data-prefix {prefix}: tokenized with {meta['tokenizer']} "
-                          f"({meta['vocab_size']} ids) but the model vocabulary has {vocab_size}; "
-                          f"use a model with vocab_size >= {meta['vocab_size']}")
+        raise ConfigError(
+            f"--data-prefix {prefix}: tokenized with {meta['tokenizer']} "
+            f"({meta['vocab_size']} ids) but the model vocabulary has {vocab_size}; "
+            f"use a model with vocab_size >= {meta['vocab_size']}"
+        )
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -48,7 +48,9 @@ class SamplingConfig:
     """Seed of the sampling generator."""
 
 
-def sample_next(logits: torch.Tensor, cfg: SamplingConfig, gen: Optional[torch.Generator]) -> torch.Tensor:
+def sample_next(
+    logits: torch.Tensor, cfg: SamplingConfig, gen: Optional[torch.Generator]
+) -> torch.Tensor:
     """Next token ids ``[b]`` from last-position logits ``[b, V]``."""
     if not cfg.do_sample:
         return logits.argmax(dim=-1)
@@ -64,14 +66,16 @@ def sample_next(logits: torch.Tensor, cfg: SamplingConfig, gen: Optional[torch.G
     return torch.multinomial(logits.softmax(-1), 1, generator=gen).squeeze(-1)
 
 
-def left_pad(prompts: Sequence[Sequence[int]], total: int, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(
+    prompts: Sequence[Sequence[int]], total: int, pad: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokens ``[b, total]`` with each prompt right-aligned at ``max len``, and the validity mask."""
     longest = max(len(p) for p in prompts)
     tokens = torch.full((len(prompts), total), pad, dtype=torch.long)
     valid = torch.zeros((len(prompts), total), dtype=torch.bool)
     for i, p in enumerate(prompts):
-        tokens[i, longest - len(p):longest] = torch.as_tensor(p)
-        valid[i, longest - len(p):longest] = True
+        tokens[i, longest - len(p) : longest] = torch.as_tensor(p)
+        valid[i, longest - len(p) : longest] = True
     return tokens, valid
 
 
@@ -85,8 +89,9 @@ class MegatronGenerator:
         tokenizer: the tokenizer the model was trained with.
     """
 
-    def __init__(self, model: torch.nn.Module, layout: parallel.Layout, model_cfg,
-                 tokenizer: Tokenizer) -> None:
+    def __init__(
+        self, model: torch.nn.Module, layout: parallel.Layout, model_cfg, tokenizer: Tokenizer
+    ) -> None:
         self.model = model.eval()
         self.layout = layout
         self.model_cfg = model_cfg
@@ -97,8 +102,14 @@ class MegatronGenerator:
         self.max_positions = model_cfg.max_position_embeddings
 
     @classmethod
-    def from_checkpoint(cls, load: str, tp: int = 1, pp: int = 1, tokenizer: Optional[str] = None,
-                        dtype: torch.dtype = torch.float32) -> MegatronGenerator:
+    def from_checkpoint(
+        cls,
+        load: str,
+        tp: int = 1,
+        pp: int = 1,
+        tokenizer: Optional[str] = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> MegatronGenerator:
         """Load a checkpoint (saved at any TP/PP) at this layout (launch tp * pp * dp processes).
         The tokenizer defaults to the checkpoint's own files, else GPT-2."""
         from megatron_yuyuan import checkpointing
@@ -113,8 +124,12 @@ class MegatronGenerator:
         if torch.cuda.is_available():
             model = model.cuda()
         tok_dir = ckpt / "tokenizer"
-        return cls(model, layout, info.model,
-                   load_tokenizer(tokenizer or (str(tok_dir) if tok_dir.is_dir() else "gpt2")))
+        return cls(
+            model,
+            layout,
+            info.model,
+            load_tokenizer(tokenizer or (str(tok_dir) if tok_dir.is_dir() else "gpt2")),
+        )
 
     def _forward(self, tokens, positions, mask, context) -> Optional[torch.Tensor]:
         """One pass through this pipeline stage; full-vocab logits ``[b, q, V]`` on the last stage."""
@@ -123,24 +138,28 @@ class MegatronGenerator:
             hidden = parallel.recv_prev((q, b, self.model_cfg.hidden_size), self.dtype, self.device)
             self.model.set_input_tensor(hidden)
         # megatron gathers the vocab shards itself in inference mode: logits [b, q, Vp]
-        out = self.model(tokens, positions, mask, inference_context=context,
-                         runtime_gather_output=True)
+        out = self.model(
+            tokens, positions, mask, inference_context=context, runtime_gather_output=True
+        )
         if not self.layout.is_last_stage:
             parallel.send_next(out)
             return None
         return out[..., : self.vocab_size].float()
 
     @torch.inference_mode()  # lighter than no_grad: no version counters on the KV cache
-    def generate_ids(self, prompts: Sequence[Sequence[int]], cfg: SamplingConfig,
-                     use_cache: bool = True) -> list[list[int]]:
+    def generate_ids(
+        self, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, use_cache: bool = True
+    ) -> list[list[int]]:
         """New token ids per prompt, up to and excluding EOS."""
         from megatron.core.inference.contexts import StaticInferenceContext
 
         longest = max(len(p) for p in prompts)
         total = min(longest + cfg.max_new_tokens, self.max_positions)
         if longest >= self.max_positions:
-            raise ValueError(f"a prompt has {longest} tokens; the model takes at most "
-                             f"{self.max_positions - 1} plus one generated token")
+            raise ValueError(
+                f"a prompt has {longest} tokens; the model takes at most "
+                f"{self.max_positions - 1} plus one generated token"
+            )
         eos = self.tokenizer.eod
         tokens, valid = left_pad(prompts, total, eos)
         positions = (valid.long().cumsum(1) - 1).clamp(min=0)
@@ -152,9 +171,15 @@ class MegatronGenerator:
         while cur < total:
             lo = start if use_cache else 0
             allowed = causal[lo:cur, :cur].unsqueeze(0) & valid[:, None, :cur]  # [b, q, k]
-            allowed |= torch.eye(cur, dtype=torch.bool)[lo:cur].unsqueeze(0)  # pad rows see themselves
-            logits = self._forward(tokens[:, lo:cur].to(self.device), positions[:, lo:cur].to(self.device),
-                                   (~allowed).unsqueeze(1).to(self.device), context)
+            allowed |= torch.eye(cur, dtype=torch.bool)[lo:cur].unsqueeze(
+                0
+            )  # pad rows see themselves
+            logits = self._forward(
+                tokens[:, lo:cur].to(self.device),
+                positions[:, lo:cur].to(self.device),
+                (~allowed).unsqueeze(1).to(self.device),
+                context,
+            )
             nxt = torch.zeros(len(prompts), dtype=torch.long, device=self.device)
             if logits is not None:
                 nxt = sample_next(logits[:, -1].cpu(), cfg, gen).to(self.device)
@@ -185,34 +210,55 @@ class HFGenerator:
         self.layout = None
 
     @torch.no_grad()
-    def generate_ids(self, prompts: Sequence[Sequence[int]], cfg: SamplingConfig,
-                     use_cache: bool = True) -> list[list[int]]:
+    def generate_ids(
+        self, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, use_cache: bool = True
+    ) -> list[list[int]]:
         eos = self.tokenizer.eod
         longest = max(len(p) for p in prompts)
         tokens, valid = left_pad(prompts, longest, eos)
         torch.manual_seed(cfg.seed)
-        kwargs = dict(do_sample=True, temperature=cfg.temperature, top_k=cfg.top_k,
-                      top_p=cfg.top_p) if cfg.do_sample else dict(do_sample=False)
-        out = self.model.generate(input_ids=tokens, attention_mask=valid.long(),
-                                  max_new_tokens=cfg.max_new_tokens, eos_token_id=eos,
-                                  pad_token_id=eos, use_cache=use_cache, **kwargs)
+        kwargs = (
+            dict(do_sample=True, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+            if cfg.do_sample
+            else dict(do_sample=False)
+        )
+        out = self.model.generate(
+            input_ids=tokens,
+            attention_mask=valid.long(),
+            max_new_tokens=cfg.max_new_tokens,
+            eos_token_id=eos,
+            pad_token_id=eos,
+            use_cache=use_cache,
+            **kwargs,
+        )
         rows = out[:, longest:].tolist()
         return [row[: row.index(eos)] if eos in row else row for row in rows]
 
 
-def answer_questions(generator, questions: Sequence[str], cfg: SamplingConfig, batch_size: int = 8,
-                     progress: bool = True) -> list[dict]:
+def answer_questions(
+    generator,
+    questions: Sequence[str],
+    cfg: SamplingConfig,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> list[dict]:
     """Generate an answer for each question (this rank's share when data parallel)."""
     tok: Tokenizer = generator.tokenizer
     out = []
     batches = range(0, len(questions), batch_size)
     for i in tqdm(batches, desc="generate", unit="batch", disable=not progress, file=sys.stderr):
-        chunk = questions[i:i + batch_size]
+        chunk = questions[i : i + batch_size]
         ids = generator.generate_ids(tok.encode_batch([format_prompt(q) for q in chunk]), cfg)
         for q, new in zip(chunk, ids):
             text = tok.decode(new)
-            out.append({"question": q, "prediction": answer_from_continuation(text),
-                        "generation": text, "new_tokens": len(new)})
+            out.append(
+                {
+                    "question": q,
+                    "prediction": answer_from_continuation(text),
+                    "generation": text,
+                    "new_tokens": len(new),
+                }
+            )
     return out
 
 
@@ -231,15 +277,22 @@ def read_questions(path: Path) -> list[dict]:
     return rows
 
 
-def generate_file(generator, input_path: Path, output_path: Path, cfg: SamplingConfig,
-                  batch_size: int = 8, limit: Optional[int] = None) -> Optional[Path]:
+def generate_file(
+    generator,
+    input_path: Path,
+    output_path: Path,
+    cfg: SamplingConfig,
+    batch_size: int = 8,
+    limit: Optional[int] = None,
+) -> Optional[Path]:
     """Answer every question of a JSONL file; rank 0 writes the predictions (atomically)."""
     rows = read_questions(input_path)[:limit]
     layout = generator.layout
     dp, dp_rank = (layout.dp, layout.dp_rank) if layout else (1, 0)
     mine = rows[dp_rank::dp]  # data-parallel ranks split the questions
-    answers = answer_questions(generator, [r["question"] for r in mine], cfg, batch_size,
-                               progress=parallel.is_rank_0())
+    answers = answer_questions(
+        generator, [r["question"] for r in mine], cfg, batch_size, progress=parallel.is_rank_0()
+    )
     results = [{**{k: r[k] for k in ("id", "qtype") if k in r}, **a} for r, a in zip(mine, answers)]
     if layout and dist.is_initialized() and dist.get_world_size() > 1:
         gathered = [None] * dist.get_world_size() if parallel.is_rank_0() else None
@@ -247,8 +300,7 @@ def generate_file(generator, input_path: Path, output_path: Path, cfg: SamplingC
         if not parallel.is_rank_0():
             return None
         # rank r's first DP peer holds rows r::dp; interleave back into input order
-        per_dp = [gathered[r] for r in range(dist.get_world_size())
-                  if _dp_leader(r, layout)]
+        per_dp = [gathered[r] for r in range(dist.get_world_size()) if _dp_leader(r, layout)]
         results = [None] * len(rows)
         for d, part in enumerate(per_dp):
             results[d::dp] = part
@@ -275,16 +327,25 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def sampling_from_args(args) -> SamplingConfig:
-    return SamplingConfig(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
-                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                          seed=args.seed)
+    return SamplingConfig(
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.do_sample,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
 
 
 def build_generator(args):
     if args.hf_dir:
         return HFGenerator(args.hf_dir, args.tokenizer)
-    return MegatronGenerator.from_checkpoint(args.load, args.tensor_model_parallel_size,
-                                             args.pipeline_model_parallel_size, args.tokenizer)
+    return MegatronGenerator.from_checkpoint(
+        args.load,
+        args.tensor_model_parallel_size,
+        args.pipeline_model_parallel_size,
+        args.tokenizer,
+    )
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -317,8 +378,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             (answer,) = answer_questions(gen, [args.question], cfg, progress=False)
             parallel.print_rank_0(answer["prediction"])
         else:
-            out = generate_file(gen, Path(args.input), Path(args.output), cfg, args.batch_size,
-                                args.limit)
+            out = generate_file(
+                gen, Path(args.input), Path(args.output), cfg, args.batch_size, args.limit
+            )
             if out:
                 print(f"> wrote {out}")
     except (ValueError, FileNotFoundError) as exc:

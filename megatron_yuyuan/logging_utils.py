@@ -12,8 +12,14 @@ from typing import Optional
 import torch
 
 # Dense bf16/fp16 tensor-core peak per GPU, FLOP/s (vendor datasheets), for MFU.
-_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A10": 125e12, "L40S": 362e12,
-               "V100": 125e12}
+_PEAK_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "A10": 125e12,
+    "L40S": 362e12,
+    "V100": 125e12,
+}
 
 
 def gpu_peak_flops() -> Optional[float]:
@@ -95,8 +101,9 @@ class MetricsLogger:
         return written
 
 
-def format_log_line(m: StepMetrics, train_iters: int, consumed_samples: int,
-                    global_batch_size: int) -> str:
+def format_log_line(
+    m: StepMetrics, train_iters: int, consumed_samples: int, global_batch_size: int
+) -> str:
     """A log line in Megatron-LM's layout."""
     parts = [
         f" [{time.strftime('%Y-%m-%d %H:%M:%S')}] iteration {m.iteration:8d}/{train_iters:8d}",

@@ -46,8 +46,9 @@ def have_transformer_engine() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
 
 
-def to_transformer_config(cfg: RunConfig, params_dtype: Optional[torch.dtype] = None
-                          ) -> TransformerConfig:
+def to_transformer_config(
+    cfg: RunConfig, params_dtype: Optional[torch.dtype] = None
+) -> TransformerConfig:
     """megatron-core TransformerConfig for this run (GPT-2 shape, our parallel layout).
 
     Args:
@@ -56,7 +57,9 @@ def to_transformer_config(cfg: RunConfig, params_dtype: Optional[torch.dtype] = 
     """
     m, t, p = cfg.model, cfg.train, cfg.parallel
     on_gpu = torch.cuda.is_available()
-    dtype = params_dtype or (torch.bfloat16 if t.bf16 else torch.float16 if t.fp16 else torch.float32)
+    dtype = params_dtype or (
+        torch.bfloat16 if t.bf16 else torch.float16 if t.fp16 else torch.float32
+    )
     return TransformerConfig(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
@@ -110,10 +113,20 @@ class SDPAttention(DotProductAttention):
     flash/memory-efficient kernels on GPU). Masks follow megatron's convention (True = masked).
     """
 
-    def forward(self, query, key, value, attention_mask, attn_mask_type=None,
-                attention_bias=None, packed_seq_params=None):
+    def forward(
+        self,
+        query,
+        key,
+        value,
+        attention_mask,
+        attn_mask_type=None,
+        attention_bias=None,
+        packed_seq_params=None,
+    ):
         assert packed_seq_params is None and attention_bias is None, "not supported by SDPAttention"
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [s, b, np, hn] -> [b, np, s, hn]
+        q, k, v = (
+            t.permute(1, 2, 0, 3) for t in (query, key, value)
+        )  # [s, b, np, hn] -> [b, np, s, hn]
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
         if attention_mask is None:
             mask, causal = None, mask_type == AttnMaskType.causal and q.size(2) > 1
@@ -122,11 +135,13 @@ class SDPAttention(DotProductAttention):
         p = self.attention_dropout.p if self.training else 0.0
         if p > 0:  # dropout in a TP region draws from the model-parallel RNG stream, as upstream
             with parallel.get_cuda_rng_tracker().fork():
-                ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p,
-                                                     is_causal=causal, scale=self.softmax_scale)
+                ctx = F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal, scale=self.softmax_scale
+                )
         else:
-            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                                 scale=self.softmax_scale)
+            ctx = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=causal, scale=self.softmax_scale
+            )
         b, heads, s, hn = ctx.shape
         return ctx.permute(2, 0, 1, 3).reshape(s, b, heads * hn)  # [s, b, hp]
 
@@ -207,7 +222,9 @@ class _RealVocabCrossEntropy(torch.autograd.Function):
         return grad, None, None
 
 
-def language_model_loss(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int) -> torch.Tensor:
+def language_model_loss(
+    logits: torch.Tensor, labels: torch.Tensor, vocab_size: int
+) -> torch.Tensor:
     """Cross-entropy over the real vocabulary, per token.
 
     Args:
@@ -223,9 +240,13 @@ def language_model_loss(logits: torch.Tensor, labels: torch.Tensor, vocab_size: 
     return parallel.vocab_parallel_cross_entropy(logits, labels)
 
 
-def build_model(cfg: RunConfig, layout: Layout, seed: Optional[int] = None,
-                padded_vocab_size: Optional[int] = None,
-                params_dtype: Optional[torch.dtype] = None) -> GPTModel:
+def build_model(
+    cfg: RunConfig,
+    layout: Layout,
+    seed: Optional[int] = None,
+    padded_vocab_size: Optional[int] = None,
+    params_dtype: Optional[torch.dtype] = None,
+) -> GPTModel:
     """Build this rank's pipeline stage of the model.
 
     Args:
@@ -236,14 +257,21 @@ def build_model(cfg: RunConfig, layout: Layout, seed: Optional[int] = None,
         params_dtype: parameter dtype (see :func:`to_transformer_config`).
     """
     # The layout that exists is the one to build for, whatever the config says.
-    cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(
-        cfg.parallel, tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp))
+    cfg = dataclasses.replace(
+        cfg,
+        parallel=dataclasses.replace(
+            cfg.parallel,
+            tensor_model_parallel_size=layout.tp,
+            pipeline_model_parallel_size=layout.pp,
+        ),
+    )
     tconfig = to_transformer_config(cfg, params_dtype)
     model = YuyuanGPTModel(
         true_vocab_size=cfg.model.vocab_size,
         config=tconfig,
         transformer_layer_spec=layer_spec(
-            arbitrary_masks=cfg.data.data_prefix is not None and cfg.data.packing),
+            arbitrary_masks=cfg.data.data_prefix is not None and cfg.data.packing
+        ),
         vocab_size=padded_vocab_size or cfg.model.padded_vocab_size(layout.tp),
         max_sequence_length=cfg.model.max_position_embeddings,
         pre_process=layout.is_first_stage,
@@ -271,7 +299,7 @@ def global_param_name(model: GPTModel, name: str) -> str:
     The tied output layer of the last stage is the word embedding.
     """
     if name.startswith("decoder.layers."):
-        local, rest = name[len("decoder.layers."):].split(".", 1)
+        local, rest = name[len("decoder.layers.") :].split(".", 1)
         return f"decoder.layers.{model.decoder.layers[int(local)].layer_number - 1}.{rest}"
     if name == "output_layer.weight" and model.share_embeddings_and_output_weights:
         return "embedding.word_embeddings.weight"
@@ -306,7 +334,11 @@ def initialize_weights(model: GPTModel, m: ModelConfig, layout: Layout, seed: in
         if split_dim is not None:
             full_shape[split_dim] *= layout.tp
         gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{gname}".encode()))
-        std = std_out if gname.endswith(("linear_proj.weight", "linear_fc2.weight")) else m.init_method_std
+        std = (
+            std_out
+            if gname.endswith(("linear_proj.weight", "linear_fc2.weight"))
+            else m.init_method_std
+        )
         if gname == "embedding.word_embeddings.weight":
             full = torch.zeros(full_shape)
             full[: m.vocab_size] = torch.randn([m.vocab_size, *full_shape[1:]], generator=gen) * std
@@ -338,5 +370,11 @@ def training_flops_per_token(m: ModelConfig, seq_length: int, padded_vocab: int)
     h, layers = m.hidden_size, m.num_layers
     ffn_ratio = m.ffn_size / (4 * h)
     # 72 = 24 (fwd) * 3 (fwd + 2x bwd); attention and MLP terms, with a general ffn ratio.
-    return 24 * 3 * layers * h * h * ((1 + 2 * ffn_ratio) / 3 + seq_length / (6 * h)
-                                      + padded_vocab / (12 * h * layers))
+    return (
+        24
+        * 3
+        * layers
+        * h
+        * h
+        * ((1 + 2 * ffn_ratio) / 3 + seq_length / (6 * h) + padded_vocab / (12 * h * layers))
+    )

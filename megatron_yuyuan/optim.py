@@ -73,8 +73,10 @@ def _uses_torch_adam_fallback(optimizer) -> bool:
 def _has_distributed_optimizer(optimizer) -> bool:
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-    return any(isinstance(o, DistributedOptimizer)
-               for o in getattr(optimizer, "chained_optimizers", [optimizer]))
+    return any(
+        isinstance(o, DistributedOptimizer)
+        for o in getattr(optimizer, "chained_optimizers", [optimizer])
+    )
 
 
 def prepare_optimizer_for_loading(optimizer) -> None:
@@ -86,8 +88,11 @@ def prepare_optimizer_for_loading(optimizer) -> None:
         for group in inner.param_groups:
             for p in group["params"]:
                 if not inner.state[p]:
-                    inner.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
-                                      "exp_avg_sq": torch.zeros_like(p)}
+                    inner.state[p] = {
+                        "step": torch.tensor(0.0),
+                        "exp_avg": torch.zeros_like(p),
+                        "exp_avg_sq": torch.zeros_like(p),
+                    }
 
 
 def finish_optimizer_loading(optimizer) -> None:

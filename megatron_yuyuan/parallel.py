@@ -73,8 +73,13 @@ def init_distributed(tp: int = 1, pp: int = 1, timeout_s: int = 600) -> Layout:
         world_size = env_world_size()
         # A single process needs no rendezvous: an in-memory store, no port to collide on.
         store = dist.HashStore() if world_size == 1 and "MASTER_ADDR" not in os.environ else None
-        dist.init_process_group(backend=backend, world_size=world_size, rank=env_rank(),
-                                store=store, timeout=timedelta(seconds=timeout_s))
+        dist.init_process_group(
+            backend=backend,
+            world_size=world_size,
+            rank=env_rank(),
+            store=store,
+            timeout=timedelta(seconds=timeout_s),
+        )
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     return current_layout()
@@ -82,10 +87,13 @@ def init_distributed(tp: int = 1, pp: int = 1, timeout_s: int = 600) -> Layout:
 
 def current_layout() -> Layout:
     return Layout(
-        world_size=dist.get_world_size(), rank=dist.get_rank(),
-        tp=ps.get_tensor_model_parallel_world_size(), pp=ps.get_pipeline_model_parallel_world_size(),
+        world_size=dist.get_world_size(),
+        rank=dist.get_rank(),
+        tp=ps.get_tensor_model_parallel_world_size(),
+        pp=ps.get_pipeline_model_parallel_world_size(),
         dp=ps.get_data_parallel_world_size(),
-        tp_rank=ps.get_tensor_model_parallel_rank(), pp_rank=ps.get_pipeline_model_parallel_rank(),
+        tp_rank=ps.get_tensor_model_parallel_rank(),
+        pp_rank=ps.get_pipeline_model_parallel_rank(),
         dp_rank=ps.get_data_parallel_rank(),
     )
 
@@ -159,4 +167,3 @@ def barrier() -> None:
 def print_rank_0(*args, **kwargs) -> None:
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(*args, **kwargs, flush=True)
-

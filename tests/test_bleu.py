@@ -15,11 +15,19 @@ from megatron_yuyuan.prompts import answer_from_continuation, extract_answer
 REFS = [
     {"id": "a", "qtype": "symptoms", "answer": "Fever, cough and a sore throat are common."},
     {"id": "b", "qtype": "symptoms", "answer": "Most people have no symptoms at all."},
-    {"id": "c", "qtype": "treatment", "answer": "Treatment includes rest, fluids, and pain relievers."},
+    {
+        "id": "c",
+        "qtype": "treatment",
+        "answer": "Treatment includes rest, fluids, and pain relievers.",
+    },
     {"id": "d", "qtype": "treatment", "answer": "Surgery may be needed."},
 ]
-PREDS = {"a": "Fever and cough are common symptoms.", "b": "Most people have no symptoms.",
-         "c": "Rest and fluids.", "d": ""}
+PREDS = {
+    "a": "Fever and cough are common symptoms.",
+    "b": "Most people have no symptoms.",
+    "c": "Rest and fluids.",
+    "d": "",
+}
 
 
 def recipe_tokens(text):  # the documented recipe, written out independently
@@ -31,10 +39,16 @@ def files(tmp_path):
     refs, preds = tmp_path / "refs.jsonl", tmp_path / "preds.jsonl"
     refs.write_text("".join(json.dumps(r) + "\n" for r in REFS))
     # one system gives 'prediction', the same answers through full generations work too
-    preds.write_text("".join(json.dumps({"id": k, "prediction": v}) + "\n" for k, v in PREDS.items()))
+    preds.write_text(
+        "".join(json.dumps({"id": k, "prediction": v}) + "\n" for k, v in PREDS.items())
+    )
     gens = tmp_path / "gens.jsonl"
-    gens.write_text("".join(json.dumps({"id": k, "generation": f"Question:x answer: {v}<|endoftext|>junk"})
-                            + "\n" for k, v in PREDS.items()))
+    gens.write_text(
+        "".join(
+            json.dumps({"id": k, "generation": f"Question:x answer: {v}<|endoftext|>junk"}) + "\n"
+            for k, v in PREDS.items()
+        )
+    )
     return refs, preds, gens
 
 
@@ -46,13 +60,19 @@ def test_every_variant_equals_direct_nltk(files, tmp_path, smoothing):
     h = [recipe_tokens(PREDS[x["id"]]) for x in REFS]
     for system in ("ours", "gen"):
         entry = report["systems"][system]
-        for label, fn in (("unsmoothed", SmoothingFunction().method0),
-                          ("smoothed", getattr(SmoothingFunction(), smoothing))):
+        for label, fn in (
+            ("unsmoothed", SmoothingFunction().method0),
+            ("smoothed", getattr(SmoothingFunction(), smoothing)),
+        ):
             for n in (1, 2, 3, 4):
-                for kind, w in (("cumulative", (1 / n,) * n),
-                                ("individual", tuple(float(i == n - 1) for i in range(n)))):
-                    sent = sum(sentence_bleu([a], b, weights=w, smoothing_function=fn)
-                               for a, b in zip(r, h)) / len(r)
+                for kind, w in (
+                    ("cumulative", (1 / n,) * n),
+                    ("individual", tuple(float(i == n - 1) for i in range(n))),
+                ):
+                    sent = sum(
+                        sentence_bleu([a], b, weights=w, smoothing_function=fn)
+                        for a, b in zip(r, h)
+                    ) / len(r)
                     corp = corpus_bleu([[a] for a in r], h, weights=w, smoothing_function=fn)
                     assert entry[label]["sentence"][kind][n] == pytest.approx(sent, abs=1e-12)
                     assert entry[label]["corpus"][kind][n] == pytest.approx(corp, abs=1e-12)
@@ -65,7 +85,9 @@ def test_every_variant_equals_direct_nltk(files, tmp_path, smoothing):
 def test_report_files_and_cli(files, tmp_path, capsys):
     refs, preds, _ = files
     out = tmp_path / "report"
-    assert main(["--references", str(refs), "--predictions", f"ours={preds}", "--out", str(out)]) == 0
+    assert (
+        main(["--references", str(refs), "--predictions", f"ours={preds}", "--out", str(out)]) == 0
+    )
     md = (out / "report.md").read_text()
     assert "## Sentence-average cumulative BLEU, unsmoothed" in md
     assert "## Corpus-level individual BLEU, smoothed (method1)" in md
@@ -79,24 +101,49 @@ def test_cli_errors_are_clear(files, tmp_path, capsys):
     refs, preds, _ = files
     short = tmp_path / "short.jsonl"
     short.write_text(json.dumps({"id": "a", "prediction": "x"}) + "\n")
-    assert main(["--references", str(refs), "--predictions", f"s={short}", "--out", str(tmp_path)]) == 2
+    assert (
+        main(["--references", str(refs), "--predictions", f"s={short}", "--out", str(tmp_path)])
+        == 2
+    )
     assert "no prediction for 3 reference id(s)" in capsys.readouterr().err
-    assert main(["--references", str(refs), "--predictions", f"s={preds}", "--out", str(tmp_path),
-                 "--smoothing", "laplace"]) == 2
+    assert (
+        main(
+            [
+                "--references",
+                str(refs),
+                "--predictions",
+                f"s={preds}",
+                "--out",
+                str(tmp_path),
+                "--smoothing",
+                "laplace",
+            ]
+        )
+        == 2
+    )
     assert "SmoothingFunction method" in capsys.readouterr().err
-    assert main(["--references", str(refs), "--predictions", "nofile.jsonl", "--out", str(tmp_path)]) == 2
+    assert (
+        main(["--references", str(refs), "--predictions", "nofile.jsonl", "--out", str(tmp_path)])
+        == 2
+    )
     assert "NAME=FILE.jsonl" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("text, answer", [
-    ("Question:What is X ? answer: X is a disease.<|endoftext|>Question: more", "X is a disease."),
-    ("Question:What is X ? Answer: capital marker", "capital marker"),
-    ("Question:Is the answer: known ? answer: yes", "known ? answer: yes"),  # first marker wins
-    ("no marker at all<|endoftext|>tail", "no marker at all"),
-    ("Question:q answer: never stops", "never stops"),
-    ("", ""),
-    ("<|endoftext|>", ""),
-])
+@pytest.mark.parametrize(
+    "text, answer",
+    [
+        (
+            "Question:What is X ? answer: X is a disease.<|endoftext|>Question: more",
+            "X is a disease.",
+        ),
+        ("Question:What is X ? Answer: capital marker", "capital marker"),
+        ("Question:Is the answer: known ? answer: yes", "known ? answer: yes"),  # first marker wins
+        ("no marker at all<|endoftext|>tail", "no marker at all"),
+        ("Question:q answer: never stops", "never stops"),
+        ("", ""),
+        ("<|endoftext|>", ""),
+    ],
+)
 def test_extract_answer_edge_cases(text, answer):
     assert extract_answer(text) == answer
 

@@ -40,8 +40,21 @@ def test_yuyuan_preset_shape():
 
 
 def test_yaml_round_trip(tmp_path):
-    cfg = parse_config(["--config", "small", "--tensor-model-parallel-size", "2", "--lr", "3e-5",
-                        "--mock-data", "--seq-length", "256", "--recompute-granularity", "full"])
+    cfg = parse_config(
+        [
+            "--config",
+            "small",
+            "--tensor-model-parallel-size",
+            "2",
+            "--lr",
+            "3e-5",
+            "--mock-data",
+            "--seq-length",
+            "256",
+            "--recompute-granularity",
+            "full",
+        ]
+    )
     path = cfg.to_yaml(tmp_path / "run.yaml")
     again = RunConfig.from_yaml(path)
     assert again == cfg
@@ -57,13 +70,16 @@ def test_yaml_preset_with_overrides_and_flags_win(tmp_path):
     assert cfg.train.train_iters == 3 and cfg.train.lr == 0.001
 
 
-@pytest.mark.parametrize("text, needle", [
-    ("model: {preset: huge}\n", "unknown model preset 'huge'"),
-    ("model: tiny\ntrain: {learning_rate: 1}\n", "unknown field(s) ['learning_rate']"),
-    ("optim: {}\n", "unknown section(s) ['optim']"),
-    ("train: {lr: 1.0}\n", "missing section 'model'"),
-    ("model: {num_layers: 2}\n", "missing"),
-])
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("model: {preset: huge}\n", "unknown model preset 'huge'"),
+        ("model: tiny\ntrain: {learning_rate: 1}\n", "unknown field(s) ['learning_rate']"),
+        ("optim: {}\n", "unknown section(s) ['optim']"),
+        ("train: {lr: 1.0}\n", "missing section 'model'"),
+        ("model: {num_layers: 2}\n", "missing"),
+    ],
+)
 def test_bad_yaml_names_the_problem(tmp_path, text, needle):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
@@ -78,26 +94,59 @@ def test_load_config_unknown_preset():
 
 
 def test_validate_layout_returns_dp():
-    cfg = parse_config(["--config", "tiny", "--tensor-model-parallel-size", "2",
-                        "--micro-batch-size", "2", "--global-batch-size", "8"])
+    cfg = parse_config(
+        [
+            "--config",
+            "tiny",
+            "--tensor-model-parallel-size",
+            "2",
+            "--micro-batch-size",
+            "2",
+            "--global-batch-size",
+            "8",
+        ]
+    )
     assert validate_layout(cfg, world_size=4) == 2
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--config", "nope"], "neither a preset"),
-    (["--mock-data"], "no --config given"),
-    (["--config", "tiny", "--tensor-model-parallel-size", "3"], "does not divide num_attention_heads 4"),
-    (["--config", "tiny", "--tensor-model-parallel-size", "2"], "world size 1 is not divisible"),
-    (["--config", "tiny", "--micro-batch-size", "3", "--global-batch-size", "4"],
-     "--global-batch-size 4 is not divisible by --micro-batch-size 3"),
-    (["--config", "tiny", "--pipeline-model-parallel-size", "3"], "does not divide num_layers 4"),
-    (["--config", "tiny", "--seq-length", "4096", "--mock-data"], "exceeds max_position_embeddings"),
-    (["--config", "tiny"], "no training data"),
-    (["--config", "tiny", "--data-prefix", "/nonexistent/mq"], "/nonexistent/mq_train.bin/.idx not found"),
-    (["--config", "tiny", "--data-prefix", "x", "--mock-data"], "exclude each other"),
-    (["--config", "tiny", "--bf16", "--fp16"], "mutually exclusive"),
-    (["--config", "tiny", "--train-iters", "4", "--lr-warmup-iters", "5"], "must exceed --lr-warmup-iters"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--config", "nope"], "neither a preset"),
+        (["--mock-data"], "no --config given"),
+        (
+            ["--config", "tiny", "--tensor-model-parallel-size", "3"],
+            "does not divide num_attention_heads 4",
+        ),
+        (
+            ["--config", "tiny", "--tensor-model-parallel-size", "2"],
+            "world size 1 is not divisible",
+        ),
+        (
+            ["--config", "tiny", "--micro-batch-size", "3", "--global-batch-size", "4"],
+            "--global-batch-size 4 is not divisible by --micro-batch-size 3",
+        ),
+        (
+            ["--config", "tiny", "--pipeline-model-parallel-size", "3"],
+            "does not divide num_layers 4",
+        ),
+        (
+            ["--config", "tiny", "--seq-length", "4096", "--mock-data"],
+            "exceeds max_position_embeddings",
+        ),
+        (["--config", "tiny"], "no training data"),
+        (
+            ["--config", "tiny", "--data-prefix", "/nonexistent/mq"],
+            "/nonexistent/mq_train.bin/.idx not found",
+        ),
+        (["--config", "tiny", "--data-prefix", "x", "--mock-data"], "exclude each other"),
+        (["--config", "tiny", "--bf16", "--fp16"], "mutually exclusive"),
+        (
+            ["--config", "tiny", "--train-iters", "4", "--lr-warmup-iters", "5"],
+            "must exceed --lr-warmup-iters",
+        ),
+    ],
+)
 def test_cli_rejects_bad_config_before_any_work(flags, message, capsys):
     assert main(flags) == 2
     err = capsys.readouterr().err

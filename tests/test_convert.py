@@ -35,9 +35,18 @@ def make_hf(path: Path, vocab=1037, layers=2, heads=4, hidden=64, positions=128,
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=positions, n_embd=hidden,
-                                       n_layer=layers, n_head=heads, resid_pdrop=0.0,
-                                       embd_pdrop=0.0, attn_pdrop=0.0))
+    model = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=vocab,
+            n_positions=positions,
+            n_embd=hidden,
+            n_layer=layers,
+            n_head=heads,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
+    )
     with torch.no_grad():  # non-trivial LayerNorms and biases, so every transform is exercised
         for name, p in model.named_parameters():
             if "ln_" in name or name.endswith("bias"):
@@ -77,9 +86,14 @@ def test_name_table_is_one_bijection_covering_both_models(single_process_group):
     assert len({m for m, _ in HF_TO_MCORE.values()}) == len(HF_TO_MCORE)
     assert {h: (m, t) for m, (h, t) in MCORE_TO_HF.items()} == HF_TO_MCORE
     shapes = Shapes(64, 4, 1100, 1152)
-    hf = GPT2LMHeadModel(GPT2Config(vocab_size=1100, n_positions=256, n_embd=64, n_layer=4, n_head=4))
-    mapped = {hf_to_mcore(k, v, shapes)[0] for k, v in hf.state_dict().items()
-              if hf_to_mcore(k, v, shapes) is not None}
+    hf = GPT2LMHeadModel(
+        GPT2Config(vocab_size=1100, n_positions=256, n_embd=64, n_layer=4, n_head=4)
+    )
+    mapped = {
+        hf_to_mcore(k, v, shapes)[0]
+        for k, v in hf.state_dict().items()
+        if hf_to_mcore(k, v, shapes) is not None
+    }
     mc = build_model(RunConfig(model=get_preset("tiny")), single_process_group, seed=1).state_dict()
     back = {mcore_to_hf(k, v, shapes)[0] for k, v in mc.items() if mcore_to_hf(k, v, shapes)}
     assert mapped == expected_mcore_names(4) == {k for k in mc if not k.endswith("_extra_state")}
@@ -92,8 +106,12 @@ def test_name_table_is_one_bijection_covering_both_models(single_process_group):
 @pytest.mark.parametrize("hidden, heads", [(64, 4), (96, 3), (48, 8)])
 def test_transforms_invert_exactly(hidden, heads):
     s = Shapes(hidden, heads, 50, 64)
-    for name, shape in (("qkv_weight", (hidden, 3 * hidden)), ("qkv_bias", (3 * hidden,)),
-                        ("transpose", (hidden, 2 * hidden)), ("pad_vocab", (50, hidden))):
+    for name, shape in (
+        ("qkv_weight", (hidden, 3 * hidden)),
+        ("qkv_bias", (3 * hidden,)),
+        ("transpose", (hidden, 2 * hidden)),
+        ("pad_vocab", (50, hidden)),
+    ):
         fwd, inv = TRANSFORMS[name]
         t = torch.randn(shape)
         assert torch.equal(inv(fwd(t, s), s), t), name
@@ -101,31 +119,73 @@ def test_transforms_invert_exactly(hidden, heads):
     w = torch.randn(hidden, 3 * hidden)
     d = hidden // heads
     mc = TRANSFORMS["qkv_weight"][0](w, s)
-    assert torch.equal(mc[d:2 * d], w[:, hidden:hidden + d].t())  # k of head 0
+    assert torch.equal(mc[d : 2 * d], w[:, hidden : hidden + d].t())  # k of head 0
 
 
 @pytest.mark.parametrize("tp, pp", [(1, 1), (1, 2), (2, 1), (2, 2)])
 def test_hf_megatron_hf_round_trip_is_bitwise(hf_odd, tmp_path, tp, pp):
     ckpt, out = tmp_path / "mc", tmp_path / "hf"
-    assert to_megatron(["--hf-dir", str(hf_odd), "--save", str(ckpt), "--tensor-model-parallel-size",
-                        str(tp), "--pipeline-model-parallel-size", str(pp)]) == 0
+    assert (
+        to_megatron(
+            [
+                "--hf-dir",
+                str(hf_odd),
+                "--save",
+                str(ckpt),
+                "--tensor-model-parallel-size",
+                str(tp),
+                "--pipeline-model-parallel-size",
+                str(pp),
+            ]
+        )
+        == 0
+    )
     assert to_hf(["--load", str(ckpt), "--out", str(out)]) == 0
     assert_bitwise(hf_tensors(hf_odd), hf_tensors(out))
-    src, dst = json.loads((hf_odd / "config.json").read_text()), json.loads((out / "config.json").read_text())
-    for key in ("vocab_size", "n_embd", "n_layer", "n_head", "n_positions", "activation_function",
-                "layer_norm_epsilon"):
+    src, dst = (
+        json.loads((hf_odd / "config.json").read_text()),
+        json.loads((out / "config.json").read_text()),
+    )
+    for key in (
+        "vocab_size",
+        "n_embd",
+        "n_layer",
+        "n_head",
+        "n_positions",
+        "activation_function",
+        "layer_norm_epsilon",
+    ):
         assert src[key] == dst[key], key
 
 
 def test_tp2_logits_match_transformers(hf_odd, tmp_path):
     ckpt = tmp_path / "mc"
-    assert to_megatron(["--hf-dir", str(hf_odd), "--save", str(ckpt), "--verify",
-                        "--tolerance", "1e-4"]) == 0
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
-           f"--master-port={free_port()}", "-m", "megatron_yuyuan.convert.verify", "--hf-dir",
-           str(hf_odd), "--load", str(ckpt), "--tensor-model-parallel-size", "2", "--tolerance", "1e-4"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert (
+        to_megatron(
+            ["--hf-dir", str(hf_odd), "--save", str(ckpt), "--verify", "--tolerance", "1e-4"]
+        )
+        == 0
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node=2",
+        f"--master-port={free_port()}",
+        "-m",
+        "megatron_yuyuan.convert.verify",
+        "--hf-dir",
+        str(hf_odd),
+        "--load",
+        str(ckpt),
+        "--tensor-model-parallel-size",
+        "2",
+        "--tolerance",
+        "1e-4",
+    ]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     line = next(l for l in proc.stdout.splitlines() if "logit parity" in l)
     assert "TP=2" in line and "top-1 agreement = 100.00%" in line
@@ -137,10 +197,33 @@ def test_reshard_through_tp2_pp2_run_is_lossless(hf_odd, tmp_path):
     saved -> HF: every tensor unchanged."""
     ckpt, resaved, out = tmp_path / "mc", tmp_path / "mc2", tmp_path / "hf"
     assert to_megatron(["--hf-dir", str(hf_odd), "--save", str(ckpt)]) == 0
-    run_torchrun(4, ["--load", str(ckpt), "--mock-data", "--tensor-model-parallel-size", "2",
-                     "--pipeline-model-parallel-size", "2", "--lr", "0", "--weight-decay", "0",
-                     "--train-iters", "1", "--micro-batch-size", "1", "--global-batch-size", "2",
-                     "--seq-length", "32", "--save", str(resaved)], tmp_path)
+    run_torchrun(
+        4,
+        [
+            "--load",
+            str(ckpt),
+            "--mock-data",
+            "--tensor-model-parallel-size",
+            "2",
+            "--pipeline-model-parallel-size",
+            "2",
+            "--lr",
+            "0",
+            "--weight-decay",
+            "0",
+            "--train-iters",
+            "1",
+            "--micro-batch-size",
+            "1",
+            "--global-batch-size",
+            "2",
+            "--seq-length",
+            "32",
+            "--save",
+            str(resaved),
+        ],
+        tmp_path,
+    )
     assert (resaved / "latest_checkpointed_iteration.txt").read_text() == "1"
     assert to_hf(["--load", str(resaved), "--out", str(out)]) == 0
     assert_bitwise(hf_tensors(hf_odd), hf_tensors(out))
@@ -152,7 +235,12 @@ def test_export_loads_and_generates_with_transformers(tmp_path):
     src = tmp_path / "src"
     original = make_hf(src, vocab=50257, layers=2, heads=2, hidden=32)
     ckpt, out = tmp_path / "mc", tmp_path / "hf"
-    assert to_megatron(["--hf-dir", str(src), "--save", str(ckpt), "--tensor-model-parallel-size", "2"]) == 0
+    assert (
+        to_megatron(
+            ["--hf-dir", str(src), "--save", str(ckpt), "--tensor-model-parallel-size", "2"]
+        )
+        == 0
+    )
     assert to_hf(["--load", str(ckpt), "--out", str(out), "--verify", "--tolerance", "1e-4"]) == 0
     tok = AutoTokenizer.from_pretrained(str(out))
     assert tok("Question")["input_ids"] == [24361] and tok.eos_token_id == 50256
@@ -168,9 +256,14 @@ def test_bin_and_sharded_safetensors_inputs(hf_odd, tmp_path):
     for name, save in (("bin", {"bin": True}), ("sharded", {"max_shard_size": "100KB"})):
         src = tmp_path / name
         make_hf(src, **save)
-        assert (src / ("pytorch_model.bin" if name == "bin" else "model.safetensors.index.json")).is_file()
+        assert (
+            src / ("pytorch_model.bin" if name == "bin" else "model.safetensors.index.json")
+        ).is_file()
         assert to_megatron(["--hf-dir", str(src), "--save", str(tmp_path / f"mc_{name}")]) == 0
-        assert to_hf(["--load", str(tmp_path / f"mc_{name}"), "--out", str(tmp_path / f"hf_{name}")]) == 0
+        assert (
+            to_hf(["--load", str(tmp_path / f"mc_{name}"), "--out", str(tmp_path / f"hf_{name}")])
+            == 0
+        )
         assert_bitwise(hf_tensors(hf_odd), hf_tensors(tmp_path / f"hf_{name}"))
 
 
@@ -180,19 +273,31 @@ def write_legacy(hf_dir: Path, root: Path, tp: int, pp: int, version: float) -> 
     h, n, layers, vocab = cfg["n_embd"], cfg["n_head"], cfg["n_layer"], cfg["vocab_size"]
     padded = -(-vocab // (128 * tp)) * 128 * tp
     w = hf_tensors(hf_dir)
-    args = argparse.Namespace(num_layers=layers, hidden_size=h, num_attention_heads=n,
-                              ffn_hidden_size=4 * h, max_position_embeddings=cfg["n_positions"],
-                              padded_vocab_size=padded, tokenizer_type="GPT2BPETokenizer",
-                              openai_gelu=False, bias_gelu_fusion=True,
-                              tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    args = argparse.Namespace(
+        num_layers=layers,
+        hidden_size=h,
+        num_attention_heads=n,
+        ffn_hidden_size=4 * h,
+        max_position_embeddings=cfg["n_positions"],
+        padded_vocab_size=padded,
+        tokenizer_type="GPT2BPETokenizer",
+        openai_gelu=False,
+        bias_gelu_fusion=True,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+    )
     emb = torch.zeros(padded, h)
     emb[:vocab] = w["transformer.wte.weight"]
     d = h // n
 
     def qkv(t, r):  # HF [.., 3h] columns [Q|K|V] -> rank r's rows in the version's order
         t = t.t() if t.dim() == 2 else t
-        q, k, v = (x.reshape(n, d, *x.shape[1:])[r * n // tp:(r + 1) * n // tp] for x in t.split(h))
-        order = {3.0: 1, 1.0: 2, 0.0: 0}[version]  # where the 3 sits: [heads,3,hn] / [heads,hn,3] / [3,heads,hn]
+        q, k, v = (
+            x.reshape(n, d, *x.shape[1:])[r * n // tp : (r + 1) * n // tp] for x in t.split(h)
+        )
+        order = {3.0: 1, 1.0: 2, 0.0: 0}[
+            version
+        ]  # where the 3 sits: [heads,3,hn] / [heads,hn,3] / [3,heads,hn]
         stacked = torch.stack([q, k, v], dim=order)
         return stacked.reshape(-1, *t.shape[1:])
 
@@ -203,31 +308,48 @@ def write_legacy(hf_dir: Path, root: Path, tp: int, pp: int, version: float) -> 
         for r in range(tp):
             enc = {}
             for local in range(per):
-                i, pre = p * per + local, f"transformer.h.{p * per + local}."
+                pre = f"transformer.h.{p * per + local}."
                 L = f"layers.{local}."
                 enc[L + "input_layernorm.weight"] = w[pre + "ln_1.weight"]
                 enc[L + "input_layernorm.bias"] = w[pre + "ln_1.bias"]
-                enc[L + "self_attention.query_key_value.weight"] = qkv(w[pre + "attn.c_attn.weight"], r)
+                enc[L + "self_attention.query_key_value.weight"] = qkv(
+                    w[pre + "attn.c_attn.weight"], r
+                )
                 enc[L + "self_attention.query_key_value.bias"] = qkv(w[pre + "attn.c_attn.bias"], r)
-                enc[L + "self_attention.dense.weight"] = w[pre + "attn.c_proj.weight"].t().chunk(tp, 1)[r]
+                enc[L + "self_attention.dense.weight"] = (
+                    w[pre + "attn.c_proj.weight"].t().chunk(tp, 1)[r]
+                )
                 enc[L + "self_attention.dense.bias"] = w[pre + "attn.c_proj.bias"]
                 enc[L + "post_attention_layernorm.weight"] = w[pre + "ln_2.weight"]
                 enc[L + "post_attention_layernorm.bias"] = w[pre + "ln_2.bias"]
                 enc[L + "mlp.dense_h_to_4h.weight"] = w[pre + "mlp.c_fc.weight"].t().chunk(tp, 0)[r]
                 enc[L + "mlp.dense_h_to_4h.bias"] = w[pre + "mlp.c_fc.bias"].chunk(tp, 0)[r]
-                enc[L + "mlp.dense_4h_to_h.weight"] = w[pre + "mlp.c_proj.weight"].t().chunk(tp, 1)[r]
+                enc[L + "mlp.dense_4h_to_h.weight"] = (
+                    w[pre + "mlp.c_proj.weight"].t().chunk(tp, 1)[r]
+                )
                 enc[L + "mlp.dense_4h_to_h.bias"] = w[pre + "mlp.c_proj.bias"]
             lm = {"encoder": {k: v.clone().contiguous() for k, v in enc.items()}}
             if p == 0:
-                lm["embedding"] = {"word_embeddings": {"weight": emb.chunk(tp, 0)[r].clone()},
-                                   "position_embeddings": {"weight": w["transformer.wpe.weight"]}}
+                lm["embedding"] = {
+                    "word_embeddings": {"weight": emb.chunk(tp, 0)[r].clone()},
+                    "position_embeddings": {"weight": w["transformer.wpe.weight"]},
+                }
             if p == pp - 1:
                 lm["encoder"]["final_layernorm.weight"] = w["transformer.ln_f.weight"]
                 lm["encoder"]["final_layernorm.bias"] = w["transformer.ln_f.bias"]
-            rank_dir = root / "iter_0000007" / (f"mp_rank_{r:02d}" + (f"_{p:03d}" if pp > 1 else ""))
+            rank_dir = (
+                root / "iter_0000007" / (f"mp_rank_{r:02d}" + (f"_{p:03d}" if pp > 1 else ""))
+            )
             rank_dir.mkdir(parents=True)
-            torch.save({"args": args, "checkpoint_version": version, "iteration": 7,
-                        "model": {"language_model": lm}}, rank_dir / "model_optim_rng.pt")
+            torch.save(
+                {
+                    "args": args,
+                    "checkpoint_version": version,
+                    "iteration": 7,
+                    "model": {"language_model": lm},
+                },
+                rank_dir / "model_optim_rng.pt",
+            )
 
 
 @pytest.mark.parametrize("tp, pp, version", [(2, 2, 3.0), (2, 1, 0.0), (1, 2, 1.0)])
@@ -235,7 +357,10 @@ def test_legacy_megatron_lm_import(hf_odd, tmp_path, tp, pp, version):
     legacy = tmp_path / "mlm"
     write_legacy(hf_odd, legacy, tp, pp, version)
     ckpt, out = tmp_path / "mc", tmp_path / "hf"
-    assert to_megatron(["--megatron-lm-dir", str(legacy), "--vocab-size", "1037", "--save", str(ckpt)]) == 0
+    assert (
+        to_megatron(["--megatron-lm-dir", str(legacy), "--vocab-size", "1037", "--save", str(ckpt)])
+        == 0
+    )
     assert to_hf(["--load", str(ckpt), "--out", str(out)]) == 0
     # Megatron-LM's bias-gelu fusion is tanh GELU: the export says gelu_new like the source.
     assert_bitwise(hf_tensors(hf_odd), hf_tensors(out))
@@ -251,13 +376,16 @@ def _edit_config(src: Path, dst: Path, **changes) -> Path:
     return dst
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"n_embd": 32}, "has shape"),
-    ({"n_head": 3}, "must be divisible"),
-    ({"vocab_size": 1000}, "word embeddings have 1037 rows, config vocab_size is 1000"),
-    ({"activation_function": "relu"}, "activation_function 'relu' is not supported"),
-    ({"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"n_embd": 32}, "has shape"),
+        ({"n_head": 3}, "must be divisible"),
+        ({"vocab_size": 1000}, "word embeddings have 1037 rows, config vocab_size is 1000"),
+        ({"activation_function": "relu"}, "activation_function 'relu' is not supported"),
+        ({"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx"),
+    ],
+)
 def test_config_mismatch_is_reported(hf_odd, tmp_path, capsys, change, message):
     bad = _edit_config(hf_odd, tmp_path / "bad", **change)
     assert to_megatron(["--hf-dir", str(bad), "--save", str(tmp_path / "mc")]) == 2
@@ -274,8 +402,19 @@ def test_missing_files_and_bad_tp_are_reported(hf_odd, tmp_path, capsys):
     (no_weights / "config.json").write_text((hf_odd / "config.json").read_text())
     assert to_megatron(["--hf-dir", str(no_weights), "--save", str(tmp_path / "x")]) == 2
     assert "no model.safetensors" in capsys.readouterr().err
-    assert to_megatron(["--hf-dir", str(hf_odd), "--save", str(tmp_path / "x"),
-                        "--tensor-model-parallel-size", "3"]) == 2
+    assert (
+        to_megatron(
+            [
+                "--hf-dir",
+                str(hf_odd),
+                "--save",
+                str(tmp_path / "x"),
+                "--tensor-model-parallel-size",
+                "3",
+            ]
+        )
+        == 2
+    )
     assert "does not divide num_attention_heads 4" in capsys.readouterr().err
     assert to_hf(["--load", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]) == 2
     assert "no checkpoint there" in capsys.readouterr().err
@@ -287,4 +426,6 @@ def test_finetune_rejects_a_checkpoint_of_another_shape(hf_odd, tmp_path, capsys
     assert to_megatron(["--hf-dir", str(hf_odd), "--save", str(tmp_path / "mc")]) == 0
     assert main(["--config", "tiny", "--load", str(tmp_path / "mc"), "--mock-data"]) == 2
     err = capsys.readouterr().err
-    assert "does not match the config" in err and "vocab_size: checkpoint 1037 vs config 1100" in err
+    assert (
+        "does not match the config" in err and "vocab_size: checkpoint 1037 vs config 1100" in err
+    )

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,9 +23,13 @@ from megatron_yuyuan.generate import (
 from megatron_yuyuan.generate import main as generate_main
 from megatron_yuyuan.prompts import format_prompt
 
-QUESTIONS = ["What is glaucoma ?", "How many people are affected by Holmes-Adie syndrome ?",
-             "What are the treatments for high blood cholesterol in adults with diabetes ?",
-             "Is it inherited ?", "What causes Bell's palsy ?"]
+QUESTIONS = [
+    "What is glaucoma ?",
+    "How many people are affected by Holmes-Adie syndrome ?",
+    "What are the treatments for high blood cholesterol in adults with diabetes ?",
+    "Is it inherited ?",
+    "What causes Bell's palsy ?",
+]
 
 
 @pytest.fixture(scope="module")
@@ -39,19 +42,33 @@ def models(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("gen")
     torch.manual_seed(0)
-    hf = GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=128, n_embd=64, n_layer=2, n_head=4))
+    hf = GPT2LMHeadModel(
+        GPT2Config(vocab_size=50257, n_positions=128, n_embd=64, n_layer=2, n_head=4)
+    )
     with torch.no_grad():
         for p in hf.parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.3)
     hf.save_pretrained(str(root / "src"))
     write_tokenizer_files(root / "src", 50257, None)
-    assert to_megatron(["--hf-dir", str(root / "src"), "--save", str(root / "mc"),
-                        "--tensor-model-parallel-size", "2"]) == 0
+    assert (
+        to_megatron(
+            [
+                "--hf-dir",
+                str(root / "src"),
+                "--save",
+                str(root / "mc"),
+                "--tensor-model-parallel-size",
+                "2",
+            ]
+        )
+        == 0
+    )
     assert to_hf(["--load", str(root / "mc"), "--out", str(root / "export")]) == 0
     questions = root / "questions.jsonl"
-    questions.write_text("".join(json.dumps({"id": f"q{i}", "question": q}) + "\n"
-                                 for i, q in enumerate(QUESTIONS)))
+    questions.write_text(
+        "".join(json.dumps({"id": f"q{i}", "question": q}) + "\n" for i, q in enumerate(QUESTIONS))
+    )
     return root
 
 
@@ -82,46 +99,79 @@ def test_greedy_matches_transformers_generate_on_the_export(models, megatron_gen
 def test_kv_cache_equals_no_cache(megatron_generator):
     cfg = SamplingConfig(max_new_tokens=10)
     ids = prompt_ids(megatron_generator)
-    assert megatron_generator.generate_ids(ids, cfg, use_cache=True) == \
-        megatron_generator.generate_ids(ids, cfg, use_cache=False)
+    assert megatron_generator.generate_ids(
+        ids, cfg, use_cache=True
+    ) == megatron_generator.generate_ids(ids, cfg, use_cache=False)
 
 
 def test_seeded_sampling(megatron_generator):
     ids = prompt_ids(megatron_generator)[:2]
-    cfg = SamplingConfig(max_new_tokens=8, do_sample=True, temperature=0.8, top_k=50, top_p=0.9, seed=3)
+    cfg = SamplingConfig(
+        max_new_tokens=8, do_sample=True, temperature=0.8, top_k=50, top_p=0.9, seed=3
+    )
     first = megatron_generator.generate_ids(ids, cfg)
     assert megatron_generator.generate_ids(ids, cfg) == first
     greedy = megatron_generator.generate_ids(ids, SamplingConfig(max_new_tokens=8))
-    assert megatron_generator.generate_ids(ids, SamplingConfig(max_new_tokens=8, do_sample=True,
-                                                               top_k=1)) == greedy
+    assert (
+        megatron_generator.generate_ids(
+            ids, SamplingConfig(max_new_tokens=8, do_sample=True, top_k=1)
+        )
+        == greedy
+    )
 
 
 def test_sample_next_filters():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     gen = torch.Generator().manual_seed(0)
-    draws = {int(sample_next(logits, SamplingConfig(do_sample=True, top_p=0.7), gen)) for _ in range(200)}
+    draws = {
+        int(sample_next(logits, SamplingConfig(do_sample=True, top_p=0.7), gen)) for _ in range(200)
+    }
     assert draws == {0, 1}  # 0.5 < 0.7 needs the second token, not the third
-    draws = {int(sample_next(logits, SamplingConfig(do_sample=True, top_k=3), gen)) for _ in range(300)}
+    draws = {
+        int(sample_next(logits, SamplingConfig(do_sample=True, top_k=3), gen)) for _ in range(300)
+    }
     assert draws == {0, 1, 2}
     assert int(sample_next(logits, SamplingConfig(), None)) == 0
 
 
 def run_generate(nproc, models, out, extra):
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-           f"--master-port={free_port()}", "-m", "megatron_yuyuan.generate", "--load", str(models / "mc"),
-           "--input", str(models / "questions.jsonl"), "--output", str(out), "--max-new-tokens", "12",
-           "--batch-size", "2", *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={nproc}",
+        f"--master-port={free_port()}",
+        "-m",
+        "megatron_yuyuan.generate",
+        "--load",
+        str(models / "mc"),
+        "--input",
+        str(models / "questions.jsonl"),
+        "--output",
+        str(out),
+        "--max-new-tokens",
+        "12",
+        "--batch-size",
+        "2",
+        *extra,
+    ]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return [json.loads(line) for line in out.read_text().splitlines()]
 
 
-@pytest.mark.parametrize("layout", [["--tensor-model-parallel-size", "2"],
-                                    ["--pipeline-model-parallel-size", "2"]], ids=["tp2", "pp2"])
+@pytest.mark.parametrize(
+    "layout",
+    [["--tensor-model-parallel-size", "2"], ["--pipeline-model-parallel-size", "2"]],
+    ids=["tp2", "pp2"],
+)
 def test_tp2_and_pp2_generate_the_same_tokens_as_tp1(models, tmp_path, megatron_generator, layout):
     ref = tmp_path / "tp1.jsonl"
-    generate_file(megatron_generator, models / "questions.jsonl", ref, SamplingConfig(max_new_tokens=12), 2)
+    generate_file(
+        megatron_generator, models / "questions.jsonl", ref, SamplingConfig(max_new_tokens=12), 2
+    )
     want = [json.loads(line) for line in ref.read_text().splitlines()]
     got = run_generate(2, models, tmp_path / "par.jsonl", layout)
     assert [g["id"] for g in got] == [f"q{i}" for i in range(len(QUESTIONS))]
@@ -131,6 +181,17 @@ def test_tp2_and_pp2_generate_the_same_tokens_as_tp1(models, tmp_path, megatron_
 def test_cli_reports_bad_input(models, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"q": "no question field"}\n')
-    assert generate_main(["--hf-dir", str(models / "export"), "--input", str(bad),
-                          "--output", str(tmp_path / "o.jsonl")]) == 2
+    assert (
+        generate_main(
+            [
+                "--hf-dir",
+                str(models / "export"),
+                "--input",
+                str(bad),
+                "--output",
+                str(tmp_path / "o.jsonl"),
+            ]
+        )
+        == 2
+    )
     assert "no 'question' field" in capsys.readouterr().err

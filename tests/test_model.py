@@ -33,7 +33,7 @@ def test_tiny_model_count_matches_analytic(single_process_group):
     padded = cfg.model.padded_vocab_size(1)
     assert count_model_parameters(model) == count_parameters(cfg.model, padded_vocab=padded)
     emb = model.embedding.word_embeddings.weight
-    assert torch.all(emb[cfg.model.vocab_size:] == 0), "pad rows must start at zero"
+    assert torch.all(emb[cfg.model.vocab_size :] == 0), "pad rows must start at zero"
     assert emb[: cfg.model.vocab_size].std() > 0.01
 
 
@@ -54,8 +54,9 @@ def test_padded_vocab_rows_are_excluded_from_the_loss(single_process_group):
     mask = torch.ones(2, 5)
     mask[0, :2] = 0
     loss_sum, num_tokens, report = loss_func(mask, language_model_loss(logits, labels, vocab))
-    ref = F.cross_entropy(logits[..., :vocab].reshape(-1, vocab), labels.reshape(-1),
-                          reduction="none").reshape(2, 5)
+    ref = F.cross_entropy(
+        logits[..., :vocab].reshape(-1, vocab), labels.reshape(-1), reduction="none"
+    ).reshape(2, 5)
     torch.testing.assert_close(loss_sum, (ref * mask).sum(), rtol=1e-6, atol=1e-6)
     assert int(num_tokens) == 8 and float(report["lm loss"][1]) == 8
     loss_sum.backward()

@@ -27,8 +27,9 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_runs_without_apex_or_transformer_engine(tmp_path):
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert len((tmp_path / "m.jsonl").read_text().splitlines()) == 2

@@ -11,9 +11,25 @@ import pytest
 from conftest import read_metrics, run_torchrun
 from megatron_yuyuan.finetune import main
 
-COMMON = ["--config", "tiny", "--mock-data", "--seq-length", "64", "--micro-batch-size", "2",
-          "--global-batch-size", "8", "--train-iters", "5", "--seed", "3", "--lr", "1e-3",
-          "--lr-warmup-iters", "1"]
+COMMON = [
+    "--config",
+    "tiny",
+    "--mock-data",
+    "--seq-length",
+    "64",
+    "--micro-batch-size",
+    "2",
+    "--global-batch-size",
+    "8",
+    "--train-iters",
+    "5",
+    "--seed",
+    "3",
+    "--lr",
+    "1e-3",
+    "--lr-warmup-iters",
+    "1",
+]
 
 
 def run_in_process(tmp_path, extra=(), name="ref"):
@@ -40,12 +56,16 @@ def test_reference_run_learns(reference):
     assert reference[-1]["loss"] < reference[0]["loss"]
 
 
-@pytest.mark.parametrize("nproc, layout", [
-    (2, ["--tensor-model-parallel-size", "2"]),
-    (2, ["--pipeline-model-parallel-size", "2"]),  # 4 micro-batches through 1F1B
-    (2, ["--use-distributed-optimizer"]),           # DP=2, ZeRO-1
-    (4, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]),
-], ids=["tp2", "pp2", "dp2-distopt", "tp2pp2"])
+@pytest.mark.parametrize(
+    "nproc, layout",
+    [
+        (2, ["--tensor-model-parallel-size", "2"]),
+        (2, ["--pipeline-model-parallel-size", "2"]),  # 4 micro-batches through 1F1B
+        (2, ["--use-distributed-optimizer"]),  # DP=2, ZeRO-1
+        (4, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]),
+    ],
+    ids=["tp2", "pp2", "dp2-distopt", "tp2pp2"],
+)
 def test_layout_matches_single_process(reference, tmp_path, nproc, layout):
     assert_same_losses(run_torchrun(nproc, [*COMMON, *layout], tmp_path), reference)
 
@@ -60,8 +80,11 @@ def test_activation_recompute_replays_dropout_exactly(tmp_path):
 
 
 def test_training_reduces_loss_on_learnable_data(tmp_path):
-    metrics = run_in_process(tmp_path, ["--train-iters", "60", "--lr", "1e-2", "--lr-warmup-iters",
-                                        "5", "--seq-length", "32"], "learn")
+    metrics = run_in_process(
+        tmp_path,
+        ["--train-iters", "60", "--lr", "1e-2", "--lr-warmup-iters", "5", "--seq-length", "32"],
+        "learn",
+    )
     last = sum(m["loss"] for m in metrics[-5:]) / 5
     assert last < 0.85 * metrics[0]["loss"], [m["loss"] for m in metrics]
 
@@ -75,14 +98,37 @@ def test_mixed_precision_trains_on_gpu(tmp_path, precision):
         assert all("loss_scale" in m for m in metrics)
 
 
-QA = ["--config", "tiny", "--vocab-size", "50257", "--seq-length", "128", "--micro-batch-size", "2",
-      "--global-batch-size", "4", "--train-iters", "3", "--seed", "3", "--lr", "1e-3"]
+QA = [
+    "--config",
+    "tiny",
+    "--vocab-size",
+    "50257",
+    "--seq-length",
+    "128",
+    "--micro-batch-size",
+    "2",
+    "--global-batch-size",
+    "4",
+    "--train-iters",
+    "3",
+    "--seed",
+    "3",
+    "--lr",
+    "1e-3",
+]
 
 
-@pytest.mark.parametrize("nproc, extra", [
-    (2, ["--tensor-model-parallel-size", "2"]),                     # packed, block-diagonal masks
-    (2, ["--pipeline-model-parallel-size", "2", "--no-packing"]),   # variable-length micro-batches
-], ids=["tp2-packed", "pp2-padded"])
+@pytest.mark.parametrize(
+    "nproc, extra",
+    [
+        (2, ["--tensor-model-parallel-size", "2"]),  # packed, block-diagonal masks
+        (
+            2,
+            ["--pipeline-model-parallel-size", "2", "--no-packing"],
+        ),  # variable-length micro-batches
+    ],
+    ids=["tp2-packed", "pp2-padded"],
+)
 def test_medquad_training_matches_across_layouts(sample_dataset, tmp_path, nproc, extra):
     data = ["--data-prefix", sample_dataset, *[f for f in extra if f == "--no-packing"]]
     path = tmp_path / "ref.jsonl"

@@ -57,15 +57,22 @@ def test_round_trip_through_megatron_indexed_dataset(sample_dataset):
             prompt, answer = ds[first].tolist(), ds[first + 1].tolist()
             assert tok.decode(prompt) == format_prompt(row["question"])
             assert answer[-1] == tok.eod
-            assert tok.decode(prompt + answer) == format_example(row["question"], row["answer"]) + GPT2_EOS
+            assert (
+                tok.decode(prompt + answer)
+                == format_example(row["question"], row["answer"]) + GPT2_EOS
+            )
             assert set(row) == {"id", "question", "answer", "qtype", "source", "focus"}
 
 
 def test_same_seed_gives_byte_identical_outputs(tmp_path, sample_dataset):
     again = tmp_path / "mq"
     preprocess_medquad(SAMPLE_DIR, str(again), valid_size=10, test_size=10, seed=1, progress=False)
-    for suffix in [f"_{s}.{ext}" for s in SPLITS for ext in ("jsonl", "bin", "idx")] + ["_meta.json"]:
-        assert Path(f"{again}{suffix}").read_bytes() == Path(f"{sample_dataset}{suffix}").read_bytes()
+    for suffix in [f"_{s}.{ext}" for s in SPLITS for ext in ("jsonl", "bin", "idx")] + [
+        "_meta.json"
+    ]:
+        assert (
+            Path(f"{again}{suffix}").read_bytes() == Path(f"{sample_dataset}{suffix}").read_bytes()
+        )
     other = tmp_path / "other"
     preprocess_medquad(SAMPLE_DIR, str(other), valid_size=10, test_size=10, seed=2, progress=False)
     assert Path(f"{other}_test.jsonl").read_bytes() != Path(f"{again}_test.jsonl").read_bytes()
@@ -84,8 +91,10 @@ def test_full_medquad_counts_and_leakage_free_splits(tmp_path):
     for split in SPLITS:
         for line in open(f"{prefix}_{split}.jsonl"):
             row = json.loads(line)
-            for key in ("q:" + normalize_question(row["question"]),
-                        "a:" + normalize_answer(row["answer"])):
+            for key in (
+                "q:" + normalize_question(row["question"]),
+                "a:" + normalize_answer(row["answer"]),
+            ):
                 assert seen.setdefault(key, split) == split, f"{key[:80]!r} leaks across splits"
 
 
@@ -102,10 +111,16 @@ def _copy_sample(tmp_path) -> Path:
     return root
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda p: p.write_bytes(p.read_bytes()[:-40]), "malformed XML"),
-    (lambda p: p.write_bytes(p.read_bytes().replace(b"Holmes", b"Holm\xe9s", 1)), "not valid UTF-8"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda p: p.write_bytes(p.read_bytes()[:-40]), "malformed XML"),
+        (
+            lambda p: p.write_bytes(p.read_bytes().replace(b"Holmes", b"Holm\xe9s", 1)),
+            "not valid UTF-8",
+        ),
+    ],
+)
 def test_bad_file_is_named_and_nothing_is_written(tmp_path, capsys, damage, message):
     root = _copy_sample(tmp_path)
     bad = root / "6_NINDS_QA" / "0000007.xml"
@@ -113,7 +128,9 @@ def test_bad_file_is_named_and_nothing_is_written(tmp_path, capsys, damage, mess
     out = tmp_path / "out" / "mq"
     out.parent.mkdir()
     (out.parent / "mq_train.jsonl").write_text("previous run\n")
-    assert preprocess_main(["--input", str(root), "--output-prefix", str(out), "--no-progress"]) == 2
+    assert (
+        preprocess_main(["--input", str(root), "--output-prefix", str(out), "--no-progress"]) == 2
+    )
     err = capsys.readouterr().err
     assert str(bad) in err and message in err
     assert sorted(p.name for p in out.parent.iterdir()) == ["mq_train.jsonl"]
@@ -148,7 +165,12 @@ def test_cached_gpt2_encoder_matches_transformers(tmp_path):
     assert hf("Question")["input_ids"] == [24361], "the reference tokenizer must not be empty"
     records, _ = parse_medquad(SAMPLE_DIR)
     texts = [format_example(r.question, r.answer) for r in records]
-    texts += ["  leading spaces", "tabs\tand\nnewlines\n\n", "naïve café – 5°C ≥ 3µg", "it's we'll 1234"]
+    texts += [
+        "  leading spaces",
+        "tabs\tand\nnewlines\n\n",
+        "naïve café – 5°C ≥ 3µg",
+        "it's we'll 1234",
+    ]
     ours = load_tokenizer("gpt2").encode_batch(texts)
     assert ours == [hf(t)["input_ids"] for t in texts]
 
@@ -164,22 +186,38 @@ def test_other_tokenizers_round_trip(tmp_path, kind):
         vocab, merges = gpt2_bpe_files()
         shutil.copy(vocab, spec / "vocab.json")
         shutil.copy(merges, spec / "merges.txt")
-        (spec / "tokenizer_config.json").write_text(json.dumps(
-            {"tokenizer_class": "GPT2Tokenizer", "eos_token": "<|endoftext|>"}))
+        (spec / "tokenizer_config.json").write_text(
+            json.dumps({"tokenizer_class": "GPT2Tokenizer", "eos_token": "<|endoftext|>"})
+        )
     else:
         import sentencepiece as spm
 
         records, _ = parse_medquad(SAMPLE_DIR)
         text = tmp_path / "corpus.txt"
         text.write_text("\n".join(format_example(r.question, r.answer) for r in records))
-        spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(tmp_path / "sp"),
-                                       vocab_size=800, eos_id=2, bos_id=-1, pad_id=-1, unk_id=1,
-                                       byte_fallback=True, character_coverage=1.0,
-                                       minloglevel=2)
+        spm.SentencePieceTrainer.train(
+            input=str(text),
+            model_prefix=str(tmp_path / "sp"),
+            vocab_size=800,
+            eos_id=2,
+            bos_id=-1,
+            pad_id=-1,
+            unk_id=1,
+            byte_fallback=True,
+            character_coverage=1.0,
+            minloglevel=2,
+        )
         spec = tmp_path / "sp.model"
     prefix = tmp_path / "mq"
-    preprocess_medquad(SAMPLE_DIR, str(prefix), tokenizer=str(spec), valid_size=5, test_size=5,
-                       seed=1, progress=False)
+    preprocess_medquad(
+        SAMPLE_DIR,
+        str(prefix),
+        tokenizer=str(spec),
+        valid_size=5,
+        test_size=5,
+        seed=1,
+        progress=False,
+    )
     tok = load_tokenizer(str(spec))
     meta = json.loads(Path(f"{prefix}_meta.json").read_text())
     assert meta["tokenizer"] == str(spec) and meta["eod"] == tok.eod

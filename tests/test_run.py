@@ -17,18 +17,49 @@ import pytest
 from conftest import REPO, free_port, read_metrics, run_torchrun
 from megatron_yuyuan.finetune import main
 
-ARGS = ["--config", "tiny", "--mock-data", "--seq-length", "64", "--micro-batch-size", "2",
-        "--global-batch-size", "4", "--seed", "5", "--lr", "3e-3", "--lr-warmup-iters", "2",
-        "--hidden-dropout", "0.1"]  # dropout on: the RNG state must resume too
+ARGS = [
+    "--config",
+    "tiny",
+    "--mock-data",
+    "--seq-length",
+    "64",
+    "--micro-batch-size",
+    "2",
+    "--global-batch-size",
+    "4",
+    "--seed",
+    "5",
+    "--lr",
+    "3e-3",
+    "--lr-warmup-iters",
+    "2",
+    "--hidden-dropout",
+    "0.1",
+]  # dropout on: the RNG state must resume too
 ITERS = 12
 
 
 def launch(nproc, args, cwd, port=None, env=None, **kw):
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-           f"--master-port={port or free_port()}", "-m", "megatron_yuyuan.finetune", *args]
-    return subprocess.Popen(cmd, cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, **kw)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={nproc}",
+        f"--master-port={port or free_port()}",
+        "-m",
+        "megatron_yuyuan.finetune",
+        *args,
+    ]
+    return subprocess.Popen(
+        cmd,
+        cwd=cwd,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        **kw,
+    )
 
 
 def losses(metrics):
@@ -39,8 +70,21 @@ def losses(metrics):
 def uninterrupted(tmp_path_factory):
     """TP=2, checkpoints every 2 iterations; the reference for every resume below."""
     root = tmp_path_factory.mktemp("ref")
-    metrics = run_torchrun(2, [*ARGS, "--tensor-model-parallel-size", "2", "--train-iters", str(ITERS),
-                               "--save", str(root / "ckpt"), "--save-interval", "2"], root)
+    metrics = run_torchrun(
+        2,
+        [
+            *ARGS,
+            "--tensor-model-parallel-size",
+            "2",
+            "--train-iters",
+            str(ITERS),
+            "--save",
+            str(root / "ckpt"),
+            "--save-interval",
+            "2",
+        ],
+        root,
+    )
     return root / "ckpt", losses(metrics)
 
 
@@ -54,8 +98,19 @@ def copy_checkpoint(src: Path, iteration: int, dst: Path) -> Path:
 def test_sigkill_then_resume_reproduces_the_uninterrupted_run(uninterrupted, tmp_path):
     _, want = uninterrupted
     ckpt = tmp_path / "ckpt"
-    args = [*ARGS, "--tensor-model-parallel-size", "2", "--train-iters", str(ITERS),
-            "--save", str(ckpt), "--load", str(ckpt), "--save-interval", "2"]
+    args = [
+        *ARGS,
+        "--tensor-model-parallel-size",
+        "2",
+        "--train-iters",
+        str(ITERS),
+        "--save",
+        str(ckpt),
+        "--load",
+        str(ckpt),
+        "--save-interval",
+        "2",
+    ]
     proc = launch(2, [*args, "--metrics-file", str(tmp_path / "killed.jsonl")], tmp_path)
     latest = ckpt / "latest_checkpointed_iteration.txt"
     deadline = time.time() + 240
@@ -90,13 +145,40 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint(uninterrupted, tmp_
 
     monkeypatch.setattr(checkpointing.dist_checkpointing, "save", dying_save)
     with pytest.raises(KeyboardInterrupt):
-        main([*ARGS, "--tensor-model-parallel-size", "1", "--train-iters", "4", "--load", str(ckpt),
-              "--save", str(ckpt), "--save-interval", "2"])
+        main(
+            [
+                *ARGS,
+                "--tensor-model-parallel-size",
+                "1",
+                "--train-iters",
+                "4",
+                "--load",
+                str(ckpt),
+                "--save",
+                str(ckpt),
+                "--save-interval",
+                "2",
+            ]
+        )
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "2"
     assert (ckpt / "iter_0000004.tmp").is_dir() and not (ckpt / "iter_0000004").exists()
     monkeypatch.setattr(checkpointing.dist_checkpointing, "save", real_save)
-    assert main([*ARGS, "--train-iters", "4", "--load", str(ckpt), "--save", str(ckpt),
-                 "--metrics-file", str(tmp_path / "m.jsonl")]) == 0
+    assert (
+        main(
+            [
+                *ARGS,
+                "--train-iters",
+                "4",
+                "--load",
+                str(ckpt),
+                "--save",
+                str(ckpt),
+                "--metrics-file",
+                str(tmp_path / "m.jsonl"),
+            ]
+        )
+        == 0
+    )
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "4"
     assert not (ckpt / "iter_0000004.tmp").exists()
 
@@ -109,14 +191,30 @@ def resumed_at_tp2(uninterrupted, tmp_path_factory):
     """Iterations 5-7 resumed at the layout the checkpoint was saved at (TP=2), dropout off."""
     root = tmp_path_factory.mktemp("tp2")
     ckpt = copy_checkpoint(uninterrupted[0], 4, root / "ckpt")
-    return losses(run_torchrun(2, [*ARGS, *NO_DROPOUT, "--train-iters", "7", "--load", str(ckpt),
-                                   "--tensor-model-parallel-size", "2"], root))
+    return losses(
+        run_torchrun(
+            2,
+            [
+                *ARGS,
+                *NO_DROPOUT,
+                "--train-iters",
+                "7",
+                "--load",
+                str(ckpt),
+                "--tensor-model-parallel-size",
+                "2",
+            ],
+            root,
+        )
+    )
 
 
-@pytest.mark.parametrize("nproc, layout", [(1, []), (2, ["--pipeline-model-parallel-size", "2"])],
-                         ids=["tp1", "pp2"])
-def test_resume_a_tp2_checkpoint_at_another_layout(uninterrupted, resumed_at_tp2, tmp_path, nproc,
-                                                   layout):
+@pytest.mark.parametrize(
+    "nproc, layout", [(1, []), (2, ["--pipeline-model-parallel-size", "2"])], ids=["tp1", "pp2"]
+)
+def test_resume_a_tp2_checkpoint_at_another_layout(
+    uninterrupted, resumed_at_tp2, tmp_path, nproc, layout
+):
     want = resumed_at_tp2
     assert sorted(want) == [5, 6, 7]
     ckpt = copy_checkpoint(uninterrupted[0], 4, tmp_path / "ckpt")
@@ -133,15 +231,36 @@ def test_resume_a_tp2_checkpoint_at_another_layout(uninterrupted, resumed_at_tp2
 
 def test_two_nodes_on_localhost_train_together(tmp_path):
     port = free_port()
-    args = [*ARGS, "--hidden-dropout", "0", "--train-iters", "3", "--metrics-file",
-            str(tmp_path / "m.jsonl")]
+    args = [
+        *ARGS,
+        "--hidden-dropout",
+        "0",
+        "--train-iters",
+        "3",
+        "--metrics-file",
+        str(tmp_path / "m.jsonl"),
+    ]
     procs = []
     for node in (0, 1):
-        env = {**os.environ, "NNODES": "2", "NODE_RANK": str(node), "NPROC_PER_NODE": "1",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PYTHON": sys.executable}
-        procs.append(subprocess.Popen(["bash", str(REPO / "run" / "finetune_qa.sh"), *args],
-                                      cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
+        env = {
+            **os.environ,
+            "NNODES": "2",
+            "NODE_RANK": str(node),
+            "NPROC_PER_NODE": "1",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "PYTHON": sys.executable,
+        }
+        procs.append(
+            subprocess.Popen(
+                ["bash", str(REPO / "run" / "finetune_qa.sh"), *args],
+                cwd=tmp_path,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
     assert "+ " in outs[0] and "--nnodes 2 --node-rank 0" in outs[0]
@@ -154,10 +273,28 @@ def test_two_nodes_on_localhost_train_together(tmp_path):
 
 
 def test_launcher_reports_a_world_that_does_not_fit(tmp_path):
-    env = {**os.environ, "NPROC_PER_NODE": "1", "MASTER_PORT": str(free_port()), "PYTHON": sys.executable}
-    proc = subprocess.run(["bash", str(REPO / "run" / "finetune_qa.sh"), *ARGS, "--train-iters", "3",
-                           "--tensor-model-parallel-size", "2"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+    env = {
+        **os.environ,
+        "NPROC_PER_NODE": "1",
+        "MASTER_PORT": str(free_port()),
+        "PYTHON": sys.executable,
+    }
+    proc = subprocess.run(
+        [
+            "bash",
+            str(REPO / "run" / "finetune_qa.sh"),
+            *ARGS,
+            "--train-iters",
+            "3",
+            "--tensor-model-parallel-size",
+            "2",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode != 0
     assert "world size 1 is not divisible by tensor x pipeline parallel size 2 x 1" in proc.stderr
 
@@ -165,16 +302,31 @@ def test_launcher_reports_a_world_that_does_not_fit(tmp_path):
 def test_readme_demo_shortened(tmp_path):
     """The README's demo script with 4 iterations: every stage runs, and the megatron-core
     checkpoint at TP=2 and its HF export answer identically."""
-    env = {**os.environ, "DEMO_OUT": str(tmp_path / "demo"), "DEMO_ITERS": "4",
-           "DEMO_NEW_TOKENS": "8", "MASTER_PORT": str(free_port()), "PYTHON": sys.executable}
-    proc = subprocess.run(["bash", str(REPO / "run" / "demo_cpu.sh")], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=900)
+    env = {
+        **os.environ,
+        "DEMO_OUT": str(tmp_path / "demo"),
+        "DEMO_ITERS": "4",
+        "DEMO_NEW_TOKENS": "8",
+        "MASTER_PORT": str(free_port()),
+        "PYTHON": sys.executable,
+    }
+    proc = subprocess.run(
+        ["bash", str(REPO / "run" / "demo_cpu.sh")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = tmp_path / "demo"
     report = (out / "eval" / "report.md").read_text()
     assert "| megatron-tp2 |" in report and "| hf-export |" in report
     assert (out / "checkpoints" / "loss_curve.png").is_file()
-    a = [json.loads(l)["generation"] for l in (out / "eval" / "predictions_megatron-tp2.jsonl").open()]
+    a = [
+        json.loads(l)["generation"]
+        for l in (out / "eval" / "predictions_megatron-tp2.jsonl").open()
+    ]
     b = [json.loads(l)["generation"] for l in (out / "eval" / "predictions_hf-export.jsonl").open()]
     assert a == b and len(a) == 10
     assert "top-1 agreement = 100.00%" in proc.stdout
@@ -184,11 +336,36 @@ def test_readme_demo_shortened(tmp_path):
 def test_validation_loss_and_end_of_run_bleu(sample_dataset, tmp_path):
     """--eval-interval logs validation losses; --eval-bleu-samples answers N validation questions
     with the trained model and writes the BLEU report next to the checkpoints."""
-    args = ["--config", "tiny", "--vocab-size", "50257", "--data-prefix", sample_dataset,
-            "--seq-length", "128", "--micro-batch-size", "2", "--global-batch-size", "4",
-            "--train-iters", "4", "--lr-warmup-iters", "1", "--eval-interval", "2", "--eval-iters", "1",
-            "--eval-bleu-samples", "3", "--eval-max-new-tokens", "4", "--save", str(tmp_path / "ckpt"),
-            "--metrics-file", str(tmp_path / "m.jsonl")]
+    args = [
+        "--config",
+        "tiny",
+        "--vocab-size",
+        "50257",
+        "--data-prefix",
+        sample_dataset,
+        "--seq-length",
+        "128",
+        "--micro-batch-size",
+        "2",
+        "--global-batch-size",
+        "4",
+        "--train-iters",
+        "4",
+        "--lr-warmup-iters",
+        "1",
+        "--eval-interval",
+        "2",
+        "--eval-iters",
+        "1",
+        "--eval-bleu-samples",
+        "3",
+        "--eval-max-new-tokens",
+        "4",
+        "--save",
+        str(tmp_path / "ckpt"),
+        "--metrics-file",
+        str(tmp_path / "m.jsonl"),
+    ]
     assert main(args) == 0
     valid = [m for m in read_metrics(tmp_path / "m.jsonl") if "valid_loss" in m]
     assert [m["iteration"] for m in valid] == [2, 4] and all(m["valid_loss"] > 0 for m in valid)

@@ -33,8 +33,9 @@ def logits_and_grad(model, batch):
         captured["logits"] = logits
 
     handle = model.output_layer.register_forward_hook(keep)
-    losses = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"),
-                   labels=batch["labels"])  # [b, s]
+    losses = model(
+        batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"]
+    )  # [b, s]
     handle.remove()
     loss_sum, _, _ = loss_func(batch["loss_mask"], losses)
     loss_sum.backward()
@@ -55,9 +56,9 @@ def test_prompt_and_padding_get_zero_gradient_and_eos_trains(gpt2_tiny, sample_d
         prompt_labels = slice(0, pair.prompt_len - 1)  # labels that are question tokens
         assert torch.all(per_position[row, prompt_labels] == 0), "prompt tokens must not train"
         assert torch.all(per_position[row, n:] == 0), "padding must not train"
-        assert torch.all(per_position[row, pair.prompt_len - 1:n] > 0), "answer tokens train"
+        assert torch.all(per_position[row, pair.prompt_len - 1 : n] > 0), "answer tokens train"
         assert batch["labels"][row, n - 1] == 50256 and per_position[row, n - 1] > 0, "EOS trains"
-    assert per_position[0, len(ds.pairs[short[0]].tokens) - 1:].numel() > 0
+    assert per_position[0, len(ds.pairs[short[0]].tokens) - 1 :].numel() > 0
 
 
 def test_train_on_prompt_trains_question_tokens(sample_dataset):
@@ -83,7 +84,7 @@ def test_packed_pairs_match_pairs_run_alone(gpt2_tiny, sample_dataset):
             n = tokens.shape[1]
             with torch.no_grad():
                 alone = gpt2_tiny(tokens, torch.arange(n).unsqueeze(0), None)
-            torch.testing.assert_close(packed[row, pos:pos + n], alone[0], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(packed[row, pos : pos + n], alone[0], rtol=1e-5, atol=1e-5)
             pos += n
             checked += 1
     assert checked >= 4

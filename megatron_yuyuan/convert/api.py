@@ -14,7 +14,7 @@ from typing import Callable, Iterable, Optional
 import torch
 
 from megatron_yuyuan import checkpointing, parallel
-from megatron_yuyuan.config import ConfigError, ModelConfig, RunConfig, validate_layout
+from megatron_yuyuan.config import ModelConfig, RunConfig, validate_layout
 from megatron_yuyuan.convert.hf_io import (
     ShardedSafetensorsWriter,
     hf_config_dict,
@@ -46,9 +46,14 @@ def _parallel(tp: int, pp: int):
     return ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
 
 
-def _fill_and_save(model_cfg: ModelConfig, dtype: torch.dtype, padded_vocab: int,
-                   tensors: Iterable[tuple[str, Callable[[], torch.Tensor]]], save: Path,
-                   source: str) -> Path:
+def _fill_and_save(
+    model_cfg: ModelConfig,
+    dtype: torch.dtype,
+    padded_vocab: int,
+    tensors: Iterable[tuple[str, Callable[[], torch.Tensor]]],
+    save: Path,
+    source: str,
+) -> Path:
     """Place each named megatron-core tensor into the model's sharded state dict and save it.
 
     The model is built on the meta device, only for its checkpoint keys and shapes, so the weights
@@ -56,38 +61,53 @@ def _fill_and_save(model_cfg: ModelConfig, dtype: torch.dtype, padded_vocab: int
     """
     layout = parallel.init_distributed(1, 1)
     with torch.device("meta"):
-        template = build_model(RunConfig(model=model_cfg), layout, padded_vocab_size=padded_vocab,
-                               params_dtype=dtype)
+        template = build_model(
+            RunConfig(model=model_cfg), layout, padded_vocab_size=padded_vocab, params_dtype=dtype
+        )
     sharded = template.sharded_state_dict()
     expected = expected_mcore_names(model_cfg.num_layers)
     seen = set()
     for name, load in tensors:
         if name not in expected or name not in sharded:
-            raise KeyError(f"{source}: weight {name!r} has no place in a {model_cfg.num_layers}-layer "
-                           f"model (unexpected key)")
+            raise KeyError(
+                f"{source}: weight {name!r} has no place in a {model_cfg.num_layers}-layer "
+                f"model (unexpected key)"
+            )
         tensor = load().to(dtype)
         want = tuple(sharded[name].local_shape)
         if tuple(tensor.shape) != want:
-            raise ValueError(f"{source}: {name} has shape {tuple(tensor.shape)}, the model expects "
-                             f"{want}: config.json and weights disagree")
+            raise ValueError(
+                f"{source}: {name} has shape {tuple(tensor.shape)}, the model expects "
+                f"{want}: config.json and weights disagree"
+            )
         sharded[name].data = tensor.contiguous()
         seen.add(name)
     missing = sorted(expected - seen)
     if missing:
-        raise KeyError(f"{source}: missing weights (megatron names) {missing[:8]}"
-                       f"{' ...' if len(missing) > 8 else ''}")
-    return checkpointing.save_sharded(save, sharded, model_cfg, iteration=0,
-                                      padded_vocab_size=padded_vocab, dtype=dtype)
+        raise KeyError(
+            f"{source}: missing weights (megatron names) {missing[:8]}"
+            f"{' ...' if len(missing) > 8 else ''}"
+        )
+    return checkpointing.save_sharded(
+        save, sharded, model_cfg, iteration=0, padded_vocab_size=padded_vocab, dtype=dtype
+    )
 
 
-def convert_hf_to_megatron(hf_dir: str | Path, save: str | Path, tp: int = 1, pp: int = 1,
-                           dtype: Optional[torch.dtype] = None) -> Path:
+def convert_hf_to_megatron(
+    hf_dir: str | Path,
+    save: str | Path,
+    tp: int = 1,
+    pp: int = 1,
+    dtype: Optional[torch.dtype] = None,
+) -> Path:
     """HF GPT-2 directory -> megatron-core checkpoint under ``save``; returns the iteration dir."""
     hf_dir = Path(hf_dir)
     model_cfg, src_dtype = model_config_from_hf(hf_dir)
     check_target_layout(model_cfg, tp, pp)
     padded = model_cfg.padded_vocab_size(tp)
-    shapes = Shapes(model_cfg.hidden_size, model_cfg.num_attention_heads, model_cfg.vocab_size, padded)
+    shapes = Shapes(
+        model_cfg.hidden_size, model_cfg.num_attention_heads, model_cfg.vocab_size, padded
+    )
 
     def mapped():
         for name, load in iter_hf_weights(hf_dir):
@@ -102,9 +122,15 @@ def convert_hf_to_megatron(hf_dir: str | Path, save: str | Path, tp: int = 1, pp
     return final
 
 
-def convert_legacy_to_megatron(mlm_dir: str | Path, save: str | Path, tp: int = 1, pp: int = 1,
-                               vocab_size: Optional[int] = None, trust_pickle: bool = False,
-                               dtype: Optional[torch.dtype] = None) -> Path:
+def convert_legacy_to_megatron(
+    mlm_dir: str | Path,
+    save: str | Path,
+    tp: int = 1,
+    pp: int = 1,
+    vocab_size: Optional[int] = None,
+    trust_pickle: bool = False,
+    dtype: Optional[torch.dtype] = None,
+) -> Path:
     """Legacy Megatron-LM checkpoint -> megatron-core checkpoint; returns the iteration dir."""
     model_cfg, legacy_padded, full = read_legacy_checkpoint(Path(mlm_dir), vocab_size, trust_pickle)
     check_target_layout(model_cfg, tp, pp)
@@ -114,12 +140,19 @@ def convert_legacy_to_megatron(mlm_dir: str | Path, save: str | Path, tp: int = 
     repadded[: model_cfg.vocab_size] = emb[: model_cfg.vocab_size]
     full["embedding.word_embeddings.weight"] = repadded
     src_dtype = emb.dtype
-    return _fill_and_save(model_cfg, dtype or src_dtype, padded,
-                          ((k, (lambda t=v: t)) for k, v in full.items()), Path(save), str(mlm_dir))
+    return _fill_and_save(
+        model_cfg,
+        dtype or src_dtype,
+        padded,
+        ((k, (lambda t=v: t)) for k, v in full.items()),
+        Path(save),
+        str(mlm_dir),
+    )
 
 
-def convert_megatron_to_hf(load: str | Path, out: str | Path,
-                           tokenizer_dir: Optional[str | Path] = None) -> list[Path]:
+def convert_megatron_to_hf(
+    load: str | Path, out: str | Path, tokenizer_dir: Optional[str | Path] = None
+) -> list[Path]:
     """megatron-core checkpoint (any TP/PP) -> HF directory; returns the files written.
 
     Written into ``out.tmp`` and renamed to ``out`` when complete.
@@ -128,8 +161,12 @@ def convert_megatron_to_hf(load: str | Path, out: str | Path,
     info = checkpointing.read_info(ckpt)
     layout = parallel.init_distributed(1, 1)
     with torch.device("meta"):  # a template for the keys only: no second copy of the weights
-        template = build_model(RunConfig(model=info.model), layout,
-                               padded_vocab_size=info.padded_vocab_size, params_dtype=info.dtype)
+        template = build_model(
+            RunConfig(model=info.model),
+            layout,
+            padded_vocab_size=info.padded_vocab_size,
+            params_dtype=info.dtype,
+        )
     state, _ = checkpointing.load_full_state(ckpt, template)
     m = info.model
     shapes = Shapes(m.hidden_size, m.num_attention_heads, m.vocab_size, info.padded_vocab_size)
@@ -147,11 +184,16 @@ def convert_megatron_to_hf(load: str | Path, out: str | Path,
         import json
 
         (tmp / "config.json").write_text(json.dumps(hf_config_dict(m, info.dtype), indent=1))
-        tok_src = Path(tokenizer_dir) if tokenizer_dir else (
-            ckpt / TOKENIZER_SUBDIR if (ckpt / TOKENIZER_SUBDIR).is_dir() else None)
+        tok_src = (
+            Path(tokenizer_dir)
+            if tokenizer_dir
+            else (ckpt / TOKENIZER_SUBDIR if (ckpt / TOKENIZER_SUBDIR).is_dir() else None)
+        )
         if not write_tokenizer_files(tmp, m.vocab_size, tok_src):
-            print(f"> note: vocab_size {m.vocab_size} is not GPT-2's and no --tokenizer was given: "
-                  f"no tokenizer files written")
+            print(
+                f"> note: vocab_size {m.vocab_size} is not GPT-2's and no --tokenizer was given: "
+                f"no tokenizer files written"
+            )
         write_generation_config(tmp, m.vocab_size)
         if out.exists():
             shutil.rmtree(out)
@@ -159,5 +201,6 @@ def convert_megatron_to_hf(load: str | Path, out: str | Path,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return [out / p.name for p in files] + sorted(p for p in out.iterdir() if p.suffix == ".json"
-                                                  and p.name != "model.safetensors.index.json")
+    return [out / p.name for p in files] + sorted(
+        p for p in out.iterdir() if p.suffix == ".json" and p.name != "model.safetensors.index.json"
+    )

@@ -31,20 +31,32 @@ def model_config_from_hf(hf_dir: Path) -> tuple[ModelConfig, torch.dtype]:
         raise HFFormatError(f"{path}: model_type {c.get('model_type')!r} is not gpt2")
     act = c.get("activation_function", "gelu_new")
     if act not in (*_TANH_GELUS, "gelu"):
-        raise HFFormatError(f"{path}: activation_function {act!r} is not supported "
-                            f"(gelu_new, gelu_pytorch_tanh, gelu_fast or gelu)")
-    for key, ok in (("scale_attn_by_inverse_layer_idx", False), ("scale_attn_weights", True),
-                    ("tie_word_embeddings", True), ("add_cross_attention", False)):
+        raise HFFormatError(
+            f"{path}: activation_function {act!r} is not supported "
+            f"(gelu_new, gelu_pytorch_tanh, gelu_fast or gelu)"
+        )
+    for key, ok in (
+        ("scale_attn_by_inverse_layer_idx", False),
+        ("scale_attn_weights", True),
+        ("tie_word_embeddings", True),
+        ("add_cross_attention", False),
+    ):
         if c.get(key, ok) != ok:
             raise HFFormatError(f"{path}: {key}={c[key]} is not supported (needs {ok})")
     try:
         model = ModelConfig(
-            num_layers=c["n_layer"], hidden_size=c["n_embd"], num_attention_heads=c["n_head"],
-            ffn_hidden_size=c.get("n_inner"), max_position_embeddings=c["n_positions"],
-            vocab_size=c["vocab_size"], layernorm_epsilon=c.get("layer_norm_epsilon", 1e-5),
+            num_layers=c["n_layer"],
+            hidden_size=c["n_embd"],
+            num_attention_heads=c["n_head"],
+            ffn_hidden_size=c.get("n_inner"),
+            max_position_embeddings=c["n_positions"],
+            vocab_size=c["vocab_size"],
+            layernorm_epsilon=c.get("layer_norm_epsilon", 1e-5),
             activation="gelu" if act == "gelu" else "gelu_tanh",
-            hidden_dropout=c.get("resid_pdrop", 0.1), attention_dropout=c.get("attn_pdrop", 0.1),
-            init_method_std=c.get("initializer_range", 0.02))
+            hidden_dropout=c.get("resid_pdrop", 0.1),
+            attention_dropout=c.get("attn_pdrop", 0.1),
+            init_method_std=c.get("initializer_range", 0.02),
+        )
     except KeyError as exc:
         raise HFFormatError(f"{path}: missing field {exc}") from exc
     except ValueError as exc:
@@ -58,15 +70,23 @@ def hf_config_dict(m: ModelConfig, dtype: torch.dtype) -> dict:
     from transformers import GPT2Config
 
     cfg = GPT2Config(
-        vocab_size=m.vocab_size, n_positions=m.max_position_embeddings, n_embd=m.hidden_size,
-        n_layer=m.num_layers, n_head=m.num_attention_heads,
+        vocab_size=m.vocab_size,
+        n_positions=m.max_position_embeddings,
+        n_embd=m.hidden_size,
+        n_layer=m.num_layers,
+        n_head=m.num_attention_heads,
         n_inner=None if m.ffn_size == 4 * m.hidden_size else m.ffn_size,
         activation_function="gelu_new" if m.activation == "gelu_tanh" else "gelu",
-        resid_pdrop=m.hidden_dropout, embd_pdrop=m.hidden_dropout, attn_pdrop=m.attention_dropout,
-        layer_norm_epsilon=m.layernorm_epsilon, initializer_range=m.init_method_std,
+        resid_pdrop=m.hidden_dropout,
+        embd_pdrop=m.hidden_dropout,
+        attn_pdrop=m.attention_dropout,
+        layer_norm_epsilon=m.layernorm_epsilon,
+        initializer_range=m.init_method_std,
         bos_token_id=min(m.vocab_size, GPT2_VOCAB_SIZE) - 1,
         eos_token_id=min(m.vocab_size, GPT2_VOCAB_SIZE) - 1,
-        tie_word_embeddings=True, architectures=["GPT2LMHeadModel"])
+        tie_word_embeddings=True,
+        architectures=["GPT2LMHeadModel"],
+    )
     out = cfg.to_dict()
     out["torch_dtype"] = str(dtype).removeprefix("torch.")
     return out
@@ -87,20 +107,32 @@ def iter_hf_weights(hf_dir: Path) -> Iterator[tuple[str, Callable[[], torch.Tens
         return
     files = _weight_files(hf_dir, "pytorch_model.bin", "pytorch_model.bin.index.json")
     if not files:
-        raise HFFormatError(f"{hf_dir}: no model.safetensors(.index.json) or "
-                            f"pytorch_model.bin(.index.json) found")
+        raise HFFormatError(
+            f"{hf_dir}: no model.safetensors(.index.json) or pytorch_model.bin(.index.json) found"
+        )
     for file in files:
         try:
             state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
         except Exception as exc:  # noqa: BLE001 - name the file whatever went wrong
-            raise HFFormatError(f"{file}: cannot be read as a weights-only torch file ({exc})") from exc
+            raise HFFormatError(
+                f"{file}: cannot be read as a weights-only torch file ({exc})"
+            ) from exc
         for name in list(state):
             yield name, (lambda t=state.pop(name): t.clone())
 
 
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
-              "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
-              "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+_ST_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
 def _read_safetensors(file: Path) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
@@ -187,8 +219,9 @@ class ShardedSafetensorsWriter:
             path.rename(final)
             weight_map.update({name: final.name for name in names})
         index = self.out_dir / "model.safetensors.index.json"
-        index.write_text(json.dumps({"metadata": {"total_size": self.total},
-                                     "weight_map": weight_map}, indent=1))
+        index.write_text(
+            json.dumps({"metadata": {"total_size": self.total}, "weight_map": weight_map}, indent=1)
+        )
         return [self.out_dir / f for f in dict.fromkeys(weight_map.values())] + [index]
 
 
@@ -198,8 +231,13 @@ def write_tokenizer_files(out_dir: Path, vocab_size: int, tokenizer_dir: Optiona
     from transformers import GPT2TokenizerFast
 
     if tokenizer_dir is not None:
-        for name in ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json",
-                     "special_tokens_map.json"):
+        for name in (
+            "tokenizer.json",
+            "vocab.json",
+            "merges.txt",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+        ):
             if (Path(tokenizer_dir) / name).is_file():
                 shutil.copy(Path(tokenizer_dir) / name, out_dir / name)
         return True
@@ -218,4 +256,6 @@ def write_generation_config(out_dir: Path, vocab_size: int) -> None:
     from transformers import GenerationConfig
 
     eos = min(vocab_size, GPT2_VOCAB_SIZE) - 1
-    GenerationConfig(bos_token_id=eos, eos_token_id=eos, pad_token_id=eos).save_pretrained(str(out_dir))
+    GenerationConfig(bos_token_id=eos, eos_token_id=eos, pad_token_id=eos).save_pretrained(
+        str(out_dir)
+    )

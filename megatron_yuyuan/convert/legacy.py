@@ -43,7 +43,9 @@ def find_iteration_dir(path: Path) -> Path:
         return path / ("release" if it == "release" else f"iter_{int(it):07d}")
     if any(_RANK_DIR.match(p.name) for p in path.iterdir() if p.is_dir()):
         return path
-    raise LegacyFormatError(f"{path}: no latest_checkpointed_iteration.txt and no mp_rank_* folders")
+    raise LegacyFormatError(
+        f"{path}: no latest_checkpointed_iteration.txt and no mp_rank_* folders"
+    )
 
 
 def _load(file: Path, trust_pickle: bool) -> dict:
@@ -55,7 +57,8 @@ def _load(file: Path, trust_pickle: bool) -> dict:
         except Exception as exc:  # noqa: BLE001
             raise LegacyFormatError(
                 f"{file}: cannot be loaded with weights_only=True ({str(exc)[:200]}); if you trust "
-                f"this file, pass --trust-pickle") from exc
+                f"this file, pass --trust-pickle"
+            ) from exc
 
 
 def _qkv_to_mcore(t: torch.Tensor, version: float, local_heads: int) -> torch.Tensor:
@@ -66,7 +69,9 @@ def _qkv_to_mcore(t: torch.Tensor, version: float, local_heads: int) -> torch.Te
         return t
     if version == 1.0:  # [heads, hn, 3]
         return t.view(local_heads, hn, 3, *rest).transpose(1, 2).reshape(t.shape).contiguous()
-    return t.view(3, local_heads, hn, *rest).transpose(0, 1).reshape(t.shape).contiguous()  # [3, heads, hn]
+    return (
+        t.view(3, local_heads, hn, *rest).transpose(0, 1).reshape(t.shape).contiguous()
+    )  # [3, heads, hn]
 
 
 def model_config_from_args(args: argparse.Namespace, vocab_size: Optional[int]) -> ModelConfig:
@@ -77,17 +82,23 @@ def model_config_from_args(args: argparse.Namespace, vocab_size: Optional[int]) 
         else:
             raise LegacyFormatError(f"tokenizer_type {a.get('tokenizer_type')}: pass --vocab-size")
     gelu = "gelu_tanh" if a.get("openai_gelu") or a.get("bias_gelu_fusion", True) else "gelu"
-    return ModelConfig(num_layers=a["num_layers"], hidden_size=a["hidden_size"],
-                       num_attention_heads=a["num_attention_heads"],
-                       ffn_hidden_size=a.get("ffn_hidden_size"),
-                       max_position_embeddings=a["max_position_embeddings"], vocab_size=vocab_size,
-                       layernorm_epsilon=a.get("layernorm_epsilon", 1e-5), activation=gelu,
-                       hidden_dropout=a.get("hidden_dropout", 0.1),
-                       attention_dropout=a.get("attention_dropout", 0.1))
+    return ModelConfig(
+        num_layers=a["num_layers"],
+        hidden_size=a["hidden_size"],
+        num_attention_heads=a["num_attention_heads"],
+        ffn_hidden_size=a.get("ffn_hidden_size"),
+        max_position_embeddings=a["max_position_embeddings"],
+        vocab_size=vocab_size,
+        layernorm_epsilon=a.get("layernorm_epsilon", 1e-5),
+        activation=gelu,
+        hidden_dropout=a.get("hidden_dropout", 0.1),
+        attention_dropout=a.get("attention_dropout", 0.1),
+    )
 
 
-def read_legacy_checkpoint(path: Path, vocab_size: Optional[int] = None, trust_pickle: bool = False
-                           ) -> tuple[ModelConfig, int, dict[str, torch.Tensor]]:
+def read_legacy_checkpoint(
+    path: Path, vocab_size: Optional[int] = None, trust_pickle: bool = False
+) -> tuple[ModelConfig, int, dict[str, torch.Tensor]]:
     """(ModelConfig, padded vocab, full tensors under megatron-core names)."""
     it_dir = find_iteration_dir(path)
     ranks: dict[tuple[int, int], Path] = {}
@@ -101,7 +112,9 @@ def read_legacy_checkpoint(path: Path, vocab_size: Optional[int] = None, trust_p
     tp = max(t for _, t in ranks) + 1
     first = _load(ranks[(0, 0)], trust_pickle)
     if "args" not in first or "model" not in first:
-        raise LegacyFormatError(f"{ranks[(0, 0)]}: no 'args'/'model' entries: not a Megatron-LM checkpoint")
+        raise LegacyFormatError(
+            f"{ranks[(0, 0)]}: no 'args'/'model' entries: not a Megatron-LM checkpoint"
+        )
     model_cfg = model_config_from_args(first["args"], vocab_size)
     version = float(first.get("checkpoint_version", 0) or 0)
     padded = vars(first["args"]).get("padded_vocab_size")
@@ -124,7 +137,9 @@ def read_legacy_checkpoint(path: Path, vocab_size: Optional[int] = None, trust_p
                     continue
                 m = re.match(r"layers\.(\d+)\.(.+)\.(weight|bias)$", name)
                 if not m or m.group(2) not in LEGACY_LAYER_TO_MCORE:
-                    raise LegacyFormatError(f"{ranks[(p, t)]}: unexpected weight language_model.{name}")
+                    raise LegacyFormatError(
+                        f"{ranks[(p, t)]}: unexpected weight language_model.{name}"
+                    )
                 layer = int(m.group(1)) + p * layers_per_stage
                 legacy = f"{m.group(2)}.{m.group(3)}"
                 if m.group(2) == "self_attention.query_key_value":

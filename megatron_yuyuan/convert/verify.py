@@ -12,9 +12,11 @@ from megatron_yuyuan.config import RunConfig
 from megatron_yuyuan.model import build_model
 from megatron_yuyuan.tokenizer import load_tokenizer
 
-SAMPLE_TEXT = ("Question:What are the symptoms of Holmes-Adie syndrome ? answer: Holmes-Adie "
-               "syndrome is a neurological disorder affecting the pupil of the eye and the "
-               "autonomic nervous system. Most people with the syndrome have a larger pupil.")
+SAMPLE_TEXT = (
+    "Question:What are the symptoms of Holmes-Adie syndrome ? answer: Holmes-Adie "
+    "syndrome is a neurological disorder affecting the pupil of the eye and the "
+    "autonomic nervous system. Most people with the syndrome have a larger pupil."
+)
 
 
 @dataclass
@@ -24,8 +26,10 @@ class Parity:
     tokens: int
 
     def line(self) -> str:
-        return (f"logit parity over {self.tokens} tokens (fp32): max |diff| = {self.max_abs_diff:.3e}, "
-                f"top-1 agreement = {100 * self.top1_agreement:.2f}%")
+        return (
+            f"logit parity over {self.tokens} tokens (fp32): max |diff| = {self.max_abs_diff:.3e}, "
+            f"top-1 agreement = {100 * self.top1_agreement:.2f}%"
+        )
 
 
 def sample_ids(vocab_size: int, max_len: int) -> torch.Tensor:
@@ -58,13 +62,16 @@ def hf_logits(hf_dir: str | Path, ids: torch.Tensor) -> torch.Tensor:
 
 
 def compare(a: torch.Tensor, b: torch.Tensor) -> Parity:
-    return Parity(max_abs_diff=float((a - b).abs().max()),
-                  top1_agreement=float((a.argmax(-1) == b.argmax(-1)).float().mean()),
-                  tokens=a.shape[0] * a.shape[1])
+    return Parity(
+        max_abs_diff=float((a - b).abs().max()),
+        top1_agreement=float((a.argmax(-1) == b.argmax(-1)).float().mean()),
+        tokens=a.shape[0] * a.shape[1],
+    )
 
 
-def verify(hf_dir: str | Path, load: str | Path, tolerance: float, tp: int = 1
-           ) -> tuple[Parity, bool]:
+def verify(
+    hf_dir: str | Path, load: str | Path, tolerance: float, tp: int = 1
+) -> tuple[Parity, bool]:
     """Parity between an HF directory and a megatron-core checkpoint of the same weights."""
     info = checkpointing.read_info(checkpointing.resolve(load))
     ids = sample_ids(info.model.vocab_size, min(64, info.model.max_position_embeddings))
@@ -88,8 +95,10 @@ def main(argv=None) -> int:
     cpu_compat.apply_if_no_cuda()
     try:
         parity, ok = verify(args.hf_dir, args.load, args.tolerance, args.tensor_model_parallel_size)
-        parallel.print_rank_0(f"> TP={args.tensor_model_parallel_size} {parity.line()} "
-                              f"[{'OK' if ok else 'FAIL'}, tolerance {args.tolerance:g}]")
+        parallel.print_rank_0(
+            f"> TP={args.tensor_model_parallel_size} {parity.line()} "
+            f"[{'OK' if ok else 'FAIL'}, tolerance {args.tolerance:g}]"
+        )
     finally:
         parallel.destroy_distributed()
     return 0 if ok else 1

@@ -18,13 +18,22 @@ HF_TO_MCORE: dict[str, tuple[str, str]] = {
     "transformer.wpe.weight": ("embedding.position_embeddings.weight", "copy"),
     "transformer.h.{}.ln_1.weight": ("decoder.layers.{}.input_layernorm.weight", "copy"),
     "transformer.h.{}.ln_1.bias": ("decoder.layers.{}.input_layernorm.bias", "copy"),
-    "transformer.h.{}.attn.c_attn.weight": ("decoder.layers.{}.self_attention.linear_qkv.weight",
-                                            "qkv_weight"),
-    "transformer.h.{}.attn.c_attn.bias": ("decoder.layers.{}.self_attention.linear_qkv.bias",
-                                          "qkv_bias"),
-    "transformer.h.{}.attn.c_proj.weight": ("decoder.layers.{}.self_attention.linear_proj.weight",
-                                            "transpose"),
-    "transformer.h.{}.attn.c_proj.bias": ("decoder.layers.{}.self_attention.linear_proj.bias", "copy"),
+    "transformer.h.{}.attn.c_attn.weight": (
+        "decoder.layers.{}.self_attention.linear_qkv.weight",
+        "qkv_weight",
+    ),
+    "transformer.h.{}.attn.c_attn.bias": (
+        "decoder.layers.{}.self_attention.linear_qkv.bias",
+        "qkv_bias",
+    ),
+    "transformer.h.{}.attn.c_proj.weight": (
+        "decoder.layers.{}.self_attention.linear_proj.weight",
+        "transpose",
+    ),
+    "transformer.h.{}.attn.c_proj.bias": (
+        "decoder.layers.{}.self_attention.linear_proj.bias",
+        "copy",
+    ),
     "transformer.h.{}.ln_2.weight": ("decoder.layers.{}.pre_mlp_layernorm.weight", "copy"),
     "transformer.h.{}.ln_2.bias": ("decoder.layers.{}.pre_mlp_layernorm.bias", "copy"),
     "transformer.h.{}.mlp.c_fc.weight": ("decoder.layers.{}.mlp.linear_fc1.weight", "transpose"),
@@ -50,7 +59,7 @@ def template(name: str) -> tuple[str, Optional[int]]:
     m = _LAYER.search(name)
     if not m:
         return name, None
-    return name[:m.start()] + ".{}." + name[m.end():], int(m.group(1))
+    return name[: m.start()] + ".{}." + name[m.end() :], int(m.group(1))
 
 
 def normalize_hf_name(name: str) -> str:
@@ -95,7 +104,9 @@ def _qkv_bias_to_hf(b: torch.Tensor, s: Shapes) -> torch.Tensor:
 def _pad_vocab(w: torch.Tensor, s: Shapes) -> torch.Tensor:
     """Zero rows up to the padded vocabulary (the loss masks them out)."""
     if w.shape[0] != s.vocab_size:
-        raise ValueError(f"word embeddings have {w.shape[0]} rows, config vocab_size is {s.vocab_size}")
+        raise ValueError(
+            f"word embeddings have {w.shape[0]} rows, config vocab_size is {s.vocab_size}"
+        )
     out = w.new_zeros((s.padded_vocab_size, w.shape[1]))
     out[: s.vocab_size] = w
     return out
@@ -115,7 +126,9 @@ TRANSFORMS: dict[str, tuple[Callable, Callable]] = {
 }
 
 
-def hf_to_mcore(name: str, tensor: torch.Tensor, shapes: Shapes) -> Optional[tuple[str, torch.Tensor]]:
+def hf_to_mcore(
+    name: str, tensor: torch.Tensor, shapes: Shapes
+) -> Optional[tuple[str, torch.Tensor]]:
     """Map one HF tensor; None for keys that carry nothing (see HF_IGNORED). Unknown keys raise."""
     name = normalize_hf_name(name)
     tmpl, layer = template(name)
@@ -127,12 +140,16 @@ def hf_to_mcore(name: str, tensor: torch.Tensor, shapes: Shapes) -> Optional[tup
     try:
         return mname.format(layer), TRANSFORMS[transform][0](tensor, shapes)
     except RuntimeError as exc:  # a reshape that cannot fit: config.json and weights disagree
-        raise ValueError(f"HF weight {name} has shape {tuple(tensor.shape)}, which does not fit "
-                         f"config.json (hidden {shapes.hidden_size}, heads {shapes.num_heads}, "
-                         f"vocab {shapes.vocab_size})") from exc
+        raise ValueError(
+            f"HF weight {name} has shape {tuple(tensor.shape)}, which does not fit "
+            f"config.json (hidden {shapes.hidden_size}, heads {shapes.num_heads}, "
+            f"vocab {shapes.vocab_size})"
+        ) from exc
 
 
-def mcore_to_hf(name: str, tensor: torch.Tensor, shapes: Shapes) -> Optional[tuple[str, torch.Tensor]]:
+def mcore_to_hf(
+    name: str, tensor: torch.Tensor, shapes: Shapes
+) -> Optional[tuple[str, torch.Tensor]]:
     """Map one megatron-core tensor; None for keys without an HF counterpart. Unknown keys raise."""
     if name.endswith(MCORE_IGNORED_SUFFIXES):
         return None

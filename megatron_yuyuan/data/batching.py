@@ -5,8 +5,14 @@ from __future__ import annotations
 from typing import Iterator
 
 
-def micro_batch_indices(*, start_iteration: int, global_batch_size: int, micro_batch_size: int,
-                        dp_size: int, dp_rank: int) -> Iterator[list[int]]:
+def micro_batch_indices(
+    *,
+    start_iteration: int,
+    global_batch_size: int,
+    micro_batch_size: int,
+    dp_size: int,
+    dp_rank: int,
+) -> Iterator[list[int]]:
     """Global sample indices of this DP rank's micro-batches, iteration after iteration.
 
     Iteration ``it`` covers samples ``[it * G, (it + 1) * G)``; DP rank ``r`` takes the contiguous

@@ -31,8 +31,12 @@ def tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp{os.getpid()}")
 
 
-def write_qa_documents(prefix: Path, prompts: Sequence[Sequence[int]],
-                       answers: Sequence[Sequence[int]], vocab_size: int) -> dict[str, Path]:
+def write_qa_documents(
+    prefix: Path,
+    prompts: Sequence[Sequence[int]],
+    answers: Sequence[Sequence[int]],
+    vocab_size: int,
+) -> dict[str, Path]:
     """Write ``{prefix}.bin/.idx`` to temporary names; returns {final path: temporary path}.
 
     Args:
@@ -57,8 +61,10 @@ def dataset_exists(prefix: str | Path) -> bool:
 def open_indexed(prefix: str | Path) -> IndexedDataset:
     """megatron-core's reader over ``{prefix}.bin/.idx``."""
     if not dataset_exists(prefix):
-        raise FileNotFoundError(f"no indexed dataset at {prefix}.bin/.idx; create it with "
-                                f"python -m tools.preprocess_medquad --output-prefix ...")
+        raise FileNotFoundError(
+            f"no indexed dataset at {prefix}.bin/.idx; create it with "
+            f"python -m tools.preprocess_medquad --output-prefix ..."
+        )
     return IndexedDataset(str(prefix))
 
 
@@ -70,11 +76,17 @@ def read_qa_documents(prefix: str | Path) -> list[QAPairTokens]:
     for d in range(len(docs) - 1):
         first, last = int(docs[d]), int(docs[d + 1])
         if last - first != 2:
-            raise ValueError(f"{prefix}: document {d} has {last - first} sequences; expected 2 "
-                             f"(prompt, answer): was it written by tools/preprocess_medquad.py?")
+            raise ValueError(
+                f"{prefix}: document {d} has {last - first} sequences; expected 2 "
+                f"(prompt, answer): was it written by tools/preprocess_medquad.py?"
+            )
         # Copy out of the memory map: the views die with the reader.
-        out.append(QAPairTokens(prompt=np.array(ds[first], dtype=np.int64),
-                                answer=np.array(ds[first + 1], dtype=np.int64)))
+        out.append(
+            QAPairTokens(
+                prompt=np.array(ds[first], dtype=np.int64),
+                answer=np.array(ds[first + 1], dtype=np.int64),
+            )
+        )
     return out
 
 
@@ -82,6 +94,8 @@ def read_meta(prefix: str | Path) -> dict:
     """The ``{prefix}_meta.json`` written beside the splits (tokenizer, EOS id, vocab size)."""
     path = Path(f"{prefix}_meta.json")
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: it is written by tools/preprocess_medquad.py "
-                                f"next to the {prefix}_{{train,valid,test}} files")
+        raise FileNotFoundError(
+            f"{path} not found: it is written by tools/preprocess_medquad.py "
+            f"next to the {prefix}_{{train,valid,test}} files"
+        )
     return json.loads(path.read_text())

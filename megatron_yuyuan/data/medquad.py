@@ -83,9 +83,11 @@ def read_xml(path: Path) -> ET.Element:
     try:
         data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise MedQuADError(f"{path}: not valid UTF-8 at byte {exc.start} "
-                           f"({data[max(0, exc.start - 20):exc.start + 20]!r}); MedQuAD files are "
-                           f"UTF-8: re-download or fix the file") from exc
+        raise MedQuADError(
+            f"{path}: not valid UTF-8 at byte {exc.start} "
+            f"({data[max(0, exc.start - 20) : exc.start + 20]!r}); MedQuAD files are "
+            f"UTF-8: re-download or fix the file"
+        ) from exc
     try:
         return ET.fromstring(data)
     except ET.ParseError as exc:
@@ -96,8 +98,10 @@ def parse_file(path: Path) -> tuple[list[QARecord], ParseStats]:
     """All answered pairs in one MedQuAD XML file."""
     root = read_xml(path)
     if root.tag not in _LAYOUTS:
-        raise MedQuADError(f"{path}: unknown root element <{root.tag}>; expected one of "
-                           f"{', '.join('<%s>' % t for t in _LAYOUTS)}")
+        raise MedQuADError(
+            f"{path}: unknown root element <{root.tag}>; expected one of "
+            f"{', '.join('<%s>' % t for t in _LAYOUTS)}"
+        )
     source_attr, focus_path, pair_path, q_tag, a_tag = _LAYOUTS[root.tag]
     folder = path.parent.name
     stats = ParseStats()
@@ -117,8 +121,16 @@ def parse_file(path: Path) -> tuple[list[QARecord], ParseStats]:
             stats.empty_answers[folder] += 1
             continue
         qid = q_el.get("qid") or f"{path.stem}-{pair.get('pid')}"
-        records.append(QARecord(id=f"{folder}/{path.stem}/{qid}", question=question, answer=answer,
-                                qtype=q_el.get("qtype", ""), source=source, focus=focus))
+        records.append(
+            QARecord(
+                id=f"{folder}/{path.stem}/{qid}",
+                question=question,
+                answer=answer,
+                qtype=q_el.get("qtype", ""),
+                source=source,
+                focus=focus,
+            )
+        )
     return records, stats
 
 
@@ -126,8 +138,10 @@ def find_xml_files(root: Path) -> list[Path]:
     """Every ``*.xml`` under ``root`` (one folder per collection), sorted for determinism."""
     root = Path(root)
     if not root.is_dir():
-        raise MedQuADError(f"--input {root}: no such directory; point it at the MedQuAD folder "
-                           f"holding 1_CancerGov_QA/, 2_GARD_QA/, ...")
+        raise MedQuADError(
+            f"--input {root}: no such directory; point it at the MedQuAD folder "
+            f"holding 1_CancerGov_QA/, 2_GARD_QA/, ..."
+        )
     files = sorted(root.rglob("*.xml"))
     if not files:
         raise MedQuADError(f"--input {root}: no .xml files found under it")
@@ -152,18 +166,22 @@ def parse_medquad(root: Path) -> tuple[list[QARecord], ParseStats]:
 
 
 # --- optional cleaners ------------------------------------------------------------------------
-_HPO_NOTE = re.compile(r"\s*The Human Phenotype Ontology \(HPO\) has collected information on how "
-                       r"often a sign or symptom occurs in a condition\..*$")
+_HPO_NOTE = re.compile(
+    r"\s*The Human Phenotype Ontology \(HPO\) has collected information on how "
+    r"often a sign or symptom occurs in a condition\..*$"
+)
 _VIDEO_NOTE = re.compile(r"\s*\(Watch the video to learn more[^()]*(\([^()]*\)[^()]*)*\)")
-_HEADING_QUESTION = re.compile(r"^((?:What|How|Is|Are|Can|Who|Do|Does|When|Why|Which)\b[^?]{3,200}\?)"
-                               r"\s+(?=\S)")
+_HEADING_QUESTION = re.compile(
+    r"^((?:What|How|Is|Are|Can|Who|Do|Does|When|Why|Which)\b[^?]{3,200}\?)"
+    r"\s+(?=\S)"
+)
 
 
 def drop_key_points(answer: str) -> str:
     """CancerGov: drop the 'Key Points - a - b - c' summary, repeated verbatim as headings below."""
     if not answer.startswith("Key Points - "):
         return answer
-    body = answer[len("Key Points - "):]
+    body = answer[len("Key Points - ") :]
     first = body.split(" - ", 1)[0]
     again = body.find(first, len(first))
     return body[again:] if again > 0 else answer
@@ -183,12 +201,15 @@ CLEANERS: dict[str, Callable[[str], str]] = {
 """Named, optional answer cleaners (``--clean NAME[,NAME]``); see shared/notes/medquad.md §6."""
 
 
-def clean_records(records: Iterable[QARecord], cleaners: Sequence[str]) -> tuple[list[QARecord], int]:
+def clean_records(
+    records: Iterable[QARecord], cleaners: Sequence[str]
+) -> tuple[list[QARecord], int]:
     """Apply the named cleaners; records whose answer becomes empty are dropped (count returned)."""
     unknown = set(cleaners) - set(CLEANERS)
     if unknown:
-        raise MedQuADError(f"--clean: unknown cleaner(s) {sorted(unknown)}; choose from "
-                           f"{sorted(CLEANERS)}")
+        raise MedQuADError(
+            f"--clean: unknown cleaner(s) {sorted(unknown)}; choose from {sorted(CLEANERS)}"
+        )
     out, emptied = [], 0
     for rec in records:
         answer = rec.answer
@@ -245,8 +266,9 @@ def leakage_groups(records: Sequence[QARecord]) -> list[list[int]]:
     return list(groups.values())
 
 
-def split_records(records: Sequence[QARecord], valid_size: int, test_size: int,
-                  seed: int) -> dict[str, list[QARecord]]:
+def split_records(
+    records: Sequence[QARecord], valid_size: int, test_size: int, seed: int
+) -> dict[str, list[QARecord]]:
     """Deterministic, leakage-free split.
 
     Groups (:func:`leakage_groups`) are visited in the order of ``sha256(seed:first id)``; a group
@@ -255,13 +277,15 @@ def split_records(records: Sequence[QARecord], valid_size: int, test_size: int,
     hundreds of questions) cannot fit; those stay in train.
     """
     groups = leakage_groups(records)
-    order = sorted(groups, key=lambda g: hashlib.sha256(
-        f"{seed}:{records[g[0]].id}".encode()).hexdigest())
+    order = sorted(
+        groups, key=lambda g: hashlib.sha256(f"{seed}:{records[g[0]].id}".encode()).hexdigest()
+    )
     want = {"test": test_size, "valid": valid_size}
     splits: dict[str, list[QARecord]] = {"train": [], "valid": [], "test": []}
     for group in order:
-        target = next((s for s in ("test", "valid") if len(splits[s]) + len(group) <= want[s]),
-                      "train")
+        target = next(
+            (s for s in ("test", "valid") if len(splits[s]) + len(group) <= want[s]), "train"
+        )
         splits[target].extend(records[i] for i in group)
     for name in splits:
         splits[name].sort(key=lambda r: r.id)

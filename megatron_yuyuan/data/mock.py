@@ -19,13 +19,14 @@ def mock_sample(index: int, seq_length: int, vocab_size: int, seed: int) -> torc
     return (start + stride * torch.arange(seq_length + 1)) % vocab_size
 
 
-def mock_batch(indices: list[int], seq_length: int, vocab_size: int,
-               seed: int) -> dict[str, torch.Tensor]:
+def mock_batch(
+    indices: list[int], seq_length: int, vocab_size: int, seed: int
+) -> dict[str, torch.Tensor]:
     """The micro-batch made of samples ``indices``: every token trained, plain causal attention."""
     ids = torch.stack([mock_sample(i, seq_length, vocab_size, seed) for i in indices])  # [b, s + 1]
     return {
-        "tokens": ids[:, :-1].contiguous(),                                 # [b, s]
-        "labels": ids[:, 1:].contiguous(),                                  # [b, s]
-        "loss_mask": torch.ones(len(indices), seq_length),                  # [b, s]
+        "tokens": ids[:, :-1].contiguous(),  # [b, s]
+        "labels": ids[:, 1:].contiguous(),  # [b, s]
+        "loss_mask": torch.ones(len(indices), seq_length),  # [b, s]
         "position_ids": torch.arange(seq_length).expand(len(indices), -1),  # [b, s]
     }

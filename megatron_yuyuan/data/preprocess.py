@@ -16,7 +16,7 @@ from functools import partial
 from multiprocessing import get_context
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -54,7 +54,9 @@ class PreprocessReport:
 
     @property
     def answered_pairs(self) -> int:
-        return self.pairs_read - sum(self.dropped_empty_answer.values()) - self.dropped_empty_question
+        return (
+            self.pairs_read - sum(self.dropped_empty_answer.values()) - self.dropped_empty_question
+        )
 
     def lines(self) -> list[str]:
         total_tokens = sum(self.split_tokens.values())
@@ -68,9 +70,13 @@ class PreprocessReport:
             f"  dropped: emptied by cleaners {self.dropped_by_cleaners:>3,}",
             f"  exact duplicates      {self.duplicates_dropped:>10,}",
             f"answered pairs          {self.answered_pairs:>10,}",
-            "splits                  " + "  ".join(
-                f"{s} {self.split_pairs[s]:,} pairs / {self.split_tokens[s]:,} tokens" for s in SPLITS),
-            "pairs longer than       " + "  ".join(f"{k}: {v:,}" for k, v in self.longer_than.items())
+            "splits                  "
+            + "  ".join(
+                f"{s} {self.split_pairs[s]:,} pairs / {self.split_tokens[s]:,} tokens"
+                for s in SPLITS
+            ),
+            "pairs longer than       "
+            + "  ".join(f"{k}: {v:,}" for k, v in self.longer_than.items())
             + "  (truncated at the answer's end when training at that --seq-length)",
             f"throughput              {written / self.seconds:,.0f} docs/s, "
             f"{total_tokens / self.seconds:,.0f} tokens/s ({self.seconds:.2f} s)",
@@ -81,10 +87,11 @@ class PreprocessReport:
         return {k: v for k, v in self.__dict__.items() if k not in ("outputs", "seconds")}
 
 
-def process_all(files: Sequence[Path], cleaners: Sequence[str], tokenizer: str, workers: int,
-                progress: bool) -> ChunkResult:
+def process_all(
+    files: Sequence[Path], cleaners: Sequence[str], tokenizer: str, workers: int, progress: bool
+) -> ChunkResult:
     """Run :func:`process_files` over chunks of files in ``workers`` processes, in file order."""
-    chunks = [files[i:i + 128] for i in range(0, len(files), 128)]
+    chunks = [files[i : i + 128] for i in range(0, len(files), 128)]
     total = ChunkResult([], [], [], ParseStats(), 0)
     with tqdm(total=len(files), desc="parse+tokenize", unit="file", disable=not progress) as bar:
         if workers > 1:
@@ -112,9 +119,17 @@ def _merge(total: ChunkResult, part: ChunkResult) -> None:
     total.emptied += part.emptied
 
 
-def preprocess_medquad(input_dir: Path, output_prefix: str, tokenizer: str = "gpt2", workers: int = 2,
-                       valid_size: int = 500, test_size: int = 500, seed: int = 1234,
-                       cleaners: Sequence[str] = (), progress: bool = True) -> PreprocessReport:
+def preprocess_medquad(
+    input_dir: Path,
+    output_prefix: str,
+    tokenizer: str = "gpt2",
+    workers: int = 2,
+    valid_size: int = 500,
+    test_size: int = 500,
+    seed: int = 1234,
+    cleaners: Sequence[str] = (),
+    progress: bool = True,
+) -> PreprocessReport:
     """Run the whole pipeline; see the module docstring for the outputs."""
     start = time.perf_counter()
     report = PreprocessReport()
@@ -152,17 +167,29 @@ def preprocess_medquad(input_dir: Path, output_prefix: str, tokenizer: str = "gp
             with pending[jsonl].open("w") as f:
                 for rec in recs:
                     f.write(json.dumps(rec.to_json(), ensure_ascii=False) + "\n")
-            pending.update(write_qa_documents(Path(f"{output_prefix}_{name}"), prompts[sl],
-                                              answers[sl], tok.vocab_size))
+            pending.update(
+                write_qa_documents(
+                    Path(f"{output_prefix}_{name}"), prompts[sl], answers[sl], tok.vocab_size
+                )
+            )
             report.split_pairs[name] = len(recs)
             report.split_tokens[name] = int(lengths[sl].sum())
         meta = Path(f"{output_prefix}_meta.json")
         pending[meta] = tmp_name(meta)
-        pending[meta].write_text(json.dumps({
-            "tokenizer": tok.name, "vocab_size": tok.vocab_size, "eod": tok.eod,
-            "template": PROMPT_TEMPLATE + " {answer}<eod>", "seed": seed,
-            "cleaners": list(cleaners), "report": report.to_dict(),
-        }, indent=1))
+        pending[meta].write_text(
+            json.dumps(
+                {
+                    "tokenizer": tok.name,
+                    "vocab_size": tok.vocab_size,
+                    "eod": tok.eod,
+                    "template": PROMPT_TEMPLATE + " {answer}<eod>",
+                    "seed": seed,
+                    "cleaners": list(cleaners),
+                    "report": report.to_dict(),
+                },
+                indent=1,
+            )
+        )
         for final, tmp in pending.items():  # all complete: publish
             tmp.replace(final)
     except BaseException:

@@ -44,8 +44,9 @@ def prepare_pairs(docs: Sequence[QAPairTokens], seq_length: int) -> list[Pair]:
     for doc in docs:
         tokens = np.concatenate([doc.prompt, doc.answer])
         truncated = len(tokens) > seq_length + 1
-        pairs.append(Pair(tokens=tokens[: seq_length + 1], prompt_len=len(doc.prompt),
-                          truncated=truncated))
+        pairs.append(
+            Pair(tokens=tokens[: seq_length + 1], prompt_len=len(doc.prompt), truncated=truncated)
+        )
     return pairs
 
 
@@ -87,8 +88,14 @@ class QADataset:
         seed: shuffling seed.
     """
 
-    def __init__(self, prefix: str, seq_length: int, packing: bool = True,
-                 train_on_prompt: bool = False, seed: int = 1234) -> None:
+    def __init__(
+        self,
+        prefix: str,
+        seq_length: int,
+        packing: bool = True,
+        train_on_prompt: bool = False,
+        seed: int = 1234,
+    ) -> None:
         self.prefix = prefix
         self.seq_length = seq_length
         self.packing = packing
@@ -138,19 +145,22 @@ class QADataset:
         for k, i in enumerate(pair_ids):
             pair = self.pairs[i]
             n = len(pair.tokens) - 1  # positions this pair occupies
-            tokens[pos:pos + n] = pair.tokens[:-1]
-            labels[pos:pos + n] = pair.tokens[1:]
+            tokens[pos : pos + n] = pair.tokens[:-1]
+            labels[pos : pos + n] = pair.tokens[1:]
             # label t is tokens[t + 1]: an answer token when t + 1 >= prompt_len.
             first_trained = 0 if self.train_on_prompt else max(pair.prompt_len - 1, 0)
-            loss_mask[pos + first_trained:pos + n] = 1.0
-            position_ids[pos:pos + n] = np.arange(n)
-            segment[pos:pos + n] = k
+            loss_mask[pos + first_trained : pos + n] = 1.0
+            position_ids[pos : pos + n] = np.arange(n)
+            segment[pos : pos + n] = k
             pos += n
         position_ids[pos:] = np.arange(length - pos)  # padding: harmless, masked positions
-        return {"tokens": torch.from_numpy(tokens), "labels": torch.from_numpy(labels),
-                "loss_mask": torch.from_numpy(loss_mask),
-                "position_ids": torch.from_numpy(position_ids),
-                "segment_ids": torch.from_numpy(segment)}
+        return {
+            "tokens": torch.from_numpy(tokens),
+            "labels": torch.from_numpy(labels),
+            "loss_mask": torch.from_numpy(loss_mask),
+            "position_ids": torch.from_numpy(position_ids),
+            "segment_ids": torch.from_numpy(segment),
+        }
 
     def micro_batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         """Collate samples ``indices`` into one micro-batch."""

@@ -35,14 +35,16 @@ def init_worker(tokenizer_spec: str) -> None:
     _worker_tokenizer = load_tokenizer(tokenizer_spec)
 
 
-def process_files(paths: Sequence[Path], cleaners: Sequence[str],
-                  tokenizer: Optional[Tokenizer] = None) -> ChunkResult:
+def process_files(
+    paths: Sequence[Path], cleaners: Sequence[str], tokenizer: Optional[Tokenizer] = None
+) -> ChunkResult:
     """Parse + clean + tokenise: prompt ids, and answer ids followed by EOS, per pair."""
     tok = tokenizer or _worker_tokenizer
     records, stats = parse_files(paths)
     records, emptied = clean_records(records, cleaners)
-    ids = tok.encode_batch([format_prompt(r.question) for r in records]
-                           + [format_answer(r.answer) for r in records])
+    ids = tok.encode_batch(
+        [format_prompt(r.question) for r in records] + [format_answer(r.answer) for r in records]
+    )
     n = len(records)
     prompts = [np.asarray(p, dtype=np.int32) for p in ids[:n]]
     answers = [np.asarray(a + [tok.eod], dtype=np.int32) for a in ids[n:]]
