@@ -164,10 +164,10 @@ def run_generate(nproc, models, out, extra):
 
 @pytest.mark.parametrize(
     "layout",
-    [["--tensor-model-parallel-size", "2"], ["--pipeline-model-parallel-size", "2"]],
-    ids=["tp2", "pp2"],
+    [["--tensor-model-parallel-size", "2"], ["--pipeline-model-parallel-size", "2"], []],
+    ids=["tp2", "pp2", "dp2"],  # dp2: the two ranks split the questions, rank 0 re-orders them
 )
-def test_tp2_and_pp2_generate_the_same_tokens_as_tp1(models, tmp_path, megatron_generator, layout):
+def test_parallel_layouts_generate_the_same_tokens_as_tp1(models, tmp_path, megatron_generator, layout):
     ref = tmp_path / "tp1.jsonl"
     generate_file(
         megatron_generator, models / "questions.jsonl", ref, SamplingConfig(max_new_tokens=12), 2
