@@ -28,7 +28,7 @@ def _arg_kwargs(tp: Any) -> dict[str, Any]:
         return {"type": type(choices[0]), "choices": choices}
     if tp is bool:
         return {"action": argparse.BooleanOptionalAction}
-    return {"type": tp}
+    return {"type": tp, "metavar": tp.__name__.upper()}
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
