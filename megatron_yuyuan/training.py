@@ -196,15 +196,19 @@ def build_data_iterator(
     return (dataset.micro_batch(idx) for idx in indices)
 
 
-def _reduce_loss(losses: list[dict], layout: Layout) -> tuple[float, int]:
-    """Token-weighted mean loss of the step and the positions processed, on every rank."""
-    total = torch.zeros(3, dtype=torch.float64)  # loss sum, loss tokens, positions
+def _reduce_loss(losses: list[dict], layout: Layout, total: Optional[torch.Tensor] = None
+                 ) -> tuple[float, int]:
+    """Token-weighted mean loss and the positions processed, summed over micro-batches, DP ranks
+    and (from the last stage) known on every pipeline stage."""
+    if total is None:
+        total = torch.zeros(3, dtype=torch.float64)  # loss sum, loss tokens, positions
     for item in losses:  # non-empty on the last stage only
         total += item["lm loss"].to(torch.float64).cpu()
-    if dist.get_backend() == "nccl":
-        total = total.cuda()
-    dist.all_reduce(total, group=parallel.dp_group())
-    dist.broadcast(total, src=parallel.pp_last_rank(), group=parallel.pp_group())
+    if layout.dp > 1 or layout.pp > 1:  # collectives on one-rank groups only cost time
+        if dist.get_backend() == "nccl":
+            total = total.cuda()
+        dist.all_reduce(total, group=parallel.dp_group())
+        dist.broadcast(total, src=parallel.pp_last_rank(), group=parallel.pp_group())
     return float(total[0] / total[1].clamp(min=1)), int(total[2])
 
 
@@ -255,11 +259,7 @@ def validation_loss(state: TrainState, forward_backward: Callable) -> float:
         for item in losses:
             total += item["lm loss"].to(torch.float64).cpu()
     state.model.train()
-    if dist.get_backend() == "nccl":
-        total = total.cuda()
-    dist.all_reduce(total, group=parallel.dp_group())
-    dist.broadcast(total, src=parallel.pp_last_rank(), group=parallel.pp_group())
-    return float(total[0] / total[1].clamp(min=1))
+    return _reduce_loss([], state.layout, total)[0]
 
 
 def save(state: TrainState) -> None:
