@@ -196,12 +196,10 @@ def build_data_iterator(
     return (dataset.micro_batch(idx) for idx in indices)
 
 
-def _reduce_loss(losses: list[dict], layout: Layout, total: Optional[torch.Tensor] = None
-                 ) -> tuple[float, int]:
+def _reduce_loss(losses: list[dict], layout: Layout) -> tuple[float, int]:
     """Token-weighted mean loss and the positions processed, summed over micro-batches, DP ranks
     and (from the last stage) known on every pipeline stage."""
-    if total is None:
-        total = torch.zeros(3, dtype=torch.float64)  # loss sum, loss tokens, positions
+    total = torch.zeros(3, dtype=torch.float64)  # loss sum, loss tokens, positions
     for item in losses:  # non-empty on the last stage only
         total += item["lm loss"].to(torch.float64).cpu()
     if layout.dp > 1 or layout.pp > 1:  # collectives on one-rank groups only cost time
@@ -212,23 +210,30 @@ def _reduce_loss(losses: list[dict], layout: Layout, total: Optional[torch.Tenso
     return float(total[0] / total[1].clamp(min=1)), int(total[2])
 
 
-def train_step(
-    state: TrainState, data_iterator: Iterator[dict], forward_backward: Optional[Callable] = None
-) -> tuple[float, float, bool, int]:
-    """One optimizer step over the global batch. Returns (loss, grad_norm, skipped, tokens)."""
+def _run_schedule(
+    state: TrainState, data_iterator: Iterator[dict], forward_backward: Callable, forward_only: bool
+) -> list[dict]:
+    """One global batch through megatron's schedule; the last stage's per-micro-batch reports."""
     cfg = state.cfg
-    forward_backward = forward_backward or get_forward_backward_func()
-    state.model.zero_grad_buffer()
-    state.optimizer.zero_grad()
-    step_fn = partial(forward_step, device=device())
-    losses = forward_backward(
-        forward_step_func=step_fn,
+    return forward_backward(
+        forward_step_func=partial(forward_step, device=device()),
         data_iterator=data_iterator,
         model=[state.model],
         num_microbatches=state.num_microbatches,
         seq_length=cfg.data.seq_length,
         micro_batch_size=cfg.train.micro_batch_size,
-        forward_only=False,
+        forward_only=forward_only,
+    )
+
+
+def train_step(
+    state: TrainState, data_iterator: Iterator[dict], forward_backward: Optional[Callable] = None
+) -> tuple[float, float, bool, int]:
+    """One optimizer step over the global batch. Returns (loss, grad_norm, skipped, tokens)."""
+    state.model.zero_grad_buffer()
+    state.optimizer.zero_grad()
+    losses = _run_schedule(
+        state, data_iterator, forward_backward or get_forward_backward_func(), forward_only=False
     )
     ok, grad_norm, _ = state.optimizer.step()
     if ok:
@@ -241,25 +246,13 @@ def train_step(
 @torch.no_grad()
 def validation_loss(state: TrainState, forward_backward: Callable) -> float:
     """Mean token loss over the first ``eval_iters`` global batches of the validation split."""
-    cfg = state.cfg
     data = build_data_iterator(state, "valid", start_iteration=0)
     state.model.eval()
-    total = torch.zeros(3, dtype=torch.float64)
-    step_fn = partial(forward_step, device=device())
-    for _ in range(cfg.train.eval_iters):
-        losses = forward_backward(
-            forward_step_func=step_fn,
-            data_iterator=data,
-            model=[state.model],
-            num_microbatches=state.num_microbatches,
-            seq_length=cfg.data.seq_length,
-            micro_batch_size=cfg.train.micro_batch_size,
-            forward_only=True,
-        )
-        for item in losses:
-            total += item["lm loss"].to(torch.float64).cpu()
+    losses = []
+    for _ in range(state.cfg.train.eval_iters):
+        losses += _run_schedule(state, data, forward_backward, forward_only=True)
     state.model.train()
-    return _reduce_loss([], state.layout, total)[0]
+    return _reduce_loss(losses, state.layout)[0]
 
 
 def save(state: TrainState) -> None:

@@ -38,25 +38,31 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
-def run_torchrun(nproc: int, args: list[str], tmp_path: Path, timeout: int = 300) -> list[dict]:
-    """Launch ``megatron_yuyuan.finetune`` under torchrun (gloo, 1 thread per process).
+TORCHRUN_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
-    Returns the per-iteration metrics the run wrote; fails with the run's output on error.
-    """
-    metrics = tmp_path / f"metrics_{len(list(tmp_path.glob('metrics_*')))}.jsonl"
-    cmd = [
+
+def torchrun_cmd(nproc: int, module: str, *args: str) -> list[str]:
+    """``python -m torch.distributed.run`` of ``module`` on a free port (gloo on CPU)."""
+    return [
         sys.executable,
         "-m",
         "torch.distributed.run",
         f"--nproc-per-node={nproc}",
         f"--master-port={free_port()}",
         "-m",
-        "megatron_yuyuan.finetune",
-        *args,
-        "--metrics-file",
-        str(metrics),
+        module,
+        *map(str, args),
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def run_torchrun(nproc: int, args: list[str], tmp_path: Path, timeout: int = 300) -> list[dict]:
+    """Launch ``megatron_yuyuan.finetune`` under torchrun (gloo, 1 thread per process).
+
+    Returns the per-iteration metrics the run wrote; fails with the run's output on error.
+    """
+    metrics = tmp_path / f"metrics_{len(list(tmp_path.glob('metrics_*')))}.jsonl"
+    cmd = torchrun_cmd(nproc, "megatron_yuyuan.finetune", *args, "--metrics-file", metrics)
+    env = TORCHRUN_ENV
     proc = subprocess.run(
         cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout
     )

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +14,7 @@ from safetensors.torch import load_file
 
 from checkpoints_convert.to_hf import main as to_hf
 from checkpoints_convert.to_megatron import main as to_megatron
-from conftest import free_port, run_torchrun
+from conftest import TORCHRUN_ENV, run_torchrun, torchrun_cmd
 from megatron_yuyuan.config import RunConfig, get_preset
 from megatron_yuyuan.convert.weight_map import (
     HF_IGNORED,
@@ -166,13 +164,8 @@ def test_tp2_logits_match_transformers(hf_odd, tmp_path):
         )
         == 0
     )
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node=2",
-        f"--master-port={free_port()}",
-        "-m",
+    cmd = torchrun_cmd(
+        2,
         "megatron_yuyuan.convert.verify",
         "--hf-dir",
         str(hf_odd),
@@ -182,10 +175,8 @@ def test_tp2_logits_match_transformers(hf_odd, tmp_path):
         "2",
         "--tolerance",
         "1e-4",
-    ]
-    proc = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
     )
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=TORCHRUN_ENV)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     line = next(l for l in proc.stdout.splitlines() if "logit parity" in l)
     assert "TP=2" in line and "top-1 agreement = 100.00%" in line

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 
 import pytest
 import torch
 
 from checkpoints_convert.to_hf import main as to_hf
 from checkpoints_convert.to_megatron import main as to_megatron
-from conftest import free_port
+from conftest import TORCHRUN_ENV, torchrun_cmd
 from megatron_yuyuan.generate import (
     HFGenerator,
     MegatronGenerator,
@@ -135,13 +133,8 @@ def test_sample_next_filters():
 
 
 def run_generate(nproc, models, out, extra):
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc-per-node={nproc}",
-        f"--master-port={free_port()}",
-        "-m",
+    cmd = torchrun_cmd(
+        nproc,
         "megatron_yuyuan.generate",
         "--load",
         str(models / "mc"),
@@ -154,10 +147,8 @@ def run_generate(nproc, models, out, extra):
         "--batch-size",
         "2",
         *extra,
-    ]
-    proc = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
     )
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=TORCHRUN_ENV)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return [json.loads(line) for line in out.read_text().splitlines()]
 
@@ -167,7 +158,9 @@ def run_generate(nproc, models, out, extra):
     [["--tensor-model-parallel-size", "2"], ["--pipeline-model-parallel-size", "2"], []],
     ids=["tp2", "pp2", "dp2"],  # dp2: the two ranks split the questions, rank 0 re-orders them
 )
-def test_parallel_layouts_generate_the_same_tokens_as_tp1(models, tmp_path, megatron_generator, layout):
+def test_parallel_layouts_generate_the_same_tokens_as_tp1(
+    models, tmp_path, megatron_generator, layout
+):
     ref = tmp_path / "tp1.jsonl"
     generate_file(
         megatron_generator, models / "questions.jsonl", ref, SamplingConfig(max_new_tokens=12), 2

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, free_port, read_metrics, run_torchrun
+from conftest import REPO, TORCHRUN_ENV, free_port, read_metrics, run_torchrun, torchrun_cmd
 from megatron_yuyuan.finetune import main
 
 ARGS = [
@@ -39,21 +39,11 @@ ARGS = [
 ITERS = 12
 
 
-def launch(nproc, args, cwd, port=None, env=None, **kw):
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc-per-node={nproc}",
-        f"--master-port={port or free_port()}",
-        "-m",
-        "megatron_yuyuan.finetune",
-        *args,
-    ]
+def launch(nproc, args, cwd, **kw):
     return subprocess.Popen(
-        cmd,
+        torchrun_cmd(nproc, "megatron_yuyuan.finetune", *args),
         cwd=cwd,
-        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+        env=TORCHRUN_ENV,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
