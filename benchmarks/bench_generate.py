@@ -30,20 +30,11 @@ def make_models(root: Path, preset: str) -> tuple[Path, Path]:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from checkpoints_convert.to_megatron import main as to_megatron
-    from megatron_yuyuan.convert.hf_io import write_tokenizer_files
+    from megatron_yuyuan.convert.hf_io import hf_config_dict, write_tokenizer_files
 
     m = get_preset(preset)
     torch.manual_seed(0)
-    hf = GPT2LMHeadModel(
-        GPT2Config(
-            vocab_size=m.vocab_size,
-            n_positions=m.max_position_embeddings,
-            n_embd=m.hidden_size,
-            n_layer=m.num_layers,
-            n_head=m.num_attention_heads,
-            n_inner=m.ffn_size,
-        )
-    )
+    hf = GPT2LMHeadModel(GPT2Config(**hf_config_dict(m, torch.float32)))
     with torch.no_grad():  # peaked logits: greedy text that does not hit EOS early
         for p in hf.parameters():
             if p.dim() == 2:
@@ -71,6 +62,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args(argv)
+    if get_preset(args.preset).vocab_size != 50257:
+        p.error(f"--preset {args.preset}: prompts are GPT-2 tokens; use a GPT-2-vocabulary preset")
     cpu_compat.apply_if_no_cuda()
     torch.set_num_threads(args.threads)
     from megatron_yuyuan.generate import HFGenerator, MegatronGenerator, SamplingConfig

@@ -43,23 +43,11 @@ def _batches(vocab: int, batch: int, seq: int, n: int = 4) -> list[torch.Tensor]
 def hf_step_fn(cfg: RunConfig, batches: list[torch.Tensor]) -> Callable[[], None]:
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    from megatron_yuyuan.convert.hf_io import hf_config_dict
+
     m = cfg.model
-    hf = GPT2LMHeadModel(
-        GPT2Config(
-            vocab_size=m.vocab_size,
-            n_positions=m.max_position_embeddings,
-            n_embd=m.hidden_size,
-            n_layer=m.num_layers,
-            n_head=m.num_attention_heads,
-            n_inner=m.ffn_size,
-            activation_function="gelu_new",
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-            layer_norm_epsilon=m.layernorm_epsilon,
-            tie_word_embeddings=True,
-        )
-    )
+    # same shape, tanh GELU, tied embeddings; dropout 0 as set on the preset by run()
+    hf = GPT2LMHeadModel(GPT2Config(**hf_config_dict(m, torch.float32)))
     hf.train()
     opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, weight_decay=0.01)
     cycle = itertools.cycle(batches)
