@@ -27,13 +27,14 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTenso
 
 from megatron_yuyuan import parallel
 from megatron_yuyuan.config import ModelConfig
+from megatron_yuyuan.errors import UserError
 
 LATEST = "latest_checkpointed_iteration.txt"
 MODEL_CONFIG = "model_config.yaml"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be used; the message says why and what to do."""
 
 

@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
+from megatron_yuyuan.errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A configuration that cannot run; the message names the field and what to do."""
 
 

@@ -1,6 +1,6 @@
 """Every CPU workaround megatron-core 0.16 needs, in one place, applied only when CUDA is absent.
 
-megatron-core assumes CUDA in a handful of spots (see ``shared/notes/megatron_core_on_cpu.md``):
+megatron-core assumes CUDA in a handful of spots:
 ``torch.cuda.current_device()`` as an allocation device, string literals ``device="cuda"`` in the
 schedules / optimizer / causal mask, ``Tensor.cuda()``, ``param.type() == 'torch.cuda.FloatTensor'``
 checks and a CUDA-only RNG tracker. We patch exactly those spots and nothing else:

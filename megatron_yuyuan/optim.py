@@ -59,7 +59,7 @@ def build_scheduler(cfg: RunConfig, optimizer) -> OptimizerParamScheduler:
 
 
 # --- megatron-core 0.16 DistributedOptimizer over torch AdamW (no Apex/TE): three load bugs ---
-# (shared/notes/megatron_core_on_cpu.md §4.5). Not CPU-specific: they hit any run without Apex/TE.
+# each fixed below where it bites. Not CPU-specific: they hit any run without Apex/TE.
 def _inner_optimizers(optimizer) -> list:
     return [o.optimizer for o in getattr(optimizer, "chained_optimizers", [optimizer])]
 

@@ -1,6 +1,6 @@
 """MedQuAD XML -> leakage-free QA splits -> JSONL + Megatron ``.bin/.idx``.
 
-    python -m tools.preprocess_medquad --input ../shared/data/MedQuAD --output-prefix data/medquad
+    python -m tools.preprocess_medquad --input MedQuAD --output-prefix data/medquad
 
 Writes ``PREFIX_{train,valid,test}.{jsonl,bin,idx}`` and ``PREFIX_meta.json``; see
 :mod:`megatron_yuyuan.data.preprocess`. Without ``--input`` it uses the MedQuAD sample shipped in

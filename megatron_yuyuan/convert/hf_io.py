@@ -12,12 +12,13 @@ import torch
 
 from megatron_yuyuan.config import ModelConfig
 from megatron_yuyuan.tokenizer import GPT2_VOCAB_SIZE, gpt2_bpe_files
+from megatron_yuyuan.errors import UserError
 
 _TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 _SHARD_BYTES = 2 * 1024**3
 
 
-class HFFormatError(ValueError):
+class HFFormatError(UserError):
     """An HF directory we cannot convert; the message names the file/field."""
 
 

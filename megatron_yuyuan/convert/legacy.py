@@ -1,6 +1,6 @@
 """Reading legacy Megatron-LM GPT checkpoints (``language_model.*`` keys, fused ``query_key_value``).
 
-Layout (``shared/notes/weight_layout.md`` §7): ``[iter_N|release]/mp_rank_TT[_PPP]/model_optim_rng.pt``
+Layout: ``[iter_N|release]/mp_rank_TT[_PPP]/model_optim_rng.pt``
 with ``args``, ``checkpoint_version`` and ``model.language_model.{embedding,encoder|transformer}``.
 TP shards are merged (column-parallel on dim 0, row-parallel on dim 1) and PP stages renumbered to
 global layers, giving full tensors under megatron-core names.
@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 
 from megatron_yuyuan.config import ModelConfig
+from megatron_yuyuan.errors import UserError
 
 # legacy name (after "layers.{}.") -> megatron-core name (after "decoder.layers.{}.")
 LEGACY_LAYER_TO_MCORE = {
@@ -31,7 +32,7 @@ _ROW_PARALLEL_WEIGHTS = ("self_attention.dense.weight", "mlp.dense_4h_to_h.weigh
 _RANK_DIR = re.compile(r"mp_rank_(\d+)(?:_(\d+))?$")
 
 
-class LegacyFormatError(ValueError):
+class LegacyFormatError(UserError):
     """Not a legacy Megatron-LM checkpoint we can read; the message names the file."""
 
 

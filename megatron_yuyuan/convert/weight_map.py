@@ -1,7 +1,8 @@
 """The one table between HF GPT-2 names and megatron-core (local spec) names.
 
 Each entry names its transform; the megatron -> HF direction is the same table inverted in code.
-``{}`` stands for the layer index. Layouts: ``shared/notes/weight_layout.md``.
+``{}`` stands for the layer index. HF GPT-2 stores Conv1D weights ``[in, out]`` (megatron: ``[out, in]``)
+and QKV as ``[Q; K; V]`` (megatron: interleaved per head).
 """
 
 from __future__ import annotations

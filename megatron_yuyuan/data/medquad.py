@@ -1,7 +1,7 @@
 """MedQuAD XML -> clean, deduplicated QA records -> leakage-free train/valid/test splits.
 
 Stage 1 of the data path (stage 2, tokenising and writing ``.bin/.idx``, is :mod:`.indexed`).
-MedQuAD's quirks (``shared/notes/medquad.md``): three XML layouts, answer-less folders, qids that
+MedQuAD's quirks: three XML layouts, answer-less folders, qids that
 repeat across folders and files, whitespace junk, templated boilerplate and duplicate pairs.
 
 * Every layout is parsed: ``<Document>`` (11,269 files), ``<DiseaseFile>`` (1 CDC file) and the
@@ -24,9 +24,10 @@ from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
+from megatron_yuyuan.errors import UserError
 
 
-class MedQuADError(ValueError):
+class MedQuADError(UserError):
     """Bad input; the message names the file and what to do."""
 
 
@@ -198,7 +199,7 @@ CLEANERS: dict[str, Callable[[str], str]] = {
     "hpo-note": lambda a: _HPO_NOTE.sub("", a),
     "video-note": lambda a: _VIDEO_NOTE.sub("", a),
 }
-"""Named, optional answer cleaners (``--clean NAME[,NAME]``); see shared/notes/medquad.md §6."""
+"""Named, optional answer cleaners (``--clean NAME[,NAME]``), each documented where it is defined."""
 
 
 def clean_records(
