@@ -66,7 +66,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         p.error(f"--preset {args.preset}: prompts are GPT-2 tokens; use a GPT-2-vocabulary preset")
     cpu_compat.apply_if_no_cuda()
     torch.set_num_threads(args.threads)
-    from megatron_yuyuan.generate import HFGenerator, MegatronGenerator, SamplingConfig
+    from megatron_yuyuan.generation import HFGenerator, MegatronGenerator, SamplingConfig
 
     records, _ = parse_medquad(SAMPLE_DIR)
     questions = [r.question for r in records[: args.batch_size]]
@@ -83,9 +83,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         nocache_s, _ = time_it(lambda: ours.generate_ids(prompts, cfg, use_cache=False), 1)
     new = sum(len(x) for x in our_out)
     same = our_out == hf_out
+    where = (
+        torch.cuda.get_device_name()
+        if torch.cuda.is_available()
+        else f"CPU, {args.threads} threads"
+    )
     print(
         f"\ngreedy generation, {args.preset} preset, batch {args.batch_size}, up to "
-        f"{args.max_new_tokens} new tokens, {args.threads} threads, fp32 CPU; "
+        f"{args.max_new_tokens} new tokens, fp32, {where}; "
         f"baseline: transformers generate (KV cache) on the same weights"
     )
     print("| generator | new tokens | median s | tokens/s | ratio |")

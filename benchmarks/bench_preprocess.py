@@ -21,7 +21,6 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Optional, Sequence
 
-
 from megatron_yuyuan.tokenizer import gpt2_bpe_files
 
 

@@ -1,55 +1,8 @@
-"""megatron-core checkpoint (saved at any TP/PP) -> HF GPT-2 directory.
+"""``python -m checkpoints_convert.to_hf``: see :mod:`megatron_yuyuan.cli.to_hf`."""
 
-    python -m checkpoints_convert.to_hf --load ckpt/yuyuan --out hf/yuyuan-qa --verify
-
-Writes config.json, safetensors (sharded above 2 GB), tokenizer files and generation_config.json;
-``transformers.AutoModelForCausalLM`` / ``AutoTokenizer`` load the result.
-"""
-
-from __future__ import annotations
-
-import argparse
 import sys
-from typing import Optional, Sequence
 
-from megatron_yuyuan import cpu_compat
-from megatron_yuyuan.parallel import destroy_distributed
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--load", required=True, help="checkpoint directory (SAVE or SAVE/iter_N)")
-    p.add_argument("--out", required=True, help="HF output directory")
-    p.add_argument(
-        "--tokenizer",
-        default=None,
-        help="copy tokenizer files from this directory (default: the checkpoint's, "
-        "else GPT-2's when the vocabulary is GPT-2's)",
-    )
-    p.add_argument("--verify", action="store_true", help="compare logits of both models")
-    p.add_argument("--tolerance", type=float, default=1e-3, help="max |logit diff| for --verify")
-    args = p.parse_args(argv)
-    cpu_compat.apply_if_no_cuda()
-    from megatron_yuyuan.checkpointing import CheckpointError
-    from megatron_yuyuan.convert.api import convert_megatron_to_hf
-    from megatron_yuyuan.convert.verify import verify
-
-    try:
-        files = convert_megatron_to_hf(args.load, args.out, args.tokenizer)
-        for f in files:
-            print(f"> wrote {f}")
-        if args.verify:
-            parity, ok = verify(args.out, args.load, args.tolerance)
-            print(f"> {parity.line()} [{'OK' if ok else 'FAIL'}, tolerance {args.tolerance:g}]")
-            if not ok:
-                return 1
-    except (CheckpointError, KeyError, ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        destroy_distributed()
-    return 0
-
+from megatron_yuyuan.cli.to_hf import main
 
 if __name__ == "__main__":
     sys.exit(main())

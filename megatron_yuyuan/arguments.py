@@ -69,6 +69,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 
 def parse_config(argv: Optional[Sequence[str]] = None, description: str = "") -> RunConfig:
-    parser = argparse.ArgumentParser(description=description)
+    from megatron_yuyuan.cli import ArgumentParser
+
+    parser = ArgumentParser(prog="python -m megatron_yuyuan.finetune", description=description)
     add_config_arguments(parser)
     return config_from_args(parser.parse_args(argv))

@@ -1,6 +1,9 @@
-"""Model checkpoints in megatron-core ``dist_checkpointing`` (torch_dist) format.
+"""The checkpoint *file format*: megatron-core ``dist_checkpointing`` (torch_dist) directories.
 
-The only module that imports ``megatron.core.dist_checkpointing``. Layout, as in Megatron-LM::
+The only module that imports ``megatron.core.dist_checkpointing``. It knows paths, the ``latest``
+pointer, the saved model config, atomic saves and loading weights; what a *training* checkpoint
+adds (optimizer, schedule, RNG, data position) is :mod:`megatron_yuyuan.training_checkpoint`.
+Layout, as in Megatron-LM::
 
     SAVE/latest_checkpointed_iteration.txt      "100"
     SAVE/iter_0000100/                          dist_checkpointing shards + metadata
@@ -47,14 +50,53 @@ def has_checkpoint(path: str | Path) -> bool:
     return (path / MODEL_CONFIG).is_file() or (path / LATEST).is_file()
 
 
+def holds_checkpoints(path: str | Path) -> bool:
+    """Whether ``path`` holds any checkpoint: a pointer, a config or an ``iter_*`` directory."""
+    path = Path(path)
+    return has_checkpoint(path) or any(path.glob("iter_*"))
+
+
+def complete_iterations(path: Path) -> list[Path]:
+    """The complete ``iter_N`` checkpoints under ``path``, oldest first."""
+    return sorted(
+        d for d in Path(path).glob("iter_[0-9]*") if d.is_dir() and (d / MODEL_CONFIG).is_file()
+    )
+
+
+def _pointer_advice(path: Path) -> str:
+    found = complete_iterations(path)
+    if not found:
+        return f"no complete checkpoint is in {path}: remove {LATEST} to start a new run there"
+    names = ", ".join(d.name for d in found[-3:])
+    return (
+        f"complete checkpoints there: {names}; write the iteration number of one of them "
+        f"(e.g. {int(found[-1].name.removeprefix('iter_'))}) into {LATEST}"
+    )
+
+
 def resolve(load: str | Path) -> Path:
-    """A checkpoint directory: ``SAVE`` (follows the latest pointer) or ``SAVE/iter_N`` itself."""
+    """A checkpoint directory: ``SAVE`` (follows the latest pointer) or ``SAVE/iter_N`` itself.
+
+    Raises:
+        CheckpointError: no checkpoint, or a pointer that is empty, corrupt or dangling (the
+            message lists the complete checkpoints that are there).
+    """
     path = Path(load)
     if (path / MODEL_CONFIG).is_file():
         return path
     latest = path / LATEST
     if latest.is_file():
-        return iteration_dir(path, int(latest.read_text().strip()))
+        text = latest.read_bytes().decode("utf-8", "replace").strip()
+        if not text.isdigit():
+            what = "empty" if not text else f"corrupt ({text[:40]!r} is not an iteration number)"
+            raise CheckpointError(f"{latest} is {what}; {_pointer_advice(path)}")
+        target = iteration_dir(path, int(text))
+        if not (target / MODEL_CONFIG).is_file():
+            raise CheckpointError(
+                f"{latest} points to {target.name}, which is missing or incomplete; "
+                f"{_pointer_advice(path)}"
+            )
+        return target
     raise CheckpointError(
         f"--load {path}: no checkpoint there (neither {LATEST} nor {MODEL_CONFIG})"
     )
@@ -75,15 +117,23 @@ class CheckpointInfo:
 
 
 def read_info(ckpt_dir: Path) -> CheckpointInfo:
-    raw = yaml.safe_load((Path(ckpt_dir) / MODEL_CONFIG).read_text())
-    return CheckpointInfo(
-        model=ModelConfig(**raw["model"]),
-        dtype=_DTYPES[raw["dtype"]],
-        padded_vocab_size=raw["padded_vocab_size"],
-        iteration=raw["iteration"],
-        training_state=raw.get("training_state", False),
-        layout=tuple(raw.get("layout", (1, 1, 1))),
-    )
+    path = Path(ckpt_dir) / MODEL_CONFIG
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return CheckpointInfo(
+            model=ModelConfig(**raw["model"]),
+            dtype=_DTYPES[raw["dtype"]],
+            padded_vocab_size=int(raw["padded_vocab_size"]),
+            iteration=int(raw["iteration"]),
+            training_state=bool(raw.get("training_state", False)),
+            layout=tuple(raw.get("layout", (1, 1, 1))),
+        )
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{path} not found: {ckpt_dir} is not a checkpoint") from exc
+    except (yaml.YAMLError, UnicodeDecodeError, TypeError, KeyError, ValueError) as exc:
+        raise CheckpointError(
+            f"{path} is corrupt ({type(exc).__name__}: {exc}); use another checkpoint"
+        ) from exc
 
 
 def _write_info(ckpt_dir: Path, info: CheckpointInfo) -> None:
@@ -99,20 +149,6 @@ def _write_info(ckpt_dir: Path, info: CheckpointInfo) -> None:
             },
             sort_keys=False,
         )
-    )
-
-
-def save_model(
-    save: str | Path,
-    model: torch.nn.Module,
-    model_cfg: ModelConfig,
-    iteration: int,
-    padded_vocab_size: int,
-) -> Path:
-    """Save this rank's part of ``model`` (every rank calls it); returns the iteration directory."""
-    dtype = next(model.parameters()).dtype
-    return save_sharded(
-        save, model.sharded_state_dict(), model_cfg, iteration, padded_vocab_size, dtype
     )
 
 
@@ -157,6 +193,35 @@ def save_sharded(
         os.replace(pointer_tmp, pointer)
     parallel.barrier()
     return final
+
+
+def check_new_save_dir(save: Path, flag: str = "--save") -> None:
+    """A conversion writes iteration 0 and the ``latest`` pointer: never into a directory that
+    already holds checkpoints (a training run there would silently restart from iteration 0)."""
+    save = Path(save)
+    if save.exists() and not save.is_dir():
+        raise CheckpointError(f"{flag} {save}: is a file; give a directory")
+    if holds_checkpoints(save):
+        raise CheckpointError(
+            f"{flag} {save}: already holds checkpoints (its {LATEST} would be rewound to the "
+            f"converted weights); choose a new directory"
+        )
+
+
+def load_sharded(sharded: dict, ckpt: Path) -> dict:
+    """megatron's ``dist_checkpointing.load`` of a sharded state dict from ``ckpt``."""
+    return dist_checkpointing.load(sharded, str(ckpt))
+
+
+def rank_object(key: str, data, layout: parallel.Layout) -> ShardedObject:
+    """A per-rank object in a checkpoint, placed by the rank's (PP, TP, DP) coordinates."""
+    return ShardedObject(
+        key,
+        data,
+        (layout.pp, layout.tp, layout.dp),
+        (layout.pp_rank, layout.tp_rank, layout.dp_rank),
+        replica_id=0,
+    )
 
 
 def check_compatible(saved: ModelConfig, model_cfg: ModelConfig, where: Path) -> None:
@@ -221,131 +286,3 @@ def load_full_state(
             sharded[name] = sh
     loaded = dist_checkpointing.load(sharded, str(ckpt))
     return {name: loaded[name] for name in sharded}, info
-
-
-# --- resumable training checkpoints -----------------------------------------------------------
-_OPT_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
-
-
-def _rng_state() -> dict:
-    import random
-
-    import numpy as np
-
-    state = {
-        "random": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "tracker": parallel.get_cuda_rng_tracker().get_states(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    import random
-
-    import numpy as np
-
-    random.setstate(state["random"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-    parallel.get_cuda_rng_tracker().set_states(state["tracker"])
-
-
-def _rng_object(layout: parallel.Layout, data) -> ShardedObject:
-    """One RNG state per rank, placed by its (PP, TP, DP) coordinates."""
-    return ShardedObject(
-        "rng_state",
-        data,
-        (layout.pp, layout.tp, layout.dp),
-        (layout.pp_rank, layout.tp_rank, layout.dp_rank),
-        replica_id=0,
-    )
-
-
-def _training_sharded_dict(
-    model, optimizer, layout: parallel.Layout, loading: bool, rng: Optional[dict] = None
-) -> dict:
-    model_sd = model.sharded_state_dict()
-    return {
-        "model": model_sd,
-        "optimizer": optimizer.sharded_state_dict(
-            model_sd, is_loading=loading, metadata=_OPT_METADATA
-        ),
-        "rng_state": _rng_object(layout, rng),
-    }
-
-
-def save_training_checkpoint(
-    save: str | Path,
-    model,
-    optimizer,
-    scheduler,
-    iteration: int,
-    run_config,
-    layout: parallel.Layout,
-) -> Path:
-    """Model, optimizer, LR schedule, RNG states and the data position (= iteration)."""
-    sharded = _training_sharded_dict(model, optimizer, layout, loading=False, rng=_rng_state())
-    sharded["scheduler"] = scheduler.state_dict()
-    sharded["iteration"] = iteration
-    dtype = next(model.parameters()).dtype
-    return save_sharded(
-        save,
-        sharded,
-        run_config.model,
-        iteration,
-        run_config.model.padded_vocab_size(layout.tp),
-        dtype,
-        training_state=True,
-        layout=(layout.tp, layout.pp, layout.dp),
-        run_config=run_config.to_dict(),
-    )
-
-
-def load_training_checkpoint(
-    load: str | Path,
-    model,
-    optimizer,
-    scheduler,
-    model_cfg: ModelConfig,
-    layout: parallel.Layout,
-    finetune: bool = False,
-) -> int:
-    """Restore a run; returns the iteration to continue from.
-
-    A weights-only checkpoint (e.g. converted from HF), or ``finetune=True``, loads the weights and
-    starts at iteration 0 with a fresh optimizer. RNG states are restored only at the layout they
-    were saved at (they are per rank).
-    """
-    ckpt = resolve(load)
-    info = read_info(ckpt)
-    check_compatible(info.model, model_cfg, ckpt)
-    if finetune or not info.training_state:
-        load_model(ckpt, model, model_cfg, layout)
-        return 0
-    same_layout = tuple(info.layout) == (layout.tp, layout.pp, layout.dp)
-    from megatron_yuyuan.optim import finish_optimizer_loading, prepare_optimizer_for_loading
-
-    prepare_optimizer_for_loading(optimizer)
-    sharded = _training_sharded_dict(model, optimizer, layout, loading=True)
-    if not same_layout:
-        sharded.pop("rng_state")
-    sharded["scheduler"] = None
-    sharded["iteration"] = None
-    loaded = dist_checkpointing.load(sharded, str(ckpt))
-    model_state = {k: v for k, v in loaded["model"].items() if not k.endswith("_extra_state")}
-    missing, unexpected = model.load_state_dict(model_state, strict=False)
-    missing = [k for k in missing if not k.endswith("_extra_state")]
-    if missing or unexpected:
-        raise CheckpointError(f"{ckpt}: missing keys {missing}, unexpected keys {unexpected}")
-    optimizer.load_state_dict(loaded["optimizer"])
-    finish_optimizer_loading(optimizer)
-    scheduler.load_state_dict(loaded["scheduler"])
-    if same_layout:
-        _set_rng_state(loaded["rng_state"])
-    return int(loaded["iteration"])

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
+
 from megatron_yuyuan.errors import UserError
 
 
@@ -106,6 +107,14 @@ class ParallelConfig:
     """Pipeline (inter-layer) parallel size; must divide the number of layers."""
     use_distributed_optimizer: bool = False
     """Shard optimizer state across data-parallel ranks (ZeRO-1)."""
+    overlap_grad_reduce: Optional[bool] = None
+    """Overlap the data-parallel gradient all-reduce / reduce-scatter with the backward pass,
+    bucket by bucket. None: on with CUDA, off on CPU (gloo gains nothing from it)."""
+    overlap_param_gather: Optional[bool] = None
+    """With the distributed optimizer: overlap the parameter all-gather after each step with the
+    next forward pass. None: on with CUDA and --use-distributed-optimizer."""
+    ddp_bucket_size: Optional[int] = None
+    """Elements per gradient-reduction bucket; None: megatron-core's default (max(40M, 1M x DP))."""
 
     def __post_init__(self) -> None:
         for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
@@ -128,7 +137,8 @@ class TrainConfig:
     min_lr: float = 0.0
     """Learning rate at the end of decay."""
     lr_warmup_iters: int = 0
-    """Linear warmup steps from 0 to lr."""
+    """Linear warmup steps to lr: step k (1-based) of W trains at lr * k / (W + 1), so the first
+    step already learns (Megatron's ramp from 0 would waste it)."""
     lr_decay_style: Literal["constant", "linear", "cosine"] = "cosine"
     """Decay after warmup."""
     lr_decay_iters: Optional[int] = None
@@ -147,8 +157,10 @@ class TrainConfig:
     """bf16 mixed precision (GPU): bf16 weights and activations, fp32 master weights."""
     fp16: bool = False
     """fp16 mixed precision (GPU) with dynamic loss scaling."""
-    initial_loss_scale: float = 2.0**32
-    """fp16: starting loss scale."""
+    initial_loss_scale: float = 2.0**12
+    """fp16: starting loss scale. Our loss is a token *sum* (normalised later by the token count),
+    so each token's logit gradient is ~scale: 2^12 keeps it far below fp16's 65504 and the first
+    step trains, where Megatron's 2^32 (meant for a mean loss) would skip dozens of steps."""
     loss_scale_window: int = 1000
     """fp16: steps without overflow before the loss scale grows."""
     hysteresis: int = 2
@@ -169,6 +181,10 @@ class TrainConfig:
     pretrained_checkpoint: Optional[str] = None
     """Weights to start from when --load holds no checkpoint yet (e.g. converted Yuyuan weights);
     with --load equal to --save, a restarted job then resumes its own latest checkpoint."""
+    use_checkpoint_opt_param_scheduler: bool = False
+    """On resume, keep the LR schedule saved in the checkpoint (its lr, warmup and decay lengths).
+    Default: the config wins (Megatron-LM's --override-opt-param-scheduler): a resumed run with a
+    larger --train-iters decays over the new length instead of training at --min-lr."""
     save: Optional[str] = None
     """Save checkpoints here (model, optimizer, LR schedule, RNG, data position, config)."""
     save_interval: Optional[int] = None

@@ -16,3 +16,7 @@ class DataError(UserError):
 
 class TrainingError(UserError):
     """A run that must stop (e.g. a NaN/Inf loss): continuing would train on garbage."""
+
+
+class ConversionError(UserError):
+    """Weights that do not fit the GPT-2 name table or the model's config."""

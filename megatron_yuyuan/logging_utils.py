@@ -11,26 +11,39 @@ from typing import Optional
 
 import torch
 
-# Dense bf16/fp16 tensor-core peak per GPU, FLOP/s (vendor datasheets), for MFU.
-_PEAK_FLOPS = {
-    "H200": 989e12,
-    "H100": 989e12,
-    "A100": 312e12,
-    "A10": 125e12,
-    "L40S": 362e12,
-    "V100": 125e12,
+# Dense bf16 tensor-core peak per GPU, FLOP/s, from the vendors' datasheets, keyed by the exact
+# name CUDA reports: PCIe, NVL and SXM parts of one chip differ (H100 SXM 989, NVL 835, PCIe 756).
+PEAK_BF16_FLOPS = {
+    "NVIDIA H200": 989e12,
+    "NVIDIA H200 NVL": 835e12,
+    "NVIDIA H100 80GB HBM3": 989e12,
+    "NVIDIA H100 NVL": 835e12,
+    "NVIDIA H100 PCIe": 756e12,
+    "NVIDIA H800": 989e12,
+    "NVIDIA A100-SXM4-80GB": 312e12,
+    "NVIDIA A100-SXM4-40GB": 312e12,
+    "NVIDIA A100 80GB PCIe": 312e12,
+    "NVIDIA A100-PCIE-40GB": 312e12,
+    "NVIDIA A10": 125e12,
+    "NVIDIA L40S": 362e12,
+    "NVIDIA L4": 121e12,
+    "NVIDIA GH200 480GB": 989e12,
 }
 
 
-def gpu_peak_flops() -> Optional[float]:
-    """Peak FLOP/s of this process's GPU, or None (CPU, or a GPU we do not know)."""
+def gpu_peak_flops() -> Optional[tuple[str, float]]:
+    """(GPU name, dense bf16 peak FLOP/s) of this process's GPU; None on a CPU or an unknown GPU
+    (then no MFU is reported rather than a guessed one). ``MEGATRON_YUYUAN_PEAK_TFLOPS`` overrides."""
     if not torch.cuda.is_available():
         return None
+    import os
+
     name = torch.cuda.get_device_name()
-    for key, flops in _PEAK_FLOPS.items():
-        if key in name:
-            return flops
-    return None
+    override = os.environ.get("MEGATRON_YUYUAN_PEAK_TFLOPS")
+    if override:
+        return name, float(override) * 1e12
+    flops = PEAK_BF16_FLOPS.get(name)
+    return (name, flops) if flops else None
 
 
 @dataclass
@@ -44,6 +57,8 @@ class StepMetrics:
     tokens_per_s: float
     step_time_s: float
     skipped: bool = False
+    consumed_samples: Optional[int] = None
+    peak_memory_gb: Optional[float] = None
     loss_scale: Optional[float] = None
     mfu: Optional[float] = None
 
@@ -57,12 +72,16 @@ class MetricsLogger:
     Only the process that logs (global rank 0) creates one.
     """
 
-    def __init__(self, metrics_file: Optional[str], tensorboard_dir: Optional[str]) -> None:
+    def __init__(
+        self, metrics_file: Optional[str], tensorboard_dir: Optional[str], start_iteration: int = 0
+    ) -> None:
         self.metrics_path = Path(metrics_file) if metrics_file else None
         self._metrics = None
         if self.metrics_path:
             self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
-            # Append: a resumed run continues the same file.
+            # A resumed run continues the same file: rows that a killed run wrote after the
+            # checkpoint it resumes from are dropped, so each iteration has one row.
+            keep_rows_through(self.metrics_path, start_iteration)
             self._metrics = self.metrics_path.open("a")
         self.tensorboard_dir = tensorboard_dir
         self._tb = None
@@ -99,6 +118,26 @@ class MetricsLogger:
             self._tb.close()
             written.append(f"tensorboard: {self.tensorboard_dir}")
         return written
+
+
+def keep_rows_through(path: Path, iteration: int) -> int:
+    """Rewrite a metrics file (atomically) without rows after ``iteration``; returns rows dropped."""
+    if not path.is_file():
+        return 0
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    kept = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a kill
+        if isinstance(row, dict) and row.get("iteration", 0) <= iteration:
+            kept.append(line)
+    if len(kept) != len(lines):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        tmp.replace(path)
+    return len(lines) - len(kept)
 
 
 def format_log_line(

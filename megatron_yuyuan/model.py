@@ -2,8 +2,15 @@
 
 The only module that imports ``megatron.core.models`` and ``megatron.core.transformer``. It turns a
 :class:`~megatron_yuyuan.config.ModelConfig` into a ``TransformerConfig``, builds this pipeline
-stage's ``GPTModel`` (local spec; Transformer Engine spec when TE is importable on a GPU) and
-initialises weights from the seed alone, so TP/PP/DP layouts start from the same model.
+stage's ``GPTModel`` and initialises weights from the seed alone, so TP/PP/DP layouts start from
+the same model.
+
+The layer spec is megatron-core's *local* spec on every device, with core attention computed by
+``F.scaled_dot_product_attention`` (flash / memory-efficient kernels on GPUs). Transformer
+Engine's spec is deliberately not used, even where TE is installed: its attention ignores
+arbitrary masks (left-padded batched generation and packed sequences would attend to padding and
+across pairs, so answers would differ from the HF export), and its fused layer-norm parameters
+(``linear_qkv.layer_norm_weight``) would make checkpoints depend on what a machine has installed.
 """
 
 from __future__ import annotations
@@ -39,13 +46,6 @@ def _leave_uninitialized(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def have_transformer_engine() -> bool:
-    """TE is an optional GPU accelerator: used only when importable and CUDA is present."""
-    import importlib.util
-
-    return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
-
-
 def to_transformer_config(
     cfg: RunConfig, params_dtype: Optional[torch.dtype] = None
 ) -> TransformerConfig:
@@ -57,6 +57,12 @@ def to_transformer_config(
     """
     m, t, p = cfg.model, cfg.train, cfg.parallel
     on_gpu = torch.cuda.is_available()
+    # A template built under ``torch.device("meta")`` (the converters) must not allocate on the
+    # GPU: megatron's GPU initialisation passes an explicit CUDA device, its CPU path does not.
+    meta_template = torch.get_default_device().type == "meta"
+    # megatron's fused bias-GELU *is* the tanh approximation (GPT-2's gelu_new), but megatron only
+    # fuses when activation_func is F.gelu: name that function and let the fusion compute tanh.
+    fuse_bias_gelu = on_gpu and m.activation == "gelu_tanh"
     dtype = params_dtype or (
         torch.bfloat16 if t.bf16 else torch.float16 if t.fp16 else torch.float32
     )
@@ -70,14 +76,14 @@ def to_transformer_config(
         layernorm_epsilon=m.layernorm_epsilon,
         normalization="LayerNorm",
         add_bias_linear=True,
-        activation_func=ACTIVATIONS[m.activation],
+        activation_func=F.gelu if fuse_bias_gelu else ACTIVATIONS[m.activation],
         init_method_std=m.init_method_std,
         # megatron allocates the shards and tags them with their TP split (it skips the tagging
         # when perform_initialization=False); initialize_weights() then fills them.
         perform_initialization=True,
         init_method=_leave_uninitialized,
         output_layer_init_method=_leave_uninitialized,
-        use_cpu_initialization=not on_gpu,
+        use_cpu_initialization=not on_gpu or meta_template,
         tensor_model_parallel_size=p.tensor_model_parallel_size,
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
         sequence_parallel=False,  # torch LayerNorm cannot do it; needs Apex/TE
@@ -87,9 +93,9 @@ def to_transformer_config(
         fp16=t.fp16,
         attention_softmax_in_fp32=True,
         apply_query_key_layer_scaling=False,
-        # Fused kernels exist only on GPU; the tanh GELU is never the fused bias-gelu.
-        gradient_accumulation_fusion=False,
-        bias_activation_fusion=False,
+        # Needs Apex or TE's fused wgrad kernel (fused_weight_gradient_mlp_cuda): on when present.
+        gradient_accumulation_fusion=on_gpu and have_fused_wgrad(),
+        bias_activation_fusion=fuse_bias_gelu,
         masked_softmax_fusion=on_gpu,
         bias_dropout_fusion=on_gpu,
         persist_layer_norm=False,
@@ -146,19 +152,18 @@ class SDPAttention(DotProductAttention):
         return ctx.permute(2, 0, 1, 3).reshape(s, b, heads * hn)  # [s, b, hp]
 
 
-def layer_spec(arbitrary_masks: bool = False):
-    """TE spec when Transformer Engine is usable, else the local spec with SDPA core attention.
+def have_fused_wgrad() -> bool:
+    """Whether the fused weight-gradient accumulation kernel megatron needs is importable."""
+    try:
+        import fused_weight_gradient_mlp_cuda  # noqa: F401  (Apex or TE builds provide it)
+    except ImportError:
+        return False
+    return True
 
-    Args:
-        arbitrary_masks: attention masks other than plain causal (packed sequences) will be
-            passed; the TE spec's causal kernels would ignore them, so use the local spec.
-    """
-    if have_transformer_engine() and not arbitrary_masks:
-        from megatron.core.models.gpt.gpt_layer_specs import (
-            get_gpt_layer_with_transformer_engine_spec,
-        )
 
-        return get_gpt_layer_with_transformer_engine_spec()
+def layer_spec():
+    """megatron-core's local spec with SDPA core attention (see the module docstring for why
+    not Transformer Engine's)."""
     spec = get_gpt_layer_local_spec(normalization="LayerNorm")
     spec.submodules.self_attention.submodules.core_attention = SDPAttention
     return spec
@@ -266,12 +271,11 @@ def build_model(
         ),
     )
     tconfig = to_transformer_config(cfg, params_dtype)
+    parallel.ensure_model_parallel_rng()
     model = YuyuanGPTModel(
         true_vocab_size=cfg.model.vocab_size,
         config=tconfig,
-        transformer_layer_spec=layer_spec(
-            arbitrary_masks=cfg.data.data_prefix is not None and cfg.data.packing
-        ),
+        transformer_layer_spec=layer_spec(),
         vocab_size=padded_vocab_size or cfg.model.padded_vocab_size(layout.tp),
         max_sequence_length=cfg.model.max_position_embeddings,
         pre_process=layout.is_first_stage,

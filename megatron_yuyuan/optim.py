@@ -12,7 +12,9 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron_yuyuan.config import RunConfig
 
 
-def build_optimizer(cfg: RunConfig, model_chunks: list[torch.nn.Module]):
+def build_optimizer(
+    cfg: RunConfig, model_chunks: list[torch.nn.Module], overlap_param_gather: bool = False
+):
     """AdamW over the DDP-wrapped model chunks (no weight decay on biases and LayerNorms).
 
     Returns the megatron optimizer; its ``step()`` gives ``(ok, grad_norm, num_zeros)``.
@@ -35,17 +37,21 @@ def build_optimizer(cfg: RunConfig, model_chunks: list[torch.nn.Module]):
         loss_scale_window=t.loss_scale_window,
         hysteresis=t.hysteresis,
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        # must agree with the DDP wrapper's setting (training.overlap_param_gather)
+        overlap_param_gather=overlap_param_gather,
     )
     return get_megatron_optimizer(ocfg, model_chunks)
 
 
 def build_scheduler(cfg: RunConfig, optimizer) -> OptimizerParamScheduler:
-    """Linear warmup from 0 to lr, then constant/linear/cosine decay to min_lr (per iteration)."""
+    """Linear warmup to lr (see TrainConfig.lr_warmup_iters), then constant/linear/cosine decay to
+    min_lr (per iteration)."""
     t = cfg.train
     decay_iters = t.lr_decay_iters or t.train_iters  # > lr_warmup_iters (TrainConfig checks)
     return OptimizerParamScheduler(
         optimizer,
-        init_lr=0.0,
+        # Megatron ramps from init_lr at step 0: start one ramp step above 0 (see lr_warmup_iters).
+        init_lr=t.lr / (t.lr_warmup_iters + 1) if t.lr_warmup_iters else t.lr,
         max_lr=t.lr,
         min_lr=t.min_lr,
         lr_warmup_steps=t.lr_warmup_iters,
@@ -55,6 +61,9 @@ def build_scheduler(cfg: RunConfig, optimizer) -> OptimizerParamScheduler:
         end_wd=t.weight_decay,
         wd_incr_steps=t.train_iters,
         wd_incr_style="constant",
+        # Which schedule a resumed run follows: see TrainConfig.use_checkpoint_opt_param_scheduler.
+        use_checkpoint_opt_param_scheduler=t.use_checkpoint_opt_param_scheduler,
+        override_opt_param_scheduler=not t.use_checkpoint_opt_param_scheduler,
     )
 
 

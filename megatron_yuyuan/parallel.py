@@ -24,6 +24,7 @@ from megatron.core.tensor_parallel import (  # noqa: F401 (re-exported for the m
 )
 
 from megatron_yuyuan import cpu_compat
+from megatron_yuyuan.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,13 @@ def init_distributed(tp: int = 1, pp: int = 1, timeout_s: int = 600) -> Layout:
     if not dist.is_initialized():
         backend = cpu_compat.distributed_backend()
         if backend == "nccl":
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+            if local > torch.cuda.device_count():
+                raise UserError(
+                    f"{local} processes on this node but {torch.cuda.device_count()} GPU(s) "
+                    f"visible: launch --nproc-per-node {torch.cuda.device_count()}, or set "
+                    f"CUDA_VISIBLE_DEVICES= to run on CPU processes (gloo)"
+                )
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         world_size = env_world_size()
         # A single process needs no rendezvous: an in-memory store, no port to collide on.
@@ -119,8 +127,17 @@ def set_seed(seed: int) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
-def tp_group():
-    return ps.get_tensor_model_parallel_group()
+def ensure_model_parallel_rng(seed: int = 1234) -> None:
+    """Seed megatron's model-parallel RNG stream if nothing has (e.g. a converter or generator).
+
+    On CUDA megatron allocates weights through the tracker's fork even when they are loaded
+    afterwards, and raises "cuda rng state model-parallel-rng is not added" without it.
+    """
+    tracker = get_cuda_rng_tracker()
+    if torch.cuda.is_available() and "model-parallel-rng" not in tracker.get_states():
+        tensor_parallel.model_parallel_cuda_manual_seed(
+            seed + 100 * ps.get_pipeline_model_parallel_rank()
+        )
 
 
 def dp_group():

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+from megatron_yuyuan.errors import UserError
+
 GPT2_EOS = "<|endoftext|>"
 GPT2_VOCAB_SIZE = 50257
 
@@ -103,7 +105,7 @@ class CachedGPT2Encoder:
 def _from_tokenizers(tok, name: str) -> Tokenizer:
     eod = tok.token_to_id(GPT2_EOS)
     if eod is None:
-        raise ValueError(f"tokenizer {name} has no {GPT2_EOS} token")
+        raise UserError(f"tokenizer {name} has no {GPT2_EOS} token")
 
     def encode_batch(texts):
         return [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
@@ -138,11 +140,9 @@ def load_hf_dir(path: Path) -> Tokenizer:
     hf = AutoTokenizer.from_pretrained(str(path))
     eod = hf.eos_token_id
     if eod is None:
-        raise ValueError(
-            f"HF tokenizer in {path} has no eos_token; set it in tokenizer_config.json"
-        )
+        raise UserError(f"HF tokenizer in {path} has no eos_token; set it in tokenizer_config.json")
     if len(hf) == 0:
-        raise ValueError(
+        raise UserError(
             f"HF tokenizer in {path} is empty: it needs tokenizer.json or vocab.json + merges.txt"
         )
 
@@ -164,7 +164,7 @@ def load_sentencepiece(path: Path) -> Tokenizer:
     sp = spm.SentencePieceProcessor(model_file=str(path))
     eod = sp.eos_id()
     if eod < 0:
-        raise ValueError(f"sentencepiece model {path} has no EOS piece")
+        raise UserError(f"sentencepiece model {path} has no EOS piece")
     return Tokenizer(
         name=str(path),
         vocab_size=sp.get_piece_size(),
@@ -184,7 +184,7 @@ def load_tokenizer(spec: str = "gpt2") -> Tokenizer:
         return load_hf_dir(path)
     if path.is_file() and path.suffix == ".model":
         return load_sentencepiece(path)
-    raise ValueError(
+    raise UserError(
         f"--tokenizer {spec!r}: expected 'gpt2', an HF tokenizer directory or a "
         f"sentencepiece .model file"
     )

@@ -27,8 +27,10 @@ from tqdm import tqdm
 from megatron_yuyuan import checkpointing, parallel
 from megatron_yuyuan.config import RunConfig
 from megatron_yuyuan.data.batching import micro_batch_indices
+from megatron_yuyuan.data.indexed import verify_split
 from megatron_yuyuan.data.mock import mock_batch
 from megatron_yuyuan.data.sft_dataset import QADataset
+from megatron_yuyuan.errors import DataError, TrainingError
 from megatron_yuyuan.logging_utils import (
     MetricsLogger,
     StepMetrics,
@@ -39,6 +41,7 @@ from megatron_yuyuan.logging_utils import (
 from megatron_yuyuan.model import build_model, training_flops_per_token, wrap_float16
 from megatron_yuyuan.optim import build_optimizer, build_scheduler
 from megatron_yuyuan.parallel import Layout
+from megatron_yuyuan.training_checkpoint import load_training_checkpoint, save_training_checkpoint
 
 
 def loss_func(loss_mask: torch.Tensor, losses: torch.Tensor):
@@ -82,6 +85,8 @@ class TrainState:
     num_microbatches: int
     global_batch_size: int
     iteration: int = 0
+    consumed_samples: int = 0
+    """Training samples read so far: where the data stream continues."""
 
 
 def device() -> torch.device:
@@ -104,12 +109,14 @@ def setup(cfg: RunConfig) -> TrainState:
     model = wrap_float16(gpt.to(device()), cfg)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
+        overlap_grad_reduce=overlap_grad_reduce(cfg),
+        overlap_param_gather=overlap_param_gather(cfg),
+        bucket_size=cfg.parallel.ddp_bucket_size,
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
-        check_for_nan_in_grad=False,
+        check_for_nan_in_grad=False,  # the loss and grad norm are checked every step instead
     )
     model = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
-    optimizer = build_optimizer(cfg, [model])
+    optimizer = build_optimizer(cfg, [model], overlap_param_gather(cfg))
     scheduler = build_scheduler(cfg, optimizer)
     config = model.config
     config.finalize_model_grads_func = finalize_model_grads
@@ -125,7 +132,7 @@ def setup(cfg: RunConfig) -> TrainState:
         global_batch_size=gbs,
     )
     if source:
-        state.iteration = checkpointing.load_training_checkpoint(
+        resumed = load_training_checkpoint(
             source,
             gpt,
             optimizer,
@@ -133,18 +140,41 @@ def setup(cfg: RunConfig) -> TrainState:
             cfg.model,
             layout,
             finetune=t.finetune or source != t.load,
+            global_batch_size=gbs,
         )
+        state.iteration, state.consumed_samples = resumed.iteration, resumed.consumed_samples
         if state.iteration == 0:  # weights only: mixed precision's fp32 main weights follow them
             optimizer.reload_model_params()
         parallel.print_rank_0(
             f"> loaded {source}: "
             + (
-                f"resuming at iteration {state.iteration}"
+                f"resuming at iteration {state.iteration} after {state.consumed_samples} samples"
                 if state.iteration
                 else "weights only, starting at iteration 0"
             )
         )
     return state
+
+
+def overlap_grad_reduce(cfg: RunConfig) -> bool:
+    """Resolve --overlap-grad-reduce (None: on with CUDA)."""
+    flag = cfg.parallel.overlap_grad_reduce
+    return torch.cuda.is_available() if flag is None else flag
+
+
+def overlap_param_gather(cfg: RunConfig) -> bool:
+    """Resolve --overlap-param-gather (None: on with CUDA and the distributed optimizer)."""
+    flag = cfg.parallel.overlap_param_gather
+    if flag is None:
+        flag = torch.cuda.is_available()
+    return flag and cfg.parallel.use_distributed_optimizer
+
+
+def sync_params(state: TrainState) -> None:
+    """Finish the overlapped parameter all-gather, so every rank's weights are the stepped ones
+    (before saving them or handing the model to generation)."""
+    if overlap_param_gather(state.cfg):
+        state.model.start_param_sync(force_sync=True)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -162,14 +192,35 @@ def start_checkpoint(cfg: RunConfig) -> Optional[str]:
     return t.pretrained_checkpoint
 
 
+def open_split(cfg: RunConfig, split: str) -> QADataset:
+    """A split of the preprocessed dataset, checked against its manifest and the model."""
+    d = cfg.data
+    prefix = f"{d.data_prefix}_{split}"
+    verify_split(prefix)
+    dataset = QADataset(
+        prefix,
+        d.seq_length,
+        packing=d.packing,
+        train_on_prompt=d.train_on_prompt,
+        seed=cfg.train.seed,
+    )
+    if dataset.max_token_id >= cfg.model.vocab_size:
+        raise DataError(
+            f"{prefix}: token id {dataset.max_token_id} is outside the model's vocabulary "
+            f"({cfg.model.vocab_size} ids): preprocess with the model's tokenizer or use a model "
+            f"with a larger vocab_size"
+        )
+    return dataset
+
+
 def build_data_iterator(
-    state: TrainState, split: str = "train", start_iteration: Optional[int] = None
+    state: TrainState, split: str = "train", consumed_samples: Optional[int] = None
 ) -> Iterator[dict]:
-    """This rank's micro-batches from ``start_iteration`` (default: the current one) on."""
+    """This rank's micro-batches from ``consumed_samples`` (default: the run's position) on."""
     cfg, layout, d = state.cfg, state.layout, state.cfg.data
-    start = state.iteration if start_iteration is None else start_iteration
+    start = state.consumed_samples if consumed_samples is None else consumed_samples
     indices = micro_batch_indices(
-        start_iteration=start,
+        consumed_samples=start,
         global_batch_size=state.global_batch_size,
         micro_batch_size=cfg.train.micro_batch_size,
         dp_size=layout.dp,
@@ -178,13 +229,7 @@ def build_data_iterator(
     if d.mock_data:
         seed = cfg.train.seed + (0 if split == "train" else 1)  # validation: other samples
         return (mock_batch(idx, d.seq_length, cfg.model.vocab_size, seed) for idx in indices)
-    dataset = QADataset(
-        f"{d.data_prefix}_{split}",
-        d.seq_length,
-        packing=d.packing,
-        train_on_prompt=d.train_on_prompt,
-        seed=cfg.train.seed,
-    )
+    dataset = open_split(cfg, split)
     if split != "train":
         return (dataset.micro_batch(idx) for idx in indices)
     parallel.print_rank_0(
@@ -235,18 +280,31 @@ def train_step(
     losses = _run_schedule(
         state, data_iterator, forward_backward or get_forward_backward_func(), forward_only=False
     )
+    loss, tokens = _reduce_loss(losses, state.layout)
+    fp16 = state.cfg.train.fp16
+    if not math.isfinite(loss) and not fp16:  # fp16: an overflow skips the step below
+        raise TrainingError(
+            f"iteration {state.iteration + 1}: the loss is {loss}; stopping before the optimizer "
+            f"step (nothing saved). Lower --lr, check the data, or resume from the last checkpoint"
+        )
     ok, grad_norm, _ = state.optimizer.step()
+    grad_norm = float(grad_norm if grad_norm is not None else 0.0)
+    if ok and not math.isfinite(grad_norm):
+        raise TrainingError(
+            f"iteration {state.iteration + 1}: the gradient norm is {grad_norm}; stopping "
+            f"(nothing saved). Lower --lr or set --clip-grad, or resume from the last checkpoint"
+        )
     if ok:
         state.scheduler.step(increment=1)
     state.iteration += 1
-    loss, tokens = _reduce_loss(losses, state.layout)
-    return loss, float(grad_norm or 0.0), not ok, tokens
+    state.consumed_samples += state.global_batch_size
+    return loss, grad_norm, not ok, tokens
 
 
 @torch.no_grad()
 def validation_loss(state: TrainState, forward_backward: Callable) -> float:
     """Mean token loss over the first ``eval_iters`` global batches of the validation split."""
-    data = build_data_iterator(state, "valid", start_iteration=0)
+    data = build_data_iterator(state, "valid", consumed_samples=0)
     state.model.eval()
     losses = []
     for _ in range(state.cfg.train.eval_iters):
@@ -256,57 +314,38 @@ def validation_loss(state: TrainState, forward_backward: Callable) -> float:
 
 
 def save(state: TrainState) -> None:
-    path = checkpointing.save_training_checkpoint(
+    sync_params(state)
+    path = save_training_checkpoint(
         state.cfg.train.save,
         unwrap(state.model),
         state.optimizer,
         state.scheduler,
         state.iteration,
+        state.consumed_samples,
         state.cfg,
         state.layout,
     )
     parallel.print_rank_0(f"> saved checkpoint {path}")
 
 
-def score_validation_answers(state: TrainState, out_dir: Path) -> None:
-    """Generate answers for the first N validation questions with the trained model; BLEU table."""
-    from megatron_yuyuan.data.indexed import read_meta
-    from megatron_yuyuan.evaluate import evaluate, print_summary
-    from megatron_yuyuan.generate import MegatronGenerator, SamplingConfig, generate_file
-    from megatron_yuyuan.tokenizer import load_tokenizer
+@dataclass
+class TrainResult:
+    """What a run leaves: its state (model in memory, layout) and the per-step metrics."""
 
-    cfg = state.cfg
-    prefix = cfg.data.data_prefix
-    tokenizer = load_tokenizer(read_meta(prefix)["tokenizer"])
-    gen = MegatronGenerator(unwrap(state.model), state.layout, cfg.model, tokenizer)
-    n = cfg.train.eval_bleu_samples
-    preds = out_dir / "predictions_valid.jsonl"
-    written = generate_file(
-        gen,
-        Path(f"{prefix}_valid.jsonl"),
-        preds,
-        SamplingConfig(max_new_tokens=cfg.train.eval_max_new_tokens),
-        batch_size=8,
-        limit=n,
-    )
-    state.model.train()
-    if written is None:
-        return
-    refs = out_dir / "references_valid.jsonl"
-    refs.write_text(
-        "".join(line + "\n" for line in Path(f"{prefix}_valid.jsonl").read_text().splitlines()[:n])
-    )
-    report = evaluate(refs, {"finetuned": preds}, out_dir)
-    print_summary(report)
-    print(f"> wrote {preds} and {out_dir / 'report.md'}", flush=True)
+    state: TrainState
+    history: list[StepMetrics]
 
 
-def train(cfg: RunConfig) -> list[StepMetrics]:
-    """Run ``cfg.train.train_iters`` steps; returns the per-step metrics (on every rank)."""
+def train(cfg: RunConfig) -> TrainResult:
+    """Run ``cfg.train.train_iters`` steps; returns the state and per-step metrics (every rank)."""
     state = setup(cfg)
     layout, t = state.layout, cfg.train
     is_logger = layout.rank == 0
-    logger = MetricsLogger(t.metrics_file, t.tensorboard_dir) if is_logger else None
+    logger = (
+        MetricsLogger(t.metrics_file, t.tensorboard_dir, start_iteration=state.iteration)
+        if is_logger
+        else None
+    )
     flops_per_token = training_flops_per_token(
         cfg.model, cfg.data.seq_length, cfg.model.padded_vocab_size(layout.tp)
     )
@@ -316,12 +355,13 @@ def train(cfg: RunConfig) -> list[StepMetrics]:
         f"{layout.world_size} process(es): TP={layout.tp} PP={layout.pp} DP={layout.dp}, "
         f"{state.num_microbatches} micro-batch(es) of {t.micro_batch_size} x {cfg.data.seq_length} "
         f"tokens per step, backend {dist.get_backend()}"
+        + (f", MFU against {peak[1] / 1e12:.0f} TFLOP/s bf16 ({peak[0]})" if peak else "")
     )
     data = build_data_iterator(state)
     forward_backward = get_forward_backward_func()
     history: list[StepMetrics] = []
     valid_history: list[tuple[int, float]] = []
-    out_dir = Path(t.save) if t.save else Path(t.metrics_file).parent if t.metrics_file else None
+    warned_lr0 = False
     bar = tqdm(
         total=t.train_iters,
         initial=state.iteration,
@@ -330,59 +370,70 @@ def train(cfg: RunConfig) -> list[StepMetrics]:
         file=sys.stderr,
         dynamic_ncols=True,
     )
-    while state.iteration < t.train_iters:
-        parallel.barrier()
-        lr = state.optimizer.param_groups[0]["lr"]  # the lr this step uses
-        start = time.perf_counter()
-        loss, grad_norm, skipped, tokens = train_step(state, data, forward_backward)
-        elapsed = time.perf_counter() - start
-        tokens_per_s = tokens / elapsed
-        metrics = StepMetrics(
-            iteration=state.iteration,
-            loss=loss,
-            lr=lr,
-            grad_norm=grad_norm,
-            tokens_per_s=tokens_per_s,
-            step_time_s=elapsed,
-            skipped=skipped,
-            loss_scale=float(state.optimizer.get_loss_scale()) if t.fp16 else None,
-            mfu=(tokens_per_s * flops_per_token / (peak * layout.world_size)) if peak else None,
-        )
-        history.append(metrics)
-        if logger:
-            logger.log(metrics)
-            if state.iteration % t.log_interval == 0:
+    try:
+        while state.iteration < t.train_iters:
+            lr = state.optimizer.param_groups[0]["lr"]  # the lr this step uses
+            if lr == 0.0 and state.iteration >= t.lr_warmup_iters and not warned_lr0:
+                warned_lr0 = True
                 bar.write(
-                    format_log_line(
-                        metrics,
-                        t.train_iters,
-                        state.iteration * state.global_batch_size,
-                        state.global_batch_size,
+                    f"warning: iteration {state.iteration + 1} trains at learning rate 0 (the "
+                    f"schedule has decayed to --min-lr 0): raise --lr-decay-iters or --min-lr",
+                    file=sys.stderr,
+                )
+            start = time.perf_counter()
+            loss, grad_norm, skipped, tokens = train_step(state, data, forward_backward)
+            elapsed = time.perf_counter() - start
+            tokens_per_s = tokens / elapsed
+            metrics = StepMetrics(
+                iteration=state.iteration,
+                loss=loss,
+                lr=lr,
+                grad_norm=grad_norm,
+                tokens_per_s=tokens_per_s,
+                step_time_s=elapsed,
+                skipped=skipped,
+                consumed_samples=state.consumed_samples,
+                peak_memory_gb=(torch.cuda.max_memory_allocated() / 2**30)
+                if torch.cuda.is_available()
+                else None,
+                loss_scale=float(state.optimizer.get_loss_scale()) if t.fp16 else None,
+                mfu=(tokens_per_s * flops_per_token / (peak[1] * layout.world_size))
+                if peak
+                else None,
+            )
+            history.append(metrics)
+            if logger:
+                logger.log(metrics)
+                if state.iteration % t.log_interval == 0:
+                    bar.write(
+                        format_log_line(
+                            metrics, t.train_iters, state.consumed_samples, state.global_batch_size
+                        )
                     )
-                )
-        bar.set_postfix(loss=f"{loss:.4f}")
-        bar.update(1)
-        last = state.iteration == t.train_iters
-        if t.eval_interval and (state.iteration % t.eval_interval == 0 or last):
-            valid = validation_loss(state, forward_backward)
-            valid_history.append((state.iteration, valid))
-            if logger:
-                logger.log_validation(state.iteration, valid)
-                bar.write(
-                    f" validation loss at iteration {state.iteration}: {valid:.6E} | "
-                    f"ppl: {math.exp(min(valid, 50)):.3f}"
-                )
-        if t.save and ((t.save_interval and state.iteration % t.save_interval == 0) or last):
-            save(state)
-            if logger:
-                plot_loss_curve(history, valid_history, Path(t.save) / "loss_curve.png")
-    bar.close()
-    if t.eval_bleu_samples and cfg.data.data_prefix and out_dir is not None:
-        score_validation_answers(state, out_dir / "eval")
+            bar.set_postfix(loss=f"{loss:.4f}")
+            bar.update(1)
+            last = state.iteration == t.train_iters
+            if t.eval_interval and (state.iteration % t.eval_interval == 0 or last):
+                valid = validation_loss(state, forward_backward)
+                valid_history.append((state.iteration, valid))
+                if logger:
+                    logger.log_validation(state.iteration, valid)
+                    bar.write(
+                        f" validation loss at iteration {state.iteration}: {valid:.6E} | "
+                        f"ppl: {math.exp(min(valid, 50)):.3f}"
+                    )
+            if t.save and ((t.save_interval and state.iteration % t.save_interval == 0) or last):
+                save(state)
+                if logger:
+                    plot_loss_curve(history, valid_history, Path(t.save) / "loss_curve.png")
+    finally:
+        bar.close()  # before any error line, so it starts a line of its own
+    sync_params(state)
+    out_dir = Path(t.save) if t.save else Path(t.metrics_file).parent if t.metrics_file else None
     if logger and out_dir is not None and history:
         curve = plot_loss_curve(history, valid_history, out_dir / "loss_curve.png")
         print(f"> wrote {curve}", flush=True)
     if logger:
         for line in logger.close():
             print(f"> wrote {line}", flush=True)
-    return history
+    return TrainResult(state=state, history=history)

@@ -10,7 +10,16 @@ ITERS=${DEMO_ITERS:-120}
 NEW_TOKENS=${DEMO_NEW_TOKENS:-48}
 PYTHON=${PYTHON:-python}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-rm -rf "$OUT"
+# Start clean, but only over a folder an earlier demo made (it leaves a marker file there).
+if [[ -e "$OUT" ]]; then
+  if [[ -f "$OUT/.megatron_yuyuan_demo" ]]; then
+    rm -rf "$OUT"
+  elif [[ -n "$(ls -A "$OUT")" ]]; then
+    echo "error: DEMO_OUT=$OUT exists and was not made by this demo; choose another folder" >&2
+    exit 2
+  fi
+fi
+mkdir -p "$OUT" && touch "$OUT/.megatron_yuyuan_demo"
 
 echo "== 1/4 preprocess the embedded MedQuAD sample"
 "$PYTHON" -m tools.preprocess_medquad --output-prefix "$OUT/data/medquad" --valid-size 10 --test-size 10 --no-progress

@@ -9,7 +9,8 @@ import pytest
 import sacrebleu
 from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu, sentence_bleu
 
-from megatron_yuyuan.evaluate import evaluate, main
+from megatron_yuyuan.evaluate import main
+from megatron_yuyuan.evaluation import evaluate
 from megatron_yuyuan.prompts import answer_from_continuation, extract_answer
 
 REFS = [

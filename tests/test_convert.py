@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TORCHRUN_ENV, run_torchrun, torchrun_cmd
 from safetensors.torch import load_file
 
 from checkpoints_convert.to_hf import main as to_hf
 from checkpoints_convert.to_megatron import main as to_megatron
-from conftest import TORCHRUN_ENV, run_torchrun, torchrun_cmd
 from megatron_yuyuan.config import RunConfig, get_preset
 from megatron_yuyuan.convert.weight_map import (
     HF_IGNORED,
@@ -26,6 +26,7 @@ from megatron_yuyuan.convert.weight_map import (
     hf_to_mcore,
     mcore_to_hf,
 )
+from megatron_yuyuan.errors import ConversionError
 from megatron_yuyuan.model import build_model
 
 
@@ -97,7 +98,7 @@ def test_name_table_is_one_bijection_covering_both_models(single_process_group):
     assert mapped == expected_mcore_names(4) == {k for k in mc if not k.endswith("_extra_state")}
     assert back == {k for k in hf.state_dict() if k != "lm_head.weight"}
     assert "lm_head.weight" in HF_IGNORED
-    with pytest.raises(KeyError, match="unexpected HF weight"):
+    with pytest.raises(ConversionError, match="unexpected HF weight"):
         hf_to_mcore("transformer.h.0.attn.q_proj.weight", torch.zeros(1), shapes)
 
 

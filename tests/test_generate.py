@@ -7,18 +7,18 @@ import subprocess
 
 import pytest
 import torch
+from conftest import TORCHRUN_ENV, torchrun_cmd
 
 from checkpoints_convert.to_hf import main as to_hf
 from checkpoints_convert.to_megatron import main as to_megatron
-from conftest import TORCHRUN_ENV, torchrun_cmd
-from megatron_yuyuan.generate import (
+from megatron_yuyuan.generate import main as generate_main
+from megatron_yuyuan.generation import (
     HFGenerator,
     MegatronGenerator,
     SamplingConfig,
     generate_file,
     sample_next,
 )
-from megatron_yuyuan.generate import main as generate_main
 from megatron_yuyuan.prompts import format_prompt
 
 QUESTIONS = [

@@ -6,8 +6,13 @@ import torch
 import torch.nn.functional as F
 
 from megatron_yuyuan.config import RunConfig, get_preset
-from megatron_yuyuan.model import build_model, count_model_parameters, count_parameters
-from megatron_yuyuan.model import language_model_loss, mask_padded_vocab
+from megatron_yuyuan.model import (
+    build_model,
+    count_model_parameters,
+    count_parameters,
+    language_model_loss,
+    mask_padded_vocab,
+)
 from megatron_yuyuan.training import loss_func
 
 

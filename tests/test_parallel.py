@@ -7,8 +7,8 @@ same global batches, so in fp32 the losses may differ only by reduction order (~
 from __future__ import annotations
 
 import pytest
-
 from conftest import read_metrics, run_torchrun
+
 from megatron_yuyuan.finetune import main
 
 COMMON = [
@@ -61,7 +61,8 @@ def test_reference_run_learns(reference):
     [
         (2, ["--tensor-model-parallel-size", "2"]),
         (2, ["--pipeline-model-parallel-size", "2"]),  # 4 micro-batches through 1F1B
-        (2, ["--use-distributed-optimizer"]),  # DP=2, ZeRO-1
+        # DP=2, ZeRO-1, with gradient reduce and parameter gather overlapped (the GPU defaults)
+        (2, ["--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather"]),
         (4, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]),
     ],
     ids=["tp2", "pp2", "dp2-distopt", "tp2pp2"],

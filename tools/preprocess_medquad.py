@@ -1,68 +1,13 @@
-"""MedQuAD XML -> leakage-free QA splits -> JSONL + Megatron ``.bin/.idx``.
+"""``python -m tools.preprocess_medquad``: MedQuAD XML -> QA splits (JSONL + ``.bin/.idx``).
 
     python -m tools.preprocess_medquad --input MedQuAD --output-prefix data/medquad
 
-Writes ``PREFIX_{train,valid,test}.{jsonl,bin,idx}`` and ``PREFIX_meta.json``; see
-:mod:`megatron_yuyuan.data.preprocess`. Without ``--input`` it uses the MedQuAD sample shipped in
-the package (CC BY 4.0).
+See :mod:`megatron_yuyuan.cli.preprocess` for the flags.
 """
 
-from __future__ import annotations
-
-import argparse
 import sys
-from typing import Optional, Sequence
 
-from megatron_yuyuan.data.medquad import CLEANERS, MedQuADError
-from megatron_yuyuan.data.sample import SAMPLE_DIR
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument(
-        "--input", default=str(SAMPLE_DIR), help="MedQuAD directory (default: the embedded sample)"
-    )
-    p.add_argument("--output-prefix", required=True, help="output path prefix, e.g. data/medquad")
-    p.add_argument(
-        "--tokenizer",
-        default="gpt2",
-        help="'gpt2' (built in, offline), an HF tokenizer dir, or a sentencepiece .model",
-    )
-    p.add_argument("--workers", type=int, default=2, help="XML parser processes")
-    p.add_argument("--valid-size", type=int, default=500, help="pairs in the validation split")
-    p.add_argument("--test-size", type=int, default=500, help="pairs in the test split")
-    p.add_argument("--seed", type=int, default=1234, help="split seed")
-    p.add_argument(
-        "--clean",
-        default="",
-        help=f"comma-separated optional cleaners: {', '.join(sorted(CLEANERS))} (default: none)",
-    )
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    args = p.parse_args(argv)
-    # Imported here: spawned parser workers re-import this module and must stay light (no torch).
-    from megatron_yuyuan.data.preprocess import preprocess_medquad
-
-    try:
-        report = preprocess_medquad(
-            args.input,
-            args.output_prefix,
-            tokenizer=args.tokenizer,
-            workers=args.workers,
-            valid_size=args.valid_size,
-            test_size=args.test_size,
-            seed=args.seed,
-            cleaners=[c for c in args.clean.split(",") if c],
-            progress=not args.no_progress,
-        )
-    except (MedQuADError, ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    for line in report.lines():
-        print(line)
-    for path in report.outputs:
-        print(f"> wrote {path}")
-    return 0
-
+from megatron_yuyuan.cli.preprocess import main
 
 if __name__ == "__main__":
     sys.exit(main())

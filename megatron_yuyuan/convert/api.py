@@ -7,7 +7,10 @@ to any layout. Weights stay in the source dtype and are moved one tensor at a ti
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
@@ -30,6 +33,7 @@ from megatron_yuyuan.convert.weight_map import (
     hf_to_mcore,
     mcore_to_hf,
 )
+from megatron_yuyuan.errors import ConversionError
 from megatron_yuyuan.model import build_model
 
 TOKENIZER_SUBDIR = "tokenizer"
@@ -69,14 +73,14 @@ def _fill_and_save(
     seen = set()
     for name, load in tensors:
         if name not in expected or name not in sharded:
-            raise KeyError(
+            raise ConversionError(
                 f"{source}: weight {name!r} has no place in a {model_cfg.num_layers}-layer "
                 f"model (unexpected key)"
             )
         tensor = load().to(dtype)
         want = tuple(sharded[name].local_shape)
         if tuple(tensor.shape) != want:
-            raise ValueError(
+            raise ConversionError(
                 f"{source}: {name} has shape {tuple(tensor.shape)}, the model expects "
                 f"{want}: config.json and weights disagree"
             )
@@ -84,7 +88,7 @@ def _fill_and_save(
         seen.add(name)
     missing = sorted(expected - seen)
     if missing:
-        raise KeyError(
+        raise ConversionError(
             f"{source}: missing weights (megatron names) {missing[:8]}"
             f"{' ...' if len(missing) > 8 else ''}"
         )
@@ -132,7 +136,7 @@ def convert_legacy_to_megatron(
     dtype: Optional[torch.dtype] = None,
 ) -> Path:
     """Legacy Megatron-LM checkpoint -> megatron-core checkpoint; returns the iteration dir."""
-    model_cfg, legacy_padded, full = read_legacy_checkpoint(Path(mlm_dir), vocab_size, trust_pickle)
+    model_cfg, full = read_legacy_checkpoint(Path(mlm_dir), vocab_size, trust_pickle)
     check_target_layout(model_cfg, tp, pp)
     padded = model_cfg.padded_vocab_size(tp)
     emb = full["embedding.word_embeddings.weight"]
@@ -150,13 +154,65 @@ def convert_legacy_to_megatron(
     )
 
 
+EXPORT_MARKER = "megatron_yuyuan_export.json"
+"""Written into every HF export: its source and its files, so a later export may replace it."""
+
+
+def check_hf_out_dir(out: Path, load: Path) -> None:
+    """``--out`` must be new, empty, or an earlier HF export of ours; never a checkpoint.
+
+    Raises:
+        CheckpointError: naming what is there and what to do.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise checkpointing.CheckpointError(f"--out {out}: is a file; give a directory")
+    if not out.exists():
+        return
+    if (
+        out.resolve() == Path(load).resolve()
+        or checkpointing.holds_checkpoints(out)
+        or any(out.resolve() == p.resolve() for p in Path(load).resolve().parents)
+    ):
+        raise checkpointing.CheckpointError(
+            f"--out {out}: holds (or is) the megatron-core checkpoint; write the export to a new "
+            f"directory"
+        )
+    if any(out.iterdir()) and not (out / EXPORT_MARKER).is_file():
+        raise checkpointing.CheckpointError(
+            f"--out {out}: is not empty and is not an earlier export of this tool; choose a new "
+            f"or empty directory (nothing there is deleted)"
+        )
+
+
+def _publish_export(tmp: Path, out: Path) -> None:
+    """Move a complete export from ``tmp`` to ``out``. An earlier export there is replaced as a
+    whole; files a user added to it are kept (moved into the new one)."""
+    if not out.exists() or not any(out.iterdir()):
+        if out.exists():
+            out.rmdir()  # empty
+        tmp.rename(out)
+        return
+    ours = set(json.loads((out / EXPORT_MARKER).read_text()).get("files", [])) | {EXPORT_MARKER}
+    for item in out.iterdir():
+        if item.name not in ours and not (tmp / item.name).exists():
+            item.rename(tmp / item.name)  # a user's file: keep it
+    old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old."))
+    out.rename(old / out.name)
+    tmp.rename(out)
+    shutil.rmtree(old)  # created above; holds only the files the earlier export wrote
+
+
 def convert_megatron_to_hf(
     load: str | Path, out: str | Path, tokenizer_dir: Optional[str | Path] = None
 ) -> list[Path]:
     """megatron-core checkpoint (any TP/PP) -> HF directory; returns the files written.
 
-    Written into ``out.tmp`` and renamed to ``out`` when complete.
+    Written into a temporary directory beside ``out`` and moved to ``out`` when complete.
+    ``out`` must be new, empty or an earlier export (see :func:`check_hf_out_dir`).
     """
+    out = Path(out)
+    check_hf_out_dir(out, Path(load))
     ckpt = checkpointing.resolve(load)
     info = checkpointing.read_info(ckpt)
     layout = parallel.init_distributed(1, 1)
@@ -170,10 +226,11 @@ def convert_megatron_to_hf(
     state, _ = checkpointing.load_full_state(ckpt, template)
     m = info.model
     shapes = Shapes(m.hidden_size, m.num_attention_heads, m.vocab_size, info.padded_vocab_size)
-    out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp."))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide the export from other users
     try:
         writer = ShardedSafetensorsWriter(tmp)
         for name in list(state):
@@ -181,8 +238,6 @@ def convert_megatron_to_hf(
             if mapped is not None:
                 writer.add(*mapped)
         files = writer.close()
-        import json
-
         (tmp / "config.json").write_text(json.dumps(hf_config_dict(m, info.dtype), indent=1))
         tok_src = (
             Path(tokenizer_dir)
@@ -195,12 +250,22 @@ def convert_megatron_to_hf(
                 f"no tokenizer files written"
             )
         write_generation_config(tmp, m.vocab_size)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        (tmp / EXPORT_MARKER).write_text(
+            json.dumps(
+                {
+                    "source": str(ckpt.resolve()),
+                    "iteration": info.iteration,
+                    "files": sorted(p.name for p in tmp.iterdir()),
+                },
+                indent=1,
+            )
+        )
+        _publish_export(tmp, out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # made by mkdtemp above
         raise
     return [out / p.name for p in files] + sorted(
-        p for p in out.iterdir() if p.suffix == ".json" and p.name != "model.safetensors.index.json"
+        p
+        for p in out.iterdir()
+        if p.suffix == ".json" and p.name not in ("model.safetensors.index.json", EXPORT_MARKER)
     )

@@ -11,8 +11,8 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from megatron_yuyuan.config import ModelConfig
-from megatron_yuyuan.tokenizer import GPT2_VOCAB_SIZE, gpt2_bpe_files
 from megatron_yuyuan.errors import UserError
+from megatron_yuyuan.tokenizer import GPT2_VOCAB_SIZE, gpt2_bpe_files
 
 _TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 _SHARD_BYTES = 2 * 1024**3

@@ -99,8 +99,9 @@ def model_config_from_args(args: argparse.Namespace, vocab_size: Optional[int]) 
 
 def read_legacy_checkpoint(
     path: Path, vocab_size: Optional[int] = None, trust_pickle: bool = False
-) -> tuple[ModelConfig, int, dict[str, torch.Tensor]]:
-    """(ModelConfig, padded vocab, full tensors under megatron-core names)."""
+) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """(ModelConfig, full tensors under megatron-core names; the embedding keeps the source's
+    vocabulary padding, which the caller re-pads for its own TP)."""
     it_dir = find_iteration_dir(path)
     ranks: dict[tuple[int, int], Path] = {}
     for d in it_dir.iterdir():
@@ -118,7 +119,6 @@ def read_legacy_checkpoint(
         )
     model_cfg = model_config_from_args(first["args"], vocab_size)
     version = float(first.get("checkpoint_version", 0) or 0)
-    padded = vars(first["args"]).get("padded_vocab_size")
     layers_per_stage = model_cfg.num_layers // pp
     local_heads = model_cfg.num_attention_heads // tp
     shards: dict[str, list[torch.Tensor]] = {}
@@ -154,5 +154,4 @@ def read_legacy_checkpoint(
     for key, parts in shards.items():
         legacy_row = any(key.endswith(s) for s in ("linear_proj.weight", "linear_fc2.weight"))
         full[key] = torch.cat(parts, dim=1 if legacy_row else 0) if len(parts) > 1 else parts[0]
-    padded = padded or full["embedding.word_embeddings.weight"].shape[0]
-    return model_cfg, padded, full
+    return model_cfg, full

@@ -13,6 +13,8 @@ from typing import Callable, Optional
 
 import torch
 
+from megatron_yuyuan.errors import ConversionError
+
 # HF GPT2LMHeadModel name -> (megatron-core name, transform)
 HF_TO_MCORE: dict[str, tuple[str, str]] = {
     "transformer.wte.weight": ("embedding.word_embeddings.weight", "pad_vocab"),
@@ -105,7 +107,7 @@ def _qkv_bias_to_hf(b: torch.Tensor, s: Shapes) -> torch.Tensor:
 def _pad_vocab(w: torch.Tensor, s: Shapes) -> torch.Tensor:
     """Zero rows up to the padded vocabulary (the loss masks them out)."""
     if w.shape[0] != s.vocab_size:
-        raise ValueError(
+        raise ConversionError(
             f"word embeddings have {w.shape[0]} rows, config vocab_size is {s.vocab_size}"
         )
     out = w.new_zeros((s.padded_vocab_size, w.shape[1]))
@@ -136,12 +138,12 @@ def hf_to_mcore(
     if tmpl in HF_IGNORED:
         return None
     if tmpl not in HF_TO_MCORE:
-        raise KeyError(f"unexpected HF weight {name!r}: not in the GPT-2 name table")
+        raise ConversionError(f"unexpected HF weight {name!r}: not in the GPT-2 name table")
     mname, transform = HF_TO_MCORE[tmpl]
     try:
         return mname.format(layer), TRANSFORMS[transform][0](tensor, shapes)
     except RuntimeError as exc:  # a reshape that cannot fit: config.json and weights disagree
-        raise ValueError(
+        raise ConversionError(
             f"HF weight {name} has shape {tuple(tensor.shape)}, which does not fit "
             f"config.json (hidden {shapes.hidden_size}, heads {shapes.num_heads}, "
             f"vocab {shapes.vocab_size})"
@@ -156,7 +158,7 @@ def mcore_to_hf(
         return None
     tmpl, layer = template(name)
     if tmpl not in MCORE_TO_HF:
-        raise KeyError(f"unexpected megatron weight {name!r}: not in the GPT-2 name table")
+        raise ConversionError(f"unexpected megatron weight {name!r}: not in the GPT-2 name table")
     hname, transform = MCORE_TO_HF[tmpl]
     return hname.format(layer), TRANSFORMS[transform][1](tensor, shapes)
 

@@ -3,11 +3,17 @@
 The only module that imports ``megatron.core.datasets``. Each document is one QA pair stored as
 **two sequences**: the prompt ``Question:{q} answer:`` and the answer `` {a}<|endoftext|>``, so
 the prompt/answer boundary (needed for answer-only loss) is recoverable from the files alone.
-A ``{prefix}_meta.json`` next to them records the tokenizer, EOS id and template.
+
+A ``{prefix}_meta.json`` next to them records the tokenizer, EOS id, template, the largest token id,
+and a **manifest**: the size and SHA-256 of every other file of the dataset. The preprocessor
+publishes the meta file last, so a reader that finds every file matching the manifest knows they
+all come from one complete run; a run killed while publishing leaves a mismatch that every reader
+reports instead of mixing two runs' splits.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -16,6 +22,10 @@ from typing import Sequence
 
 import numpy as np
 from megatron.core.datasets.indexed_dataset import DType, IndexedDataset, IndexedDatasetBuilder
+
+from megatron_yuyuan.errors import DataError
+
+SPLITS = ("train", "valid", "test")
 
 
 @dataclass
@@ -54,6 +64,74 @@ def write_qa_documents(
     return {bin_path: tmp_bin, idx_path: tmp_idx}
 
 
+def file_digest(path: Path) -> dict:
+    """Size and SHA-256 of a file (the manifest entry)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return {"bytes": Path(path).stat().st_size, "sha256": h.hexdigest()}
+
+
+def split_of(split_prefix: str | Path) -> tuple[str, str]:
+    """``data/mq_train`` -> (``data/mq``, ``train``); the prefix and split a file prefix names."""
+    text = str(split_prefix)
+    for split in SPLITS:
+        if text.endswith(f"_{split}"):
+            return text[: -len(split) - 1], split
+    raise DataError(
+        f"{split_prefix}: not a split of a preprocessed dataset (expected PREFIX_train, "
+        f"PREFIX_valid or PREFIX_test, as written by tools.preprocess_medquad)"
+    )
+
+
+def verify_files(prefix: str | Path, names: Sequence[str]) -> dict:
+    """Check that files ``names`` (relative to the dataset's directory) match the manifest in
+    ``{prefix}_meta.json``; returns the meta.
+
+    Raises:
+        DataError: the meta file is missing or unreadable, or a file is missing, truncated or from
+            another preprocessing run.
+    """
+    meta = read_meta(prefix)
+    manifest = meta.get("files")
+    if not isinstance(manifest, dict):
+        raise DataError(
+            f"{prefix}_meta.json has no file manifest (written by an older version): rerun "
+            f"python -m tools.preprocess_medquad --output-prefix {prefix}"
+        )
+    folder = Path(f"{prefix}_meta.json").parent
+    for name in names:
+        path = folder / name
+        want = manifest.get(name)
+        if want is None:
+            raise DataError(f"{path}: not listed in {prefix}_meta.json")
+        if not path.is_file():
+            raise DataError(
+                f"{path} is missing; rerun python -m tools.preprocess_medquad --output-prefix "
+                f"{prefix}"
+            )
+        got = file_digest(path)
+        if got != want:
+            what = (
+                f"has {got['bytes']} bytes, the manifest says {want['bytes']} (truncated?)"
+                if got["bytes"] != want["bytes"]
+                else "differs from the run that wrote the manifest"
+            )
+            raise DataError(
+                f"{path} {what}: the dataset's files come from different or interrupted runs; "
+                f"rerun python -m tools.preprocess_medquad --output-prefix {prefix}"
+            )
+    return meta
+
+
+def verify_split(split_prefix: str | Path) -> dict:
+    """Check ``{split_prefix}.bin/.idx`` against the dataset's manifest; returns the meta."""
+    prefix, _ = split_of(split_prefix)
+    name = Path(split_prefix).name
+    return verify_files(prefix, [f"{name}.bin", f"{name}.idx"])
+
+
 def dataset_exists(prefix: str | Path) -> bool:
     return Path(f"{prefix}.bin").is_file() and Path(f"{prefix}.idx").is_file()
 
@@ -61,11 +139,21 @@ def dataset_exists(prefix: str | Path) -> bool:
 def open_indexed(prefix: str | Path) -> IndexedDataset:
     """megatron-core's reader over ``{prefix}.bin/.idx``."""
     if not dataset_exists(prefix):
-        raise FileNotFoundError(
+        raise DataError(
             f"no indexed dataset at {prefix}.bin/.idx; create it with "
             f"python -m tools.preprocess_medquad --output-prefix ..."
         )
-    return IndexedDataset(str(prefix))
+    try:
+        ds = IndexedDataset(str(prefix))
+        # megatron reads the index lazily: touch its last entry so truncation shows now
+        if len(ds):
+            ds[len(ds) - 1]
+        return ds
+    except (AssertionError, ValueError, IndexError, OSError) as exc:
+        raise DataError(
+            f"{prefix}.idx/.bin: not a readable indexed dataset ({type(exc).__name__}: {exc}); "
+            f"the files are truncated or corrupt: rerun tools.preprocess_medquad"
+        ) from exc
 
 
 def read_qa_documents(prefix: str | Path) -> list[QAPairTokens]:
@@ -76,7 +164,7 @@ def read_qa_documents(prefix: str | Path) -> list[QAPairTokens]:
     for d in range(len(docs) - 1):
         first, last = int(docs[d]), int(docs[d + 1])
         if last - first != 2:
-            raise ValueError(
+            raise DataError(
                 f"{prefix}: document {d} has {last - first} sequences; expected 2 "
                 f"(prompt, answer): was it written by tools/preprocess_medquad.py?"
             )
@@ -94,8 +182,14 @@ def read_meta(prefix: str | Path) -> dict:
     """The ``{prefix}_meta.json`` written beside the splits (tokenizer, EOS id, vocab size)."""
     path = Path(f"{prefix}_meta.json")
     if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} not found: it is written by tools/preprocess_medquad.py "
-            f"next to the {prefix}_{{train,valid,test}} files"
+        raise DataError(
+            f"{path} not found: it is written by tools.preprocess_medquad next to the "
+            f"{prefix}_{{train,valid,test}} files (rerun it)"
         )
-    return json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: not valid JSON ({exc}); rerun tools.preprocess_medquad") from exc
+    if not isinstance(meta, dict):
+        raise DataError(f"{path}: expected a JSON object; rerun tools.preprocess_medquad")
+    return meta

@@ -1,7 +1,9 @@
 """The MedQuAD preprocessing pipeline: XML -> records -> splits -> JSONL + ``.bin/.idx``.
 
-Outputs for ``--output-prefix P`` (every file is written under a temporary name and renamed only
-when all are complete, so an interrupted run leaves no half-written dataset):
+Outputs for ``--output-prefix P``. Every file is written under a temporary name; when all are
+complete the data files are renamed into place and ``P_meta.json`` last: its manifest (size and
+SHA-256 of every file) lets each reader check that the set comes from one complete run. Temporary
+files of a killed run are removed by the next run.
 
 * ``P_{train,valid,test}.jsonl`` - one JSON object per pair: id, question, answer, qtype, source, focus
 * ``P_{train,valid,test}.bin/.idx`` - the same pairs, tokenised, two sequences per document
@@ -11,17 +13,18 @@ when all are complete, so an interrupted run leaves no half-written dataset):
 from __future__ import annotations
 
 import json
+import os
 import time
+from dataclasses import dataclass, field
 from functools import partial
 from multiprocessing import get_context
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 from tqdm import tqdm
 
-from megatron_yuyuan.data.indexed import tmp_name, write_qa_documents
+from megatron_yuyuan.data.indexed import SPLITS, file_digest, tmp_name, write_qa_documents
 from megatron_yuyuan.data.medquad import (
     ParseStats,
     clean_records,
@@ -30,10 +33,9 @@ from megatron_yuyuan.data.medquad import (
     split_records,
 )
 from megatron_yuyuan.data.workers import ChunkResult, init_worker, process_files
+from megatron_yuyuan.errors import UserError
 from megatron_yuyuan.prompts import PROMPT_TEMPLATE
 from megatron_yuyuan.tokenizer import load_tokenizer
-
-SPLITS = ("train", "valid", "test")
 
 
 @dataclass
@@ -124,8 +126,8 @@ def preprocess_medquad(
     output_prefix: str,
     tokenizer: str = "gpt2",
     workers: int = 2,
-    valid_size: int = 500,
-    test_size: int = 500,
+    valid_size: Optional[int] = None,
+    test_size: Optional[int] = None,
     seed: int = 1234,
     cleaners: Sequence[str] = (),
     progress: bool = True,
@@ -133,6 +135,18 @@ def preprocess_medquad(
     """Run the whole pipeline; see the module docstring for the outputs."""
     start = time.perf_counter()
     report = PreprocessReport()
+    if workers < 1:
+        raise UserError(f"--workers must be >= 1, got {workers}")
+    for flag, size in (("--valid-size", valid_size), ("--test-size", test_size)):
+        if size is not None and size < 0:
+            raise UserError(f"{flag} must be >= 0, got {size}")
+    out = Path(output_prefix)
+    if not out.name:
+        raise UserError(
+            f"--output-prefix {output_prefix!r}: give a path prefix such as data/medquad"
+        )
+    check_output_dir(out.parent)
+    remove_stale_temporaries(out)
     files = find_xml_files(Path(input_dir))  # fail fast on a bad --input
     tok = load_tokenizer(tokenizer)  # fail fast on a bad --tokenizer
     clean_records([], cleaners)  # fail fast on an unknown cleaner
@@ -145,6 +159,15 @@ def preprocess_medquad(
     tokens_of = {r.id: (p, a) for r, p, a in zip(res.records, res.prompts, res.answers)}
     records = sorted(res.records, key=lambda r: r.id)
     records, report.duplicates_dropped = drop_exact_duplicates(records)
+    # Default split sizes: 500 pairs each (MedQuAD's usual), at most 10% of a smaller input each.
+    valid_size = default_split_size(len(records)) if valid_size is None else valid_size
+    test_size = default_split_size(len(records)) if test_size is None else test_size
+    if valid_size + test_size >= len(records):
+        raise UserError(
+            f"--valid-size {valid_size} + --test-size {test_size} = {valid_size + test_size} "
+            f"leaves no training pairs: {input_dir} has {len(records)} distinct answered pairs; "
+            f"choose sizes that add up to less than that"
+        )
     splits = split_records(records, valid_size=valid_size, test_size=test_size, seed=seed)
 
     ordered = [rec for name in SPLITS for rec in splits[name]]
@@ -153,8 +176,6 @@ def preprocess_medquad(
     lengths = np.array([len(p) + len(a) for p, a in zip(prompts, answers)])
     report.longer_than = {str(n): int((lengths > n).sum()) for n in (512, 1024)}
 
-    out = Path(output_prefix)
-    out.parent.mkdir(parents=True, exist_ok=True)
     pending: dict[Path, Path] = {}
     try:
         offset = 0
@@ -174,24 +195,35 @@ def preprocess_medquad(
             )
             report.split_pairs[name] = len(recs)
             report.split_tokens[name] = int(lengths[sl].sum())
+        max_token_id = max(
+            (int(max(p.max(initial=0), a.max(initial=0))) for p, a in zip(prompts, answers)),
+            default=0,
+        )
+        manifest = {final.name: file_digest(tmp) for final, tmp in pending.items()}
         meta = Path(f"{output_prefix}_meta.json")
-        pending[meta] = tmp_name(meta)
-        pending[meta].write_text(
+        meta_tmp = tmp_name(meta)
+        pending[meta] = meta_tmp
+        meta_tmp.write_text(
             json.dumps(
                 {
                     "tokenizer": tok.name,
                     "vocab_size": tok.vocab_size,
+                    "max_token_id": max_token_id,
                     "eod": tok.eod,
                     "template": PROMPT_TEMPLATE + " {answer}<eod>",
                     "seed": seed,
                     "cleaners": list(cleaners),
                     "report": report.to_dict(),
+                    "files": manifest,
                 },
                 indent=1,
             )
         )
-        for final, tmp in pending.items():  # all complete: publish
-            tmp.replace(final)
+        # All complete: publish the data files, then the manifest that vouches for them.
+        for final, tmp in pending.items():
+            if final != meta:
+                tmp.replace(final)
+        meta_tmp.replace(meta)
     except BaseException:
         for tmp in pending.values():
             tmp.unlink(missing_ok=True)
@@ -199,3 +231,43 @@ def preprocess_medquad(
     report.outputs = [str(p) for p in pending]
     report.seconds = time.perf_counter() - start
     return report
+
+
+def default_split_size(pairs: int) -> int:
+    """Validation and test pairs when not given: 500, or 10% of the pairs if that is fewer."""
+    return min(500, pairs // 10)
+
+
+def check_output_dir(folder: Path) -> None:
+    """Create the output directory and check that it takes files, before any parsing."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = tmp_name(folder / "write-probe")
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise UserError(
+            f"--output-prefix: cannot write in {folder} ({reason}); choose a writable directory"
+        ) from exc
+
+
+def remove_stale_temporaries(prefix: Path) -> list[Path]:
+    """Delete temporary files that a killed run with this prefix left (their process is gone)."""
+    removed = []
+    for tmp in prefix.parent.glob(f".{prefix.name}_*.tmp*"):
+        pid = tmp.name.rsplit(".tmp", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

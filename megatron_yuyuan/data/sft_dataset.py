@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from megatron_yuyuan.data.indexed import QAPairTokens, read_qa_documents
+from megatron_yuyuan.errors import UserError
 
 _OPEN_BINS = 64  # first-fit considers this many partly filled sequences
 
@@ -103,7 +104,7 @@ class QADataset:
         self.seed = seed
         self.pairs = prepare_pairs(read_qa_documents(prefix), seq_length)
         if not self.pairs:
-            raise ValueError(f"{prefix}: the dataset holds no documents")
+            raise UserError(f"{prefix}: the dataset holds no documents")
         self.truncated = sum(p.truncated for p in self.pairs)
         self.max_token_id = max(int(p.tokens.max()) for p in self.pairs)
         self._epochs: list[list[list[int]]] = []

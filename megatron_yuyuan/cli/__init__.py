@@ -1,0 +1,122 @@
+"""The command-line layer: every CLI is ``main(argv=None)`` in a module of this package, parsing
+flags and calling the library. :func:`run_cli` gives them one behaviour on failure.
+
+Entry points users type (``python -m megatron_yuyuan.finetune``, ``python -m tools.preprocess_medquad``,
+``python -m checkpoints_convert.to_hf`` ...) are thin wrappers around these modules.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+from megatron_yuyuan.errors import UserError
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def describe_os_error(exc: OSError) -> str:
+    """One line naming the path and what to do, for the OS errors users cause."""
+    path = exc.filename or ""
+    what = {
+        errno.EACCES: "permission denied: choose a directory you can write to",
+        errno.EPERM: "operation not permitted: choose a directory you can write to",
+        errno.EROFS: "read-only file system: choose a writable location",
+        errno.ENOTDIR: "a component of the path is a file, not a directory: choose another path",
+        errno.EISDIR: "is a directory: give a file path",
+        errno.ENOENT: "no such file or directory",
+        errno.ENOSPC: "no space left on the device: free space or choose another location",
+    }.get(exc.errno, exc.strerror or str(exc))
+    return f"{path}: {what}" if path else what
+
+
+def print_error(message: str) -> None:
+    """``error: message`` on stderr, once per job (global rank 0 under torchrun)."""
+    if _rank() == 0:
+        print(f"error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the CLIs' error format: one ``error:`` line (no usage block), exit 2."""
+
+    def error(self, message: str):
+        print_error(f"{message} (see {self.prog} --help)")
+        sys.exit(2)
+
+
+def run_cli(body: Callable[[], Optional[int]]) -> int:
+    """Run a CLI body: a :class:`UserError` or an OS error becomes one ``error:`` line and exit 2;
+    Ctrl-C exits 130. Process groups are torn down either way."""
+    try:
+        return body() or 0
+    except UserError as exc:
+        print_error(str(exc))
+        return 2
+    except OSError as exc:
+        print_error(describe_os_error(exc))
+        return 2
+    except KeyboardInterrupt:
+        print_error("interrupted")
+        return 130
+    finally:
+        parallel = sys.modules.get("megatron_yuyuan.parallel")  # never import torch just for this
+        if parallel is not None:
+            parallel.destroy_distributed()
+
+
+# --- argparse types: a bad number is refused at parse time, naming the flag ---------------------
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def probability(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
+def check_writable_file(path: str | Path, flag: str) -> Path:
+    """Fail now, not after hours of work, if ``path`` cannot be written: create its directory and
+    probe it with a temporary file (removed again)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{flag} {path}: is a directory; give a file path")
+    check_writable_dir(path.parent, flag)
+    return path
+
+
+def check_writable_dir(path: str | Path, flag: str) -> Path:
+    """Create ``path`` if needed and check that files can be written in it."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write_probe.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"{flag} {path}: cannot write there ({describe_os_error(exc)})") from exc
+    return path

@@ -1,0 +1,86 @@
+"""Generate answers for a test split with one model and score them: one command, end to end.
+
+    torchrun --nproc-per-node 2 -m megatron_yuyuan.eval_qa --load ckpt --tensor-model-parallel-size 2 \\
+        --references runs/data/medquad_test.jsonl --out runs/eval --name yuyuan-qa
+    python -m megatron_yuyuan.eval_qa --hf-dir hf/yuyuan-qa --references ... --out runs/eval --name hf
+
+Writes ``OUT/predictions_NAME.jsonl`` and the BLEU report (``OUT/report.md``, ``report.json``,
+``bleu_by_qtype.png``) over every predictions file already in OUT, so successive runs of several
+systems build one side-by-side table.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Optional, Sequence
+
+from megatron_yuyuan.cli import ArgumentParser, check_writable_dir, positive_int, run_cli
+from megatron_yuyuan.cli.evaluate import REPORT_FILES
+from megatron_yuyuan.cli.generate import (
+    add_model_arguments,
+    add_sampling_arguments,
+    generator_from_args,
+    sampling_from_args,
+)
+from megatron_yuyuan.errors import UserError
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = ArgumentParser(
+        prog="python -m megatron_yuyuan.eval_qa", description=__doc__.split("\n\n")[0]
+    )
+    add_model_arguments(p)
+    p.add_argument(
+        "--references", required=True, help="test split JSONL (question, answer, id, qtype)"
+    )
+    p.add_argument("--out", required=True, help="directory for predictions and the report")
+    p.add_argument(
+        "--name", default=None, help="system name in the report (default: from the path)"
+    )
+    p.add_argument("--limit", type=positive_int, default=None, help="score the first N questions")
+    p.add_argument("--smoothing", default="method1", help="nltk SmoothingFunction method")
+    add_sampling_arguments(p)
+    args = p.parse_args(argv)
+
+    def body() -> int:
+        from megatron_yuyuan.evaluation import evaluate, print_summary, smoothing_function
+        from megatron_yuyuan.generation import generate_file
+        from megatron_yuyuan.jsonl import read_jsonl, write_jsonl
+
+        name = args.name or Path(args.load or args.hf_dir).name
+        if not re.fullmatch(r"[\w.+-]+", name):
+            raise UserError(f"--name {name!r}: use letters, digits, '.', '_', '+' or '-'")
+        # Check every input before generating anything: references need question and answer.
+        refs_path = Path(args.references)
+        refs = read_jsonl(refs_path, required=("question", "answer"))[: args.limit]
+        if not refs:
+            raise UserError(f"--references {refs_path}: no rows")
+        smoothing_function(args.smoothing)
+        out = check_writable_dir(args.out, "--out")
+        written = generate_file(
+            generator_from_args(args),
+            refs_path,
+            out / f"predictions_{name}.jsonl",
+            sampling_from_args(args),
+            args.batch_size,
+            args.limit,
+        )
+        if written is None:  # not rank 0
+            return 0
+        print(f"> wrote {written}")
+        scored_refs = refs_path
+        if args.limit is not None:  # score against the same first N references
+            scored_refs = write_jsonl(out / f"references_first{args.limit}.jsonl", refs)
+        systems = {
+            f.stem.removeprefix("predictions_"): f
+            for f in sorted(out.glob("predictions_*.jsonl"))
+            if len(read_jsonl(f)) == len(refs)
+        }
+        report = evaluate(scored_refs, systems, out, args.smoothing)
+        print_summary(report)
+        for f in REPORT_FILES:
+            print(f"> wrote {out / f}")
+        return 0
+
+    return run_cli(body)

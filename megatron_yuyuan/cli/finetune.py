@@ -1,0 +1,144 @@
+"""Train / finetune the GPT-2 (Yuyuan) model with megatron-core TP x PP x DP.
+
+Launch under torchrun (gloo on CPU, NCCL on GPUs), e.g. TP=2 on two CPU processes::
+
+    torchrun --nproc-per-node 2 -m megatron_yuyuan.finetune --config tiny --mock-data \\
+        --tensor-model-parallel-size 2 --micro-batch-size 4 --global-batch-size 8 \\
+        --seq-length 128 --train-iters 20 --metrics-file runs/tiny/metrics.jsonl
+
+Flags follow Megatron-LM's names; ``--help`` lists them all with their meaning. Every input is
+checked before any work: a bad flag, dataset, checkpoint or output path stops with one ``error:``
+line (exit 2).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+from megatron_yuyuan.cli import check_writable_dir, check_writable_file, run_cli
+from megatron_yuyuan.config import ConfigError, RunConfig, validate_layout
+
+
+def check_config(cfg: RunConfig, world_size: int) -> None:
+    """Every check that needs no process group: fail before any work is done."""
+    from megatron_yuyuan.checkpointing import check_compatible, has_checkpoint, read_info, resolve
+
+    validate_layout(cfg, world_size)
+    d, t = cfg.data, cfg.train
+    if d.mock_data == (d.data_prefix is not None):
+        raise ConfigError(
+            "no training data: pass --data-prefix PREFIX (from "
+            "python -m tools.preprocess_medquad) or --mock-data (synthetic tokens)"
+            if not d.mock_data
+            else "--mock-data and --data-prefix exclude each other"
+        )
+    if d.data_prefix is not None:
+        splits = ["train"] + (["valid"] if t.eval_interval or t.eval_bleu_samples else [])
+        check_dataset(d.data_prefix, cfg.model.vocab_size, splits)
+    if t.load and not has_checkpoint(t.load) and t.load != t.save and not t.pretrained_checkpoint:
+        raise ConfigError(
+            f"--load {t.load}: no checkpoint there (give --pretrained-checkpoint to "
+            f"start from other weights, or --load equal to --save for a new run)"
+        )
+    for path in (t.load, t.pretrained_checkpoint):
+        if path and has_checkpoint(path):
+            ckpt = resolve(path)  # an empty, corrupt or dangling pointer stops here
+            check_compatible(read_info(ckpt).model, cfg.model, ckpt)
+        elif path and path == t.pretrained_checkpoint:
+            raise ConfigError(f"--pretrained-checkpoint {path}: no checkpoint there")
+    # Outputs: found unwritable now, not after hours of training.
+    if t.save:
+        check_writable_dir(t.save, "--save")
+    if t.metrics_file:
+        check_writable_file(t.metrics_file, "--metrics-file")
+    if t.tensorboard_dir:
+        check_writable_dir(t.tensorboard_dir, "--tensorboard-dir")
+
+
+def check_dataset(prefix: str, vocab_size: int, splits: Sequence[str] = ("train",)) -> None:
+    """The splits exist, match the dataset's manifest, hold pairs and fit the vocabulary."""
+    from megatron_yuyuan.data.indexed import dataset_exists, read_meta, verify_split
+
+    for split in splits:
+        if not dataset_exists(f"{prefix}_{split}"):
+            raise ConfigError(
+                f"--data-prefix {prefix}: {prefix}_{split}.bin/.idx not found; create them "
+                f"with: python -m tools.preprocess_medquad --output-prefix {prefix}"
+            )
+        verify_split(f"{prefix}_{split}")
+    meta = read_meta(prefix)
+    pairs = meta.get("report", {}).get("split_pairs", {})
+    for split in splits:
+        if pairs.get(split) == 0 and split == "train":
+            raise ConfigError(f"--data-prefix {prefix}: the train split is empty")
+        if pairs.get(split) == 0:
+            raise ConfigError(
+                f"--data-prefix {prefix}: the {split} split is empty, but --eval-interval / "
+                f"--eval-bleu-samples need it; preprocess with --valid-size > 0 or drop them"
+            )
+    largest = meta.get("max_token_id", meta.get("vocab_size", 0) - 1)
+    if largest >= vocab_size:
+        raise ConfigError(
+            f"--data-prefix {prefix}: tokenized with {meta.get('tokenizer')} (ids up to {largest}) "
+            f"but the model vocabulary has {vocab_size} ids; use a model with vocab_size > "
+            f"{largest} or the model's own tokenizer"
+        )
+
+
+def score_validation_answers(result, out_dir: Path) -> None:
+    """Answer the first ``--eval-bleu-samples`` validation questions with the model just trained
+    (still in memory, at its TP/PP layout) and write their BLEU report."""
+    from megatron_yuyuan.data.indexed import read_meta
+    from megatron_yuyuan.evaluation import evaluate, print_summary
+    from megatron_yuyuan.generation import MegatronGenerator, SamplingConfig, generate_file
+    from megatron_yuyuan.jsonl import read_jsonl, write_jsonl
+    from megatron_yuyuan.tokenizer import load_tokenizer
+    from megatron_yuyuan.training import unwrap
+
+    state = result.state
+    cfg = state.cfg
+    prefix = cfg.data.data_prefix
+    n = cfg.train.eval_bleu_samples
+    gen = MegatronGenerator(
+        unwrap(state.model), state.layout, cfg.model, load_tokenizer(read_meta(prefix)["tokenizer"])
+    )
+    preds = out_dir / "predictions_valid.jsonl"
+    written = generate_file(
+        gen,
+        Path(f"{prefix}_valid.jsonl"),
+        preds,
+        SamplingConfig(max_new_tokens=cfg.train.eval_max_new_tokens),
+        batch_size=8,
+        limit=n,
+    )
+    if written is None:  # not rank 0
+        return
+    refs = write_jsonl(out_dir / "references_valid.jsonl", read_jsonl(f"{prefix}_valid.jsonl")[:n])
+    report = evaluate(refs, {"finetuned": preds}, out_dir)
+    print_summary(report)
+    print(f"> wrote {preds} and {out_dir / 'report.md'}", flush=True)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from megatron_yuyuan import cpu_compat
+    from megatron_yuyuan.arguments import parse_config
+    from megatron_yuyuan.parallel import env_world_size
+
+    cpu_compat.apply_if_no_cuda()
+
+    def body() -> int:
+        cfg = parse_config(argv, description=__doc__.split("\n\n")[0])
+        check_config(cfg, env_world_size())
+        from megatron_yuyuan.training import train  # heavy imports only once the config is valid
+
+        result = train(cfg)
+        t = cfg.train
+        out_dir = (
+            Path(t.save) if t.save else Path(t.metrics_file).parent if t.metrics_file else None
+        )
+        if t.eval_bleu_samples and cfg.data.data_prefix and out_dir is not None:
+            score_validation_answers(result, out_dir / "eval")
+        return 0
+
+    return run_cli(body)

@@ -1,0 +1,125 @@
+"""Answer questions with a megatron-core checkpoint (TP/PP under torchrun) or a transformers dir.
+
+    torchrun --nproc-per-node 2 -m megatron_yuyuan.generate --load ckpt --tensor-model-parallel-size 2 \\
+        --input runs/data/medquad_test.jsonl --output runs/eval/predictions.jsonl --max-new-tokens 128
+    python -m megatron_yuyuan.generate --hf-dir hf/yuyuan-qa --question "What causes glaucoma ?"
+
+Decoding is described in :mod:`megatron_yuyuan.generation`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Optional, Sequence
+
+from megatron_yuyuan.cli import (
+    ArgumentParser,
+    check_writable_file,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    probability,
+    run_cli,
+)
+from megatron_yuyuan.errors import UserError
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """Which model answers, at which layout and precision."""
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--load", help="megatron-core checkpoint (run under torchrun for TP/PP)")
+    src.add_argument("--hf-dir", help="transformers model directory")
+    p.add_argument("--tensor-model-parallel-size", type=positive_int, default=1)
+    p.add_argument("--pipeline-model-parallel-size", type=positive_int, default=1)
+    p.add_argument("--tokenizer", default=None, help="tokenizer spec (default: the model's own)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="prompts generated together")
+    prec = p.add_mutually_exclusive_group()
+    prec.add_argument("--bf16", action="store_true", help="bf16 weights (GPU; halves memory)")
+    prec.add_argument("--fp16", action="store_true", help="fp16 weights (GPU; halves memory)")
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=positive_int, default=128)
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=positive_float, default=1.0)
+    p.add_argument("--top-k", type=non_negative_int, default=0, help="0: no limit")
+    p.add_argument("--top-p", type=probability, default=1.0)
+    p.add_argument("--seed", type=int, default=1234)
+
+
+def sampling_from_args(args):
+    from megatron_yuyuan.generation import SamplingConfig
+
+    return SamplingConfig(
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.do_sample,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+
+
+def generator_from_args(args):
+    """Build the generator the flags ask for (dtype and device included)."""
+    import torch
+
+    from megatron_yuyuan import cpu_compat
+    from megatron_yuyuan.generation import build_generator
+
+    cpu_compat.apply_if_no_cuda()
+    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+    if args.fp16 and not torch.cuda.is_available():
+        raise UserError("--fp16 needs a CUDA GPU (CPUs lack fp16 matmuls); use --bf16 or fp32")
+    return build_generator(
+        load=args.load,
+        hf_dir=args.hf_dir,
+        tp=args.tensor_model_parallel_size,
+        pp=args.pipeline_model_parallel_size,
+        tokenizer=args.tokenizer,
+        dtype=dtype,
+    )
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = ArgumentParser(
+        prog="python -m megatron_yuyuan.generate", description=__doc__.split("\n\n")[0]
+    )
+    add_model_arguments(p)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--question", help="answer one question and print it")
+    what.add_argument("--input", help="JSONL with a 'question' field per line")
+    p.add_argument("--output", help="predictions JSONL (with --input)")
+    p.add_argument("--limit", type=positive_int, default=None, help="only the first N questions")
+    add_sampling_arguments(p)
+    args = p.parse_args(argv)
+    if args.input and not args.output:
+        p.error("--input needs --output")
+    if args.output and not args.input:
+        p.error("--output needs --input")
+
+    def body() -> int:
+        from megatron_yuyuan import parallel
+        from megatron_yuyuan.generation import answer_questions, generate_file, read_questions
+
+        # Every input is checked before the model is loaded and any token generated.
+        if args.question is not None and not args.question.strip():
+            raise UserError("--question is empty: give the question to answer")
+        if args.input:
+            read_questions(Path(args.input))
+            check_writable_file(args.output, "--output")
+        cfg = sampling_from_args(args)
+        gen = generator_from_args(args)
+        if args.question is not None:
+            (answer,) = answer_questions(gen, [args.question], cfg, progress=False)
+            parallel.print_rank_0(answer["prediction"])
+        else:
+            out = generate_file(
+                gen, Path(args.input), Path(args.output), cfg, args.batch_size, args.limit
+            )
+            if out:
+                print(f"> wrote {out}")
+        return 0
+
+    return run_cli(body)

@@ -1,0 +1,52 @@
+"""megatron-core checkpoint (saved at any TP/PP) -> HF GPT-2 directory.
+
+    python -m checkpoints_convert.to_hf --load ckpt/yuyuan --out hf/yuyuan-qa --verify
+
+Writes config.json, safetensors (sharded above 2 GB), tokenizer files and generation_config.json;
+``transformers.AutoModelForCausalLM`` / ``AutoTokenizer`` load the result. ``--out`` must be a new
+or empty directory, or an earlier export of this tool (replaced; files you added are kept);
+anything else is refused and nothing is deleted.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+from megatron_yuyuan.cli import ArgumentParser, positive_float, run_cli
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = ArgumentParser(
+        prog="python -m checkpoints_convert.to_hf", description=__doc__.split("\n\n")[0]
+    )
+    p.add_argument("--load", required=True, help="checkpoint directory (SAVE or SAVE/iter_N)")
+    p.add_argument("--out", required=True, help="HF output directory (new, empty or an export)")
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="copy tokenizer files from this directory (default: the checkpoint's, "
+        "else GPT-2's when the vocabulary is GPT-2's)",
+    )
+    p.add_argument("--verify", action="store_true", help="compare logits of both models")
+    p.add_argument(
+        "--tolerance", type=positive_float, default=1e-3, help="max |logit diff| for --verify"
+    )
+    args = p.parse_args(argv)
+
+    def body() -> int:
+        from megatron_yuyuan import cpu_compat
+
+        cpu_compat.apply_if_no_cuda()
+        from megatron_yuyuan.convert.api import convert_megatron_to_hf
+        from megatron_yuyuan.convert.verify import verify
+
+        files = convert_megatron_to_hf(args.load, args.out, args.tokenizer)
+        for f in files:
+            print(f"> wrote {f}")
+        if args.verify:
+            parity, ok = verify(args.out, args.load, args.tolerance)
+            print(f"> {parity.line()} [{'OK' if ok else 'FAIL'}, tolerance {args.tolerance:g}]")
+            return 0 if ok else 1
+        return 0
+
+    return run_cli(body)

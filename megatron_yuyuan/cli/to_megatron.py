@@ -1,0 +1,82 @@
+"""HF GPT-2 directory (or a legacy Megatron-LM checkpoint) -> megatron-core checkpoint.
+
+    python -m checkpoints_convert.to_megatron --hf-dir Yuyuan-GPT2-3.5B --save ckpt/yuyuan \\
+        --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 --verify
+
+The model config is read from config.json (or the Megatron-LM args); the result is what
+``megatron_yuyuan.finetune --load`` starts from, at this or any other TP/PP. ``--save`` must be a
+new or empty directory: a directory that holds checkpoints (e.g. a training run) is refused.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+from megatron_yuyuan.cli import ArgumentParser, positive_float, positive_int, run_cli
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = ArgumentParser(
+        prog="python -m checkpoints_convert.to_megatron", description=__doc__.split("\n\n")[0]
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument(
+        "--hf-dir", help="HF GPT-2 directory: config.json + safetensors or pytorch_model.bin"
+    )
+    src.add_argument("--megatron-lm-dir", help="legacy Megatron-LM checkpoint (iter_*/mp_rank_*/)")
+    p.add_argument("--save", required=True, help="output checkpoint directory (new or empty)")
+    p.add_argument(
+        "--tensor-model-parallel-size",
+        type=positive_int,
+        default=1,
+        help="TP the checkpoint is padded for (vocab multiple of 128 x TP)",
+    )
+    p.add_argument(
+        "--pipeline-model-parallel-size",
+        type=positive_int,
+        default=1,
+        help="PP it will run at (checked against the layer count)",
+    )
+    p.add_argument(
+        "--vocab-size",
+        type=positive_int,
+        default=None,
+        help="legacy input only: true vocabulary size (default 50257 for GPT-2 BPE)",
+    )
+    p.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="legacy input only: allow loading pickled objects beyond weights",
+    )
+    p.add_argument("--verify", action="store_true", help="compare logits (needs --hf-dir)")
+    p.add_argument(
+        "--tolerance", type=positive_float, default=1e-3, help="max |logit diff| for --verify"
+    )
+    args = p.parse_args(argv)
+    if args.verify and not args.hf_dir:
+        p.error("--verify compares against --hf-dir")
+
+    def body() -> int:
+        from megatron_yuyuan import cpu_compat
+
+        cpu_compat.apply_if_no_cuda()
+        from megatron_yuyuan.checkpointing import check_new_save_dir
+        from megatron_yuyuan.convert.api import convert_hf_to_megatron, convert_legacy_to_megatron
+        from megatron_yuyuan.convert.verify import verify
+
+        check_new_save_dir(args.save)
+        tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+        if args.hf_dir:
+            out = convert_hf_to_megatron(args.hf_dir, args.save, tp, pp)
+        else:
+            out = convert_legacy_to_megatron(
+                args.megatron_lm_dir, args.save, tp, pp, args.vocab_size, args.trust_pickle
+            )
+        print(f"> wrote megatron-core checkpoint {out} (padded for TP={tp}; PP={pp} checked)")
+        if args.verify:
+            parity, ok = verify(args.hf_dir, args.save, args.tolerance)
+            print(f"> {parity.line()} [{'OK' if ok else 'FAIL'}, tolerance {args.tolerance:g}]")
+            return 0 if ok else 1
+        return 0
+
+    return run_cli(body)

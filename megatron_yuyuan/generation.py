@@ -1,0 +1,370 @@
+"""Answer generation with a KV cache on the megatron-core model (TP/PP under torchrun), or with a
+transformers model through the same interface.
+
+    torchrun --nproc-per-node 2 -m megatron_yuyuan.generate --load ckpt --tensor-model-parallel-size 2 \\
+        --input runs/data/medquad_test.jsonl --output runs/eval/predictions.jsonl --max-new-tokens 128
+    python -m megatron_yuyuan.generate --hf-dir hf/yuyuan-qa --question "What causes glaucoma ?"
+
+Prompts are ``Question:{q} answer:`` (:mod:`megatron_yuyuan.prompts`), left-padded into batches.
+Decoding is incremental: one prefill pass fills megatron-core's static KV cache, then one token per
+step; greedy by default, or sampling with temperature / top-k / top-p from a seeded generator (every
+rank draws the same token). Generation stops at EOS or ``--max-new-tokens``. The answer is the text
+generated before EOS. Data-parallel ranks split the questions.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from megatron_yuyuan import parallel
+from megatron_yuyuan.errors import UserError
+from megatron_yuyuan.jsonl import read_jsonl, write_jsonl
+from megatron_yuyuan.prompts import answer_from_continuation, format_prompt
+from megatron_yuyuan.tokenizer import Tokenizer, load_tokenizer
+
+
+@dataclass
+class SamplingConfig:
+    """How the next token is chosen."""
+
+    max_new_tokens: int = 128
+    """Generate at most this many tokens after the prompt."""
+    do_sample: bool = False
+    """Sample (with temperature / top-k / top-p) instead of greedy argmax."""
+    temperature: float = 1.0
+    """Divide logits by this before sampling."""
+    top_k: int = 0
+    """Keep only the k most likely tokens (0: all)."""
+    top_p: float = 1.0
+    """Keep the smallest set of tokens whose probability reaches p (1.0: all)."""
+    seed: int = 1234
+    """Seed of the sampling generator."""
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise UserError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+        if not self.temperature > 0:
+            raise UserError(f"--temperature must be > 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise UserError(f"--top-k must be >= 0 (0: no limit), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise UserError(f"--top-p must be in (0, 1], got {self.top_p}")
+
+
+def sample_next(
+    logits: torch.Tensor, cfg: SamplingConfig, gen: Optional[torch.Generator]
+) -> torch.Tensor:
+    """Next token ids ``[b]`` from last-position logits ``[b, V]``."""
+    if not cfg.do_sample:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / max(cfg.temperature, 1e-5)
+    if cfg.top_k > 0:
+        kth = torch.topk(logits, min(cfg.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if 0.0 < cfg.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > cfg.top_p  # keep the token that crosses p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=gen).squeeze(-1)
+
+
+def left_pad(
+    prompts: Sequence[Sequence[int]], total: int, pad: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens ``[b, total]`` with each prompt right-aligned at ``max len``, and the validity mask."""
+    longest = max(len(p) for p in prompts)
+    tokens = torch.full((len(prompts), total), pad, dtype=torch.long)
+    valid = torch.zeros((len(prompts), total), dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        tokens[i, longest - len(p) : longest] = torch.as_tensor(p)
+        valid[i, longest - len(p) : longest] = True
+    return tokens, valid
+
+
+class MegatronGenerator:
+    """Batched generation with this rank's part of a megatron-core ``GPTModel``.
+
+    Args:
+        model: this rank's pipeline stage (in memory, e.g. right after training).
+        layout: its TP/PP/DP position.
+        model_cfg: the model's ModelConfig.
+        tokenizer: the tokenizer the model was trained with.
+    """
+
+    def __init__(
+        self, model: torch.nn.Module, layout: parallel.Layout, model_cfg, tokenizer: Tokenizer
+    ) -> None:
+        self.model = model.eval()
+        self.layout = layout
+        self.model_cfg = model_cfg
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.tokenizer = tokenizer
+        self.vocab_size = model_cfg.vocab_size
+        self.max_positions = model_cfg.max_position_embeddings
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        load: str,
+        tp: int = 1,
+        pp: int = 1,
+        tokenizer: Optional[str] = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> MegatronGenerator:
+        """Load a checkpoint (saved at any TP/PP) at this layout (launch tp * pp * dp processes).
+        The tokenizer defaults to the checkpoint's own files, else GPT-2."""
+        from megatron_yuyuan import checkpointing
+        from megatron_yuyuan.config import RunConfig
+        from megatron_yuyuan.model import build_model
+
+        ckpt = checkpointing.resolve(load)
+        info = checkpointing.read_info(ckpt)
+        layout = parallel.init_distributed(tp, pp)
+        model = build_model(RunConfig(model=info.model), layout, params_dtype=dtype)
+        checkpointing.load_model(ckpt, model, info.model, layout)
+        if torch.cuda.is_available():
+            model = model.cuda()
+        tok_dir = ckpt / "tokenizer"
+        return cls(
+            model,
+            layout,
+            info.model,
+            load_tokenizer(tokenizer or (str(tok_dir) if tok_dir.is_dir() else "gpt2")),
+        )
+
+    def _forward(self, tokens, positions, mask, context) -> Optional[torch.Tensor]:
+        """One pass through this pipeline stage; full-vocab logits ``[b, q, V]`` on the last stage."""
+        b, q = tokens.shape
+        if not self.layout.is_first_stage:
+            hidden = parallel.recv_prev((q, b, self.model_cfg.hidden_size), self.dtype, self.device)
+            self.model.set_input_tensor(hidden)
+        # megatron gathers the vocab shards itself in inference mode: logits [b, q, Vp]
+        out = self.model(
+            tokens, positions, mask, inference_context=context, runtime_gather_output=True
+        )
+        if not self.layout.is_last_stage:
+            parallel.send_next(out)
+            return None
+        return out[..., : self.vocab_size].float()
+
+    @torch.inference_mode()  # lighter than no_grad: no version counters on the KV cache
+    def generate_ids(
+        self, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, use_cache: bool = True
+    ) -> list[list[int]]:
+        """New token ids per prompt, up to and excluding EOS."""
+        from megatron.core.inference.contexts import StaticInferenceContext
+
+        longest = check_prompt_lengths(prompts, self.max_positions)
+        total = min(longest + cfg.max_new_tokens, self.max_positions)
+        eos = self.tokenizer.eod
+        tokens, valid = left_pad(prompts, total, eos)
+        positions = (valid.long().cumsum(1) - 1).clamp(min=0)
+        causal = torch.ones(total, total, dtype=torch.bool).tril()
+        context = StaticInferenceContext(len(prompts), total) if use_cache else None
+        gen = torch.Generator().manual_seed(cfg.seed)
+        finished = torch.zeros(len(prompts), dtype=torch.bool)
+        start, cur = 0, longest
+        while cur < total:
+            lo = start if use_cache else 0
+            allowed = causal[lo:cur, :cur].unsqueeze(0) & valid[:, None, :cur]  # [b, q, k]
+            allowed |= torch.eye(cur, dtype=torch.bool)[lo:cur].unsqueeze(
+                0
+            )  # pad rows see themselves
+            logits = self._forward(
+                tokens[:, lo:cur].to(self.device),
+                positions[:, lo:cur].to(self.device),
+                (~allowed).unsqueeze(1).to(self.device),
+                context,
+            )
+            nxt = torch.zeros(len(prompts), dtype=torch.long, device=self.device)
+            if logits is not None:
+                nxt = sample_next(logits[:, -1].cpu(), cfg, gen).to(self.device)
+            nxt = parallel.broadcast_from_last_stage(nxt).cpu()
+            nxt = torch.where(finished, torch.full_like(nxt, eos), nxt)
+            tokens[:, cur], valid[:, cur] = nxt, True
+            positions[:, cur] = positions[:, cur - 1] + 1
+            finished |= nxt == eos
+            if context is not None:
+                context.sequence_len_offset += cur - start
+            start, cur = cur, cur + 1
+            if finished.all():
+                break
+        out = []
+        for row in tokens[:, longest:cur].tolist():
+            out.append(row[: row.index(eos)] if eos in row else row)
+        return out
+
+
+def check_prompt_lengths(prompts: Sequence[Sequence[int]], max_positions: int) -> int:
+    """The longest prompt's length; a prompt that leaves no room to generate is refused.
+
+    Both generators then generate ``min(max_new_tokens, max_positions - longest)`` tokens at most,
+    so a long prompt shortens the answer instead of failing.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise UserError("empty prompt: every question must be non-empty")
+    longest = max(len(p) for p in prompts)
+    if longest >= max_positions:
+        raise UserError(
+            f"a prompt has {longest} tokens; the model takes at most {max_positions} positions, "
+            f"so prompts must be at most {max_positions - 1} tokens: shorten the question"
+        )
+    return longest
+
+
+def default_device() -> torch.device:
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if torch.cuda.is_available()
+        else (torch.device("cpu"))
+    )
+
+
+class HFGenerator:
+    """The same interface over a transformers causal LM (e.g. an exported checkpoint).
+
+    Args:
+        hf_dir: a transformers model directory.
+        tokenizer: tokenizer spec (default: the directory's own files).
+        dtype: weights dtype (default float32; bfloat16/float16 halve the memory on GPUs).
+        device: where to run (default: this process's GPU when there is one, else the CPU).
+    """
+
+    def __init__(
+        self,
+        hf_dir: str,
+        tokenizer: Optional[str] = None,
+        dtype: torch.dtype = torch.float32,
+        device: Optional[torch.device] = None,
+    ) -> None:
+        from transformers import AutoModelForCausalLM
+
+        if not (Path(hf_dir) / "config.json").is_file():
+            raise UserError(
+                f"--hf-dir {hf_dir}: no config.json there; give a transformers model directory "
+                f"(e.g. one written by checkpoints_convert.to_hf)"
+            )
+        self.device = device or default_device()
+        self.model = (
+            AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype).to(self.device).eval()
+        )
+        self.tokenizer = load_tokenizer(tokenizer or hf_dir)
+        self.max_positions = int(getattr(self.model.config, "n_positions", 1 << 30))
+        self.layout = None
+
+    @torch.no_grad()
+    def generate_ids(
+        self, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, use_cache: bool = True
+    ) -> list[list[int]]:
+        eos = self.tokenizer.eod
+        longest = check_prompt_lengths(prompts, self.max_positions)
+        tokens, valid = left_pad(prompts, longest, eos)
+        torch.manual_seed(cfg.seed)
+        kwargs = (
+            dict(do_sample=True, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+            if cfg.do_sample
+            else dict(do_sample=False)
+        )
+        out = self.model.generate(
+            input_ids=tokens.to(self.device),
+            attention_mask=valid.long().to(self.device),
+            # as the megatron generator: stop at the last position the model has
+            max_new_tokens=min(cfg.max_new_tokens, self.max_positions - longest),
+            eos_token_id=eos,
+            pad_token_id=eos,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        rows = out[:, longest:].tolist()
+        return [row[: row.index(eos)] if eos in row else row for row in rows]
+
+
+def answer_questions(
+    generator,
+    questions: Sequence[str],
+    cfg: SamplingConfig,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> list[dict]:
+    """Generate an answer for each question (this rank's share when data parallel)."""
+    tok: Tokenizer = generator.tokenizer
+    out = []
+    batches = range(0, len(questions), batch_size)
+    for i in tqdm(batches, desc="generate", unit="batch", disable=not progress, file=sys.stderr):
+        chunk = questions[i : i + batch_size]
+        ids = generator.generate_ids(tok.encode_batch([format_prompt(q) for q in chunk]), cfg)
+        for q, new in zip(chunk, ids):
+            text = tok.decode(new)
+            out.append(
+                {
+                    "question": q,
+                    "prediction": answer_from_continuation(text),
+                    "generation": text,
+                    "new_tokens": len(new),
+                }
+            )
+    return out
+
+
+def read_questions(path: Path) -> list[dict]:
+    """Rows of a JSONL file, each with a non-empty ``question`` string."""
+    return read_jsonl(path, required=("question",))
+
+
+def generate_file(
+    generator,
+    input_path: Path,
+    output_path: Path,
+    cfg: SamplingConfig,
+    batch_size: int = 8,
+    limit: Optional[int] = None,
+) -> Optional[Path]:
+    """Answer every question of a JSONL file; rank 0 writes the predictions (atomically)."""
+    rows = read_questions(input_path)[:limit]
+    layout = generator.layout
+    dp, dp_rank = (layout.dp, layout.dp_rank) if layout else (1, 0)
+    mine = rows[dp_rank::dp]  # data-parallel ranks split the questions
+    answers = answer_questions(
+        generator, [r["question"] for r in mine], cfg, batch_size, progress=parallel.is_rank_0()
+    )
+    results = [{**{k: r[k] for k in ("id", "qtype") if k in r}, **a} for r, a in zip(mine, answers)]
+    if layout and dist.is_initialized() and dist.get_world_size() > 1:
+        gathered = [None] * dist.get_world_size() if parallel.is_rank_0() else None
+        dist.gather_object(results, gathered, dst=0)
+        if not parallel.is_rank_0():
+            return None
+        # rank r's first DP peer holds rows r::dp; interleave back into input order
+        per_dp = [gathered[r] for r in range(dist.get_world_size()) if _dp_leader(r, layout)]
+        results = [None] * len(rows)
+        for d, part in enumerate(per_dp):
+            results[d::dp] = part
+    return write_jsonl(output_path, results)
+
+
+def _dp_leader(rank: int, layout: parallel.Layout) -> bool:
+    """Whether global ``rank`` is (tp 0, pp 0) of its data-parallel replica (megatron's rank order
+    is tp fastest, then dp, then pp)."""
+    return rank % layout.tp == 0 and rank < layout.tp * layout.dp
+
+
+def build_generator(
+    load: Optional[str] = None,
+    hf_dir: Optional[str] = None,
+    tp: int = 1,
+    pp: int = 1,
+    tokenizer: Optional[str] = None,
+    dtype: torch.dtype = torch.float32,
+):
+    """A generator over a megatron-core checkpoint (``load``) or a transformers dir (``hf_dir``)."""
+    if hf_dir:
+        return HFGenerator(hf_dir, tokenizer, dtype=dtype)
+    return MegatronGenerator.from_checkpoint(load, tp, pp, tokenizer, dtype=dtype)

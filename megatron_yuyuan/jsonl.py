@@ -1,0 +1,69 @@
+"""JSON-lines files (questions, references, predictions): strict reading with errors that name the
+file and line, and atomic writing."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from megatron_yuyuan.errors import DataError
+
+
+def read_jsonl(path: str | Path, required: Sequence[str] = ()) -> list[dict]:
+    """Every non-blank line of ``path`` as a JSON object.
+
+    Args:
+        required: fields every row must have as a non-empty string (e.g. ``("question",)``).
+
+    Raises:
+        DataError: naming ``path:line`` for a missing file, bytes that are not UTF-8, a line that
+            is not a JSON object, or a missing field.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: {'is a directory' if path.is_dir() else 'not found'}")
+    rows = []
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(
+                    f"{path}:{n}: not UTF-8 (byte {exc.start} of the line); save the file as UTF-8"
+                ) from exc
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{n}: not JSON ({exc.msg}, column {exc.colno})") from exc
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+            for field in required:
+                value = row.get(field)
+                if not isinstance(value, str) or not value.strip():
+                    raise DataError(
+                        f"{path}:{n}: {'empty' if field in row else 'no'} {field!r} field "
+                        f"(every row needs a non-empty string {field!r})"
+                    )
+            rows.append(row)
+    return rows
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
+    """Write rows to a temporary file beside ``path``, then rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

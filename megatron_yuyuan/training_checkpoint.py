@@ -1,0 +1,145 @@
+"""Resumable training checkpoints: what a run adds to the model weights of
+:mod:`megatron_yuyuan.checkpointing` (the file format) so that a killed job continues exactly:
+optimizer state (fully reshardable), LR schedule, RNG states, the iteration and the number of
+samples consumed (the data position, independent of the batch size)."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from megatron_yuyuan import checkpointing, parallel
+from megatron_yuyuan.checkpointing import CheckpointError
+from megatron_yuyuan.config import ModelConfig
+
+_OPT_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+@dataclass
+class Resumed:
+    """Where a loaded run continues."""
+
+    iteration: int
+    """Optimizer steps already taken (0 for a weights-only start)."""
+    consumed_samples: int
+    """Training samples already read: the data position."""
+
+
+def _rng_state() -> dict:
+    state = {
+        "random": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": parallel.get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _training_sharded_dict(
+    model, optimizer, layout: parallel.Layout, loading: bool, rng: Optional[dict] = None
+) -> dict:
+    model_sd = model.sharded_state_dict()
+    return {
+        "model": model_sd,
+        "optimizer": optimizer.sharded_state_dict(
+            model_sd, is_loading=loading, metadata=_OPT_METADATA
+        ),
+        "rng_state": checkpointing.rank_object("rng_state", rng, layout),
+    }
+
+
+def save_training_checkpoint(
+    save: str | Path,
+    model,
+    optimizer,
+    scheduler,
+    iteration: int,
+    consumed_samples: int,
+    run_config,
+    layout: parallel.Layout,
+) -> Path:
+    """Model, optimizer, LR schedule, RNG states and the data position."""
+    sharded = _training_sharded_dict(model, optimizer, layout, loading=False, rng=_rng_state())
+    sharded["scheduler"] = scheduler.state_dict()
+    sharded["iteration"] = iteration
+    sharded["consumed_samples"] = consumed_samples
+    dtype = next(model.parameters()).dtype
+    return checkpointing.save_sharded(
+        save,
+        sharded,
+        run_config.model,
+        iteration,
+        run_config.model.padded_vocab_size(layout.tp),
+        dtype,
+        training_state=True,
+        layout=(layout.tp, layout.pp, layout.dp),
+        run_config=run_config.to_dict(),
+    )
+
+
+def load_training_checkpoint(
+    load: str | Path,
+    model,
+    optimizer,
+    scheduler,
+    model_cfg: ModelConfig,
+    layout: parallel.Layout,
+    finetune: bool = False,
+    global_batch_size: Optional[int] = None,
+) -> Resumed:
+    """Restore a run; returns where it continues.
+
+    A weights-only checkpoint (e.g. converted from HF), or ``finetune=True``, loads the weights and
+    starts at iteration 0 with a fresh optimizer. RNG states are restored only at the layout they
+    were saved at (they are per rank). Checkpoints from before ``consumed_samples`` was saved
+    derive it from the iteration and ``global_batch_size`` (which must then be unchanged).
+    """
+    ckpt = checkpointing.resolve(load)
+    info = checkpointing.read_info(ckpt)
+    checkpointing.check_compatible(info.model, model_cfg, ckpt)
+    if finetune or not info.training_state:
+        checkpointing.load_model(ckpt, model, model_cfg, layout)
+        return Resumed(iteration=0, consumed_samples=0)
+    same_layout = tuple(info.layout) == (layout.tp, layout.pp, layout.dp)
+    from megatron_yuyuan.optim import finish_optimizer_loading, prepare_optimizer_for_loading
+
+    prepare_optimizer_for_loading(optimizer)
+    sharded = _training_sharded_dict(model, optimizer, layout, loading=True)
+    if not same_layout:
+        sharded.pop("rng_state")
+    for key in ("scheduler", "iteration", "consumed_samples"):
+        sharded[key] = None
+    loaded = checkpointing.load_sharded(sharded, ckpt)
+    model_state = {k: v for k, v in loaded["model"].items() if not k.endswith("_extra_state")}
+    missing, unexpected = model.load_state_dict(model_state, strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise CheckpointError(f"{ckpt}: missing keys {missing}, unexpected keys {unexpected}")
+    optimizer.load_state_dict(loaded["optimizer"])
+    finish_optimizer_loading(optimizer)
+    scheduler.load_state_dict(loaded["scheduler"])
+    if same_layout:
+        _set_rng_state(loaded["rng_state"])
+    iteration = int(loaded["iteration"])
+    consumed = loaded.get("consumed_samples")
+    if consumed is None:  # saved before the data position was recorded
+        if global_batch_size is None:
+            raise CheckpointError(f"{ckpt}: no consumed_samples recorded")
+        consumed = iteration * global_batch_size
+    return Resumed(iteration=iteration, consumed_samples=int(consumed))

@@ -1,0 +1,389 @@
+"""A careless user and a hostile machine: bad input gets one ``error:`` line and exit 2, nothing the
+user had is deleted or overwritten, and no run trains on garbage silently.
+
+Every case uses real files; the kill -9 cases use real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, read_metrics
+
+from checkpoints_convert.to_hf import main as to_hf
+from checkpoints_convert.to_megatron import main as to_megatron
+from megatron_yuyuan.eval_qa import main as eval_qa
+from megatron_yuyuan.evaluate import main as evaluate
+from megatron_yuyuan.finetune import main as finetune
+from megatron_yuyuan.generate import main as generate
+from tools.preprocess_medquad import main as preprocess
+
+# A directory nobody may create files in, even root (sysfs refuses new entries).
+UNWRITABLE = Path("/sys/megatron_yuyuan_test")
+
+TINY = ["--config", "tiny", "--mock-data", "--seq-length", "32", "--micro-batch-size", "2"]
+TINY += ["--global-batch-size", "4", "--lr", "3e-3", "--lr-warmup-iters", "1"]
+
+
+def one_error_line(capsys, *words: str) -> str:
+    """stderr holds exactly one ``error:`` line (no traceback), naming every word given."""
+    err = capsys.readouterr().err
+    errors = [ln for ln in re.split(r"[\r\n]", err) if ln.startswith("error: ")]
+    assert len(errors) == 1, err
+    assert "Traceback" not in err, err
+    for word in words:
+        assert word in errors[0], (word, errors[0])
+    return errors[0]
+
+
+def tree(path: Path) -> dict[str, bytes]:
+    """Every file under ``path`` with its bytes: what must survive untouched."""
+    return {
+        str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()
+    }
+
+
+# --- fixtures -------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny training run with checkpoints at iterations 2 and 4 (cosine decay to lr 0)."""
+    root = tmp_path_factory.mktemp("run")
+    ckpt = root / "ckpt"
+    args = [*TINY, "--train-iters", "4", "--save", str(ckpt), "--save-interval", "2"]
+    assert finetune([*args, "--metrics-file", str(root / "m.jsonl")]) == 0
+    return ckpt
+
+
+@pytest.fixture(scope="module")
+def gpt2_models(tmp_path_factory):
+    """A tiny GPT-2-vocabulary HF model (32 positions) and its megatron-core conversion."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from megatron_yuyuan.convert.hf_io import write_tokenizer_files
+
+    root = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(
+        GPT2Config(vocab_size=50257, n_positions=32, n_embd=32, n_layer=1, n_head=2)
+    )
+    hf.save_pretrained(str(root / "hf"))
+    write_tokenizer_files(root / "hf", 50257, None)
+    assert to_megatron(["--hf-dir", str(root / "hf"), "--save", str(root / "mc")]) == 0
+    (root / "q.jsonl").write_text(json.dumps({"id": "1", "question": "What is glaucoma ?"}) + "\n")
+    return root
+
+
+# --- 2. never destroy or corrupt what the user has ------------------------------------------------
+def test_to_hf_refuses_the_checkpoint_itself_and_unrelated_folders(trained, tmp_path, capsys):
+    before = tree(trained)
+    assert to_hf(["--load", str(trained), "--out", str(trained)]) == 2
+    one_error_line(capsys, str(trained), "checkpoint")
+    assert to_hf(["--load", str(trained), "--out", str(trained / "iter_0000004")]) == 2
+    one_error_line(capsys, "checkpoint")
+    assert tree(trained) == before
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my notes")
+    assert to_hf(["--load", str(trained), "--out", str(mine)]) == 2
+    one_error_line(capsys, str(mine), "not empty")
+    assert tree(mine) == {"notes.txt": b"my notes"}
+
+
+def test_to_hf_replaces_its_own_export_and_keeps_added_files(trained, tmp_path, capsys):
+    out = tmp_path / "hf"
+    assert to_hf(["--load", str(trained / "iter_0000002"), "--out", str(out)]) == 0
+    first = tree(out)
+    (out / "README.md").write_text("model card")
+    assert to_hf(["--load", str(trained), "--out", str(out)]) == 0
+    second = tree(out)
+    assert second["README.md"] == b"model card"
+    assert second["model.safetensors"] != first["model.safetensors"]  # iteration 4's weights
+    assert json.loads(second["megatron_yuyuan_export.json"])["iteration"] == 4
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporaries left
+
+
+def test_to_megatron_refuses_a_directory_holding_a_training_run(
+    gpt2_models, trained, tmp_path, capsys
+):
+    before = tree(trained)
+    rc = to_megatron(["--hf-dir", str(gpt2_models / "hf"), "--save", str(trained)])
+    assert rc == 2
+    one_error_line(capsys, str(trained), "already holds checkpoints")
+    assert tree(trained) == before
+
+
+KILLED_PREPROCESS = textwrap.dedent("""
+    import os, pathlib, signal, sys
+    real = pathlib.Path.replace
+    calls = []
+    def dying_replace(self, target):
+        calls.append(target)
+        if len(calls) == 3:  # three files of the new run published, the rest not
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(self, target)
+    pathlib.Path.replace = dying_replace
+    from tools.preprocess_medquad import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def test_preprocess_killed_while_publishing_is_detected_and_cleaned(tmp_path, capsys):
+    prefix = tmp_path / "data" / "mq"
+    common = ["--output-prefix", str(prefix), "--no-progress", "--workers", "1"]
+    assert preprocess([*common, "--valid-size", "10", "--test-size", "10", "--seed", "1"]) == 0
+    capsys.readouterr()
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            KILLED_PREPROCESS,
+            *common,
+            "--valid-size",
+            "5",
+            "--test-size",
+            "5",
+            "--seed",
+            "2",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert list(prefix.parent.glob(".mq_*.tmp*")), "the kill left temporaries behind"
+    # Every reader refuses the mixed set instead of training on it.
+    args = ["--config", "tiny", "--vocab-size", "50257", "--data-prefix", str(prefix)]
+    assert finetune([*args, "--train-iters", "1", "--seq-length", "64"]) == 2
+    one_error_line(capsys, "rerun", "preprocess_medquad")
+    # The next run removes the dead run's temporaries and publishes a consistent set.
+    assert preprocess([*common, "--valid-size", "5", "--test-size", "5", "--seed", "2"]) == 0
+    assert not list(prefix.parent.glob(".mq_*.tmp*"))
+    from megatron_yuyuan.data.indexed import verify_split
+
+    for split in ("train", "valid", "test"):
+        verify_split(f"{prefix}_{split}")
+
+
+# --- 3. never train on garbage silently -----------------------------------------------------------
+def test_token_ids_outside_the_vocabulary_are_refused(sample_dataset, capsys):
+    # GPT-2 ids (up to 50k) into the 1100-id tiny model: at TP=2 this used to train on NaN.
+    args = ["--config", "tiny", "--data-prefix", sample_dataset, "--train-iters", "1"]
+    assert finetune([*args, "--seq-length", "64", "--tensor-model-parallel-size", "1"]) == 2
+    one_error_line(capsys, sample_dataset, "1100")
+
+
+def test_a_nan_loss_stops_the_run_before_saving(tmp_path, capsys):
+    save = tmp_path / "ckpt"
+    rc = finetune(
+        [*TINY, "--train-iters", "6", "--lr", "1e30", "--lr-warmup-iters", "0"]
+        + ["--clip-grad", "0", "--save", str(save), "--save-interval", "1"]
+    )
+    assert rc == 2
+    line = one_error_line(capsys, "iteration")
+    assert "nan" in line or "inf" in line
+    last = int((save / "latest_checkpointed_iteration.txt").read_text())
+    assert f"iteration {last + 1}:" in line  # the failing step was never saved
+
+
+def test_resume_with_another_global_batch_size_continues_the_data(trained, tmp_path):
+    from megatron_yuyuan.data.batching import micro_batch_indices
+
+    run = tmp_path / "ckpt"
+    run.mkdir()
+    os.symlink(trained / "iter_0000002", run / "iter_0000002")
+    (run / "latest_checkpointed_iteration.txt").write_text("2")
+    metrics = tmp_path / "m.jsonl"
+    args = [*TINY, "--global-batch-size", "8", "--train-iters", "3", "--load", str(run)]
+    assert finetune([*args, "--metrics-file", str(metrics)]) == 0
+    (row,) = read_metrics(metrics)
+    assert row["iteration"] == 3 and row["consumed_samples"] == 2 * 4 + 8
+    # the step after 8 samples reads samples 8..15, not 16..23 (iteration x new batch size)
+    it = micro_batch_indices(
+        consumed_samples=8, global_batch_size=8, micro_batch_size=2, dp_size=1, dp_rank=0
+    )
+    assert [next(it) for _ in range(4)] == [[8, 9], [10, 11], [12, 13], [14, 15]]
+
+
+def test_resume_with_more_iterations_follows_the_new_schedule(trained, tmp_path, capsys):
+    """The config's schedule wins by default; the checkpoint's one trains at lr 0 and says so."""
+    for flag, positive in (([], True), (["--use-checkpoint-opt-param-scheduler"], False)):
+        run = tmp_path / f"ckpt{len(flag)}"
+        run.mkdir()
+        os.symlink(trained / "iter_0000004", run / "iter_0000004")
+        (run / "latest_checkpointed_iteration.txt").write_text("4")
+        metrics = tmp_path / f"m{len(flag)}.jsonl"
+        args = [*TINY, "--train-iters", "8", "--load", str(run), "--metrics-file", str(metrics)]
+        assert finetune([*args, *flag]) == 0
+        lrs = [m["lr"] for m in read_metrics(metrics) if "lr" in m]
+        assert len(lrs) == 4
+        assert (lrs[0] > 1e-4) is positive, lrs
+        err = capsys.readouterr().err
+        assert ("learning rate 0" in err) is (not positive), err
+
+
+def test_resumed_metrics_keep_one_row_per_iteration(trained, tmp_path):
+    run = tmp_path / "ckpt"
+    run.mkdir()
+    os.symlink(trained / "iter_0000002", run / "iter_0000002")
+    (run / "latest_checkpointed_iteration.txt").write_text("2")
+    metrics = tmp_path / "m.jsonl"
+    killed = [{"iteration": i, "loss": 9.0} for i in (1, 2, 3)] + [{"iteration": 4, "loss": 9.0}]
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in killed) + '{"iteration": 5, "lo')
+    assert (
+        finetune([*TINY, "--train-iters", "4", "--load", str(run), "--metrics-file", str(metrics)])
+        == 0
+    )
+    rows = read_metrics(metrics)
+    assert [r["iteration"] for r in rows] == [1, 2, 3, 4]
+    assert rows[2]["loss"] != 9.0  # iteration 3 is the resumed run's, not the killed run's
+
+
+@pytest.mark.parametrize(
+    "flags, words",
+    [
+        (["--valid-size", "60", "--test-size", "60"], ["--valid-size 60", "--test-size 60", "114"]),
+        (["--valid-size", "-1"], ["--valid-size", ">= 0"]),
+        (["--workers", "0"], ["--workers", ">= 1"]),
+    ],
+    ids=["sizes-exceed-data", "negative-size", "no-workers"],
+)
+def test_preprocess_refuses_impossible_sizes(tmp_path, capsys, flags, words):
+    prefix = tmp_path / "mq"
+    assert exit_code(preprocess, ["--output-prefix", str(prefix), "--no-progress", *flags]) == 2
+    one_error_line(capsys, *words)
+    assert not list(tmp_path.iterdir())
+
+
+def exit_code(main, argv) -> int:
+    """A CLI's exit status, whether it returns it or argparse exits with it."""
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return exc.code
+
+
+# --- 4. one line, not a traceback -----------------------------------------------------------------
+@pytest.mark.parametrize(
+    "pointer, words",
+    [("", ["is empty"]), ("abc\n", ["corrupt"]), ("7", ["iter_0000007", "missing"])],
+    ids=["empty", "corrupt", "dangling"],
+)
+def test_a_broken_latest_pointer_is_one_line_everywhere(trained, tmp_path, capsys, pointer, words):
+    run = tmp_path / "ckpt"
+    run.mkdir()
+    os.symlink(trained / "iter_0000002", run / "iter_0000002")
+    (run / "latest_checkpointed_iteration.txt").write_text(pointer)
+    for main, argv in (
+        (finetune, [*TINY, "--train-iters", "3", "--load", str(run)]),
+        (to_hf, ["--load", str(run), "--out", str(tmp_path / "hf")]),
+        (generate, ["--load", str(run), "--question", "Is it inherited ?"]),
+    ):
+        assert main(argv) == 2
+        one_error_line(capsys, "latest_checkpointed_iteration.txt", "iter_0000002", *words)
+    assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize("suffix", ["idx", "bin"])
+def test_a_truncated_dataset_file_is_one_line(sample_dataset, tmp_path, capsys, suffix):
+    prefix = tmp_path / "mq"
+    for f in Path(sample_dataset).parent.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    path = Path(f"{prefix}_train.{suffix}")
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    args = ["--config", "tiny", "--vocab-size", "50257", "--data-prefix", str(prefix)]
+    assert finetune([*args, "--train-iters", "1", "--seq-length", "64"]) == 2
+    one_error_line(capsys, str(path), "truncated")
+
+
+def test_an_empty_validation_split_is_refused_before_training(tmp_path, capsys):
+    prefix = tmp_path / "mq"
+    assert (
+        preprocess(
+            [
+                "--output-prefix",
+                str(prefix),
+                "--no-progress",
+                "--valid-size",
+                "0",
+                "--test-size",
+                "5",
+            ]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    args = ["--config", "tiny", "--vocab-size", "50257", "--data-prefix", str(prefix)]
+    assert (
+        finetune([*args, "--train-iters", "1", "--seq-length", "64", "--eval-interval", "1"]) == 2
+    )
+    one_error_line(capsys, "valid split is empty")
+
+
+def test_unwritable_outputs_are_refused_before_any_work(tmp_path, capsys):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    metrics = tmp_path / "m.jsonl"
+    for save in (a_file / "ckpt", UNWRITABLE / "ckpt"):
+        args = [*TINY, "--train-iters", "2", "--save", str(save), "--metrics-file", str(metrics)]
+        assert finetune(args) == 2
+        one_error_line(capsys, "--save", str(save))
+        assert not metrics.exists()  # stopped before the first step
+    for prefix in (a_file / "mq", UNWRITABLE / "mq"):
+        assert preprocess(["--output-prefix", str(prefix), "--no-progress"]) == 2
+        one_error_line(capsys, "--output-prefix", str(prefix.parent))
+    assert a_file.read_text() == "x"
+
+
+def test_generation_inputs_are_checked_before_generating(gpt2_models, tmp_path, capsys):
+    hf, mc, questions = gpt2_models / "hf", gpt2_models / "mc", gpt2_models / "q.jsonl"
+    assert generate(["--hf-dir", str(hf), "--question", "  "]) == 2
+    one_error_line(capsys, "--question", "empty")
+    # HF path: a prompt that leaves no position to generate is one line, as on the megatron path
+    long_question = "What is " + "very " * 40 + "glaucoma ?"
+    for model in (["--hf-dir", str(hf)], ["--load", str(mc)]):
+        assert generate([*model, "--question", long_question]) == 2
+        one_error_line(capsys, "32 positions", "shorten")
+    # a prompt that fits generates up to the last position instead of failing
+    assert generate(["--hf-dir", str(hf), "--question", "Is it ?", "--max-new-tokens", "500"]) == 0
+    capsys.readouterr()
+    bad_out = tmp_path / "file"
+    bad_out.write_text("x")
+    rc = generate(["--hf-dir", str(hf), "--input", str(questions), "--output", str(bad_out / "p")])
+    assert rc == 2
+    one_error_line(capsys, "--output", str(bad_out))
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes(b'{"question": "ok"}\n{"question": "caf\xe9"}\n')
+    assert (
+        generate(["--hf-dir", str(hf), "--input", str(latin1), "--output", str(tmp_path / "p")])
+        == 2
+    )
+    one_error_line(capsys, f"{latin1}:2", "UTF-8")
+    assert not (tmp_path / "p").exists()
+
+
+def test_eval_inputs_are_checked_before_generating(gpt2_models, tmp_path, capsys):
+    refs = tmp_path / "refs.jsonl"
+    refs.write_text(json.dumps({"id": "1", "question": "What is glaucoma ?"}) + "\n")
+    out = tmp_path / "eval"
+    assert (
+        eval_qa(["--hf-dir", str(gpt2_models / "hf"), "--references", str(refs), "--out", str(out)])
+        == 2
+    )
+    one_error_line(capsys, f"{refs}:1", "'answer'")
+    assert not out.exists()  # nothing generated
+    preds = tmp_path / "p.jsonl"
+    preds.write_text('{"id": "1", "prediction": "x"}\n')
+    assert (
+        evaluate(["--references", str(refs), "--predictions", f"a={preds}", "--out", str(out)]) == 2
+    )
+    one_error_line(capsys, "'answer'")
