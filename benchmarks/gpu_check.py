@@ -44,7 +44,7 @@ class Step:
     """Command (run from the repository root)."""
     env: dict[str, str] = field(default_factory=dict)
     """Extra environment."""
-    timeout: int = 300
+    timeout: int = 240
 
 
 def python(*args: str) -> list[str]:
@@ -52,9 +52,11 @@ def python(*args: str) -> list[str]:
 
 
 def train_cmd(model: list[str], metrics: Path, iters: int, mbs: int, extra: Sequence[str] = ()):
+    # 8 micro-batches per step, as a finetune with a global batch of 8 x mbs accumulates: the
+    # optimizer step is paid once per 8 micro-batches, as in real runs.
     return python(
         "-m", "megatron_yuyuan.finetune", *model, "--bf16", "--seq-length", "1024",
-        "--micro-batch-size", str(mbs), "--global-batch-size", str(mbs),
+        "--micro-batch-size", str(mbs), "--global-batch-size", str(8 * mbs),
         "--train-iters", str(iters), "--lr", "1e-5", "--log-interval", "5",
         "--metrics-file", str(metrics), *extra,
     )  # fmt: skip
@@ -63,13 +65,13 @@ def train_cmd(model: list[str], metrics: Path, iters: int, mbs: int, extra: Sequ
 def plan(work: Path, iters: int) -> list[Step]:
     data = work / "mq"
     return [
-        Step("cuda-marked tests", python("-m", "pytest", "-q", "-m", "cuda", "tests"), timeout=420),
+        Step("cuda-marked tests", python("-m", "pytest", "-q", "-m", "cuda", "tests"), timeout=240),
         Step(
-            "train gpt2-1.3b bf16 mock (mbs 4)",
+            "train gpt2-1.3b bf16 mock (mbs 4, gbs 32)",
             train_cmd([*GPT2_1_3B, *MOCK], work / "m13.jsonl", iters, 4),
         ),
         Step(
-            "train yuyuan-3.5b bf16 mock (mbs 2)",
+            "train yuyuan-3.5b bf16 mock (mbs 2, gbs 16)",
             train_cmd(["--config", "yuyuan-3.5b", *MOCK], work / "m35.jsonl", iters, 2),
         ),
         Step(
@@ -77,7 +79,7 @@ def plan(work: Path, iters: int) -> list[Step]:
             python("-m", "tools.preprocess_medquad", "--output-prefix", str(data), "--no-progress"),
         ),
         Step(
-            "train yuyuan-3.5b bf16 packed MedQuAD (mbs 2)",
+            "train yuyuan-3.5b bf16 packed MedQuAD (mbs 2, gbs 16)",
             train_cmd(
                 ["--config", "yuyuan-3.5b", "--data-prefix", str(data)],
                 work / "m35p.jsonl",

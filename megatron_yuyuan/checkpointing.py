@@ -249,8 +249,12 @@ def check_compatible(saved: ModelConfig, model_cfg: ModelConfig, where: Path) ->
 
 def load_model(
     load: str | Path, model: torch.nn.Module, model_cfg: ModelConfig, layout: parallel.Layout
-) -> CheckpointInfo:
-    """Load weights into this rank's ``model`` at any TP/PP (every rank calls it)."""
+) -> tuple[CheckpointInfo, dict[str, torch.Tensor]]:
+    """Load weights into this rank's ``model`` at any TP/PP (every rank calls it).
+
+    Returns the checkpoint's info and this rank's tensors *in the checkpoint's dtype* (an fp16 or
+    fp32 checkpoint loaded into a bf16 model keeps its precision there, for the fp32 main weights).
+    """
     ckpt = resolve(load)
     info = read_info(ckpt)
     check_compatible(info.model, model_cfg, ckpt)
@@ -258,14 +262,17 @@ def load_model(
     # has another row count: megatron marks those tensors allow_shape_mismatch and copies the
     # overlapping rows (the pad rows beyond the real vocabulary are zeros either way).
     request = model.sharded_state_dict()
+    for sh in request.values():
+        if isinstance(sh, ShardedTensor) and sh.data.dtype != info.dtype:
+            sh.data = torch.empty(sh.local_shape, dtype=info.dtype, device=sh.data.device)
     loaded = dist_checkpointing.load(request, str(ckpt))
     # The result also carries the checkpoint's common (non-tensor) state, e.g. the optimizer's.
     state = {k: loaded[k] for k in request if not k.endswith("_extra_state")}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing, unexpected = model.load_state_dict(state, strict=False)  # casts to the model dtype
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:
         raise CheckpointError(f"{ckpt}: missing keys {missing}, unexpected keys {unexpected}")
-    return info
+    return info, state
 
 
 def load_full_state(

@@ -284,6 +284,10 @@ def build_model(
         share_embeddings_and_output_weights=True,
         position_embedding_type="learned_absolute",
     )
+    if torch.cuda.is_available() and torch.get_default_device().type != "meta":
+        # megatron puts its parallel layers on the GPU, but plain torch modules inside (the
+        # position embedding) stay on the CPU: move everything, once, here.
+        model = model.cuda(torch.cuda.current_device())
     if seed is not None:
         initialize_weights(model, cfg.model, layout, seed)
     return model

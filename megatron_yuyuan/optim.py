@@ -43,6 +43,25 @@ def build_optimizer(
     return get_megatron_optimizer(ocfg, model_chunks)
 
 
+def seed_main_params(optimizer, model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Set mixed precision's fp32 main weights from ``weights`` (this rank's tensors by parameter
+    name, in the checkpoint's dtype) rather than from the model's rounded bf16/fp16 copy: fp16
+    Yuyuan weights loaded under --bf16 keep their 10-bit mantissas in the optimizer."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    by_param = {p: weights[n] for n, p in model.named_parameters() if n in weights}
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(opt, DistributedOptimizer):
+            # megatron matches state-dict names to parameters and copies each rank's shard
+            opt.reload_model_params(state_dict={n: w for n, w in weights.items()})
+        elif hasattr(opt, "fp32_from_float16_groups"):  # Float16OptimizerWithFloat16Params
+            for model_group, main_group in zip(opt.float16_groups, opt.fp32_from_float16_groups):
+                for model_param, main_param in zip(model_group, main_group):
+                    if model_param in by_param:
+                        main_param.data.copy_(by_param[model_param].to(main_param.device))
+        # fp32 training: the model parameters are the main weights, already loaded
+
+
 def build_scheduler(cfg: RunConfig, optimizer) -> OptimizerParamScheduler:
     """Linear warmup to lr (see TrainConfig.lr_warmup_iters), then constant/linear/cosine decay to
     min_lr (per iteration)."""

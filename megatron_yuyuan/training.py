@@ -39,7 +39,7 @@ from megatron_yuyuan.logging_utils import (
     plot_loss_curve,
 )
 from megatron_yuyuan.model import build_model, training_flops_per_token, wrap_float16
-from megatron_yuyuan.optim import build_optimizer, build_scheduler
+from megatron_yuyuan.optim import build_optimizer, build_scheduler, seed_main_params
 from megatron_yuyuan.parallel import Layout
 from megatron_yuyuan.training_checkpoint import load_training_checkpoint, save_training_checkpoint
 
@@ -143,8 +143,8 @@ def setup(cfg: RunConfig) -> TrainState:
             global_batch_size=gbs,
         )
         state.iteration, state.consumed_samples = resumed.iteration, resumed.consumed_samples
-        if state.iteration == 0:  # weights only: mixed precision's fp32 main weights follow them
-            optimizer.reload_model_params()
+        if resumed.weights is not None:  # weights only: seed the fp32 main weights from them
+            seed_main_params(optimizer, gpt, resumed.weights)
         parallel.print_rank_0(
             f"> loaded {source}: "
             + (

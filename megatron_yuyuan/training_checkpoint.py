@@ -28,6 +28,9 @@ class Resumed:
     """Optimizer steps already taken (0 for a weights-only start)."""
     consumed_samples: int
     """Training samples already read: the data position."""
+    weights: Optional[dict[str, torch.Tensor]] = None
+    """A weights-only start: this rank's tensors in the checkpoint's own dtype (they seed the
+    fp32 main weights of mixed precision, which the bf16 copy in the model would round)."""
 
 
 def _rng_state() -> dict:
@@ -114,8 +117,8 @@ def load_training_checkpoint(
     info = checkpointing.read_info(ckpt)
     checkpointing.check_compatible(info.model, model_cfg, ckpt)
     if finetune or not info.training_state:
-        checkpointing.load_model(ckpt, model, model_cfg, layout)
-        return Resumed(iteration=0, consumed_samples=0)
+        _, weights = checkpointing.load_model(ckpt, model, model_cfg, layout)
+        return Resumed(iteration=0, consumed_samples=0, weights=weights)
     same_layout = tuple(info.layout) == (layout.tp, layout.pp, layout.dp)
     from megatron_yuyuan.optim import finish_optimizer_loading, prepare_optimizer_for_loading
 

@@ -93,3 +93,70 @@ def test_convert_and_generate_in_fresh_processes_on_cuda(tmp_path):
     ours = run("megatron_yuyuan.generate", "--load", str(tmp_path / "mc"), *q)
     theirs = run("megatron_yuyuan.generate", "--hf-dir", str(tmp_path / "out"), *q)
     assert ours == theirs
+
+
+class _FakeFloat16Optimizer:
+    """The two attributes of megatron's Float16OptimizerWithFloat16Params that seeding uses."""
+
+    def __init__(self, model):
+        self.float16_groups = [[p for p in model.parameters()]]
+        self.fp32_from_float16_groups = [[p.detach().float().clone() for p in model.parameters()]]
+
+
+def test_main_weights_are_seeded_from_the_checkpoint_dtype():
+    """fp16 values that bf16 cannot hold reach the fp32 main weights unrounded."""
+    from megatron_yuyuan.optim import seed_main_params
+
+    model = torch.nn.Linear(4, 3).to(torch.bfloat16)
+    weights = {
+        n: (torch.randn_like(p, dtype=torch.float32) / 3).half()
+        for n, p in model.named_parameters()
+    }
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(weights[n])  # what load_state_dict does: rounds to bf16
+    opt = _FakeFloat16Optimizer(model)
+    seed_main_params(opt, model, weights)
+    for (n, _), main in zip(model.named_parameters(), opt.fp32_from_float16_groups[0]):
+        assert torch.equal(main, weights[n].float())
+        assert not torch.equal(main, weights[n].to(torch.bfloat16).float())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("distopt", [False, True], ids=["float16-optimizer", "distributed"])
+def test_bf16_finetune_from_fp16_weights_keeps_their_precision(tmp_path, distopt):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from checkpoints_convert.to_megatron import main as to_megatron
+    from megatron_yuyuan import checkpointing, training
+    from megatron_yuyuan.config import RunConfig
+    from megatron_yuyuan.parallel import destroy_distributed
+
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(
+        GPT2Config(vocab_size=1100, n_positions=64, n_embd=64, n_layer=2, n_head=4)
+    )
+    hf.half().save_pretrained(str(tmp_path / "hf"))
+    assert to_megatron(["--hf-dir", str(tmp_path / "hf"), "--save", str(tmp_path / "mc")]) == 0
+    cfg = RunConfig.from_dict(
+        {
+            "model": {"preset": "tiny", "num_layers": 2, "max_position_embeddings": 64},
+            "parallel": {"use_distributed_optimizer": distopt},
+            "train": {"bf16": True, "pretrained_checkpoint": str(tmp_path / "mc")},
+            "data": {"mock_data": True, "seq_length": 32},
+        }
+    )
+    try:
+        state = training.setup(cfg)
+        gpt = training.unwrap(state.model)
+        _, fp16 = checkpointing.load_model(tmp_path / "mc", gpt, cfg.model, state.layout)
+        inner = getattr(state.optimizer, "chained_optimizers", [state.optimizer])[0]
+        mains = [p for g in inner.optimizer.param_groups for p in g["params"]]
+        assert all(m.dtype == torch.float32 for m in mains)
+        want = torch.cat([fp16[n].float().flatten() for n, _ in gpt.named_parameters()])
+        got = torch.cat([m.detach().flatten().cpu() for m in mains])
+        # every main weight is one of the fp16 values (order differs with bucketing): compare sorted
+        assert torch.equal(got.sort().values, want.sort().values.cpu())
+        assert torch.isin(got, want.cpu()).all()
+    finally:
+        destroy_distributed()

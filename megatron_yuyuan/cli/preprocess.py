@@ -31,10 +31,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     p.add_argument("--workers", type=positive_int, default=2, help="XML parser processes")
     p.add_argument(
-        "--valid-size", type=non_negative_int, default=500, help="pairs in the validation split"
+        "--valid-size",
+        type=non_negative_int,
+        default=None,
+        help="pairs in the validation split (default: 500, at most 10%% of the pairs)",
     )
     p.add_argument(
-        "--test-size", type=non_negative_int, default=500, help="pairs in the test split"
+        "--test-size",
+        type=non_negative_int,
+        default=None,
+        help="pairs in the test split (default: 500, at most 10%% of the pairs)",
     )
     p.add_argument("--seed", type=int, default=1234, help="split seed")
     p.add_argument(

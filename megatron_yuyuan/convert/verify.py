@@ -46,10 +46,12 @@ def megatron_logits(load: str | Path, ids: torch.Tensor, tp: int = 1) -> torch.T
     model = build_model(RunConfig(model=info.model), layout, params_dtype=torch.float32)
     checkpointing.load_model(load, model, info.model, layout)
     model.eval()
+    device = next(model.parameters()).device  # megatron builds on the GPU when there is one
     with torch.no_grad():
-        logits = model(ids, torch.arange(ids.shape[1]).unsqueeze(0), None)  # [b, s, Vp / tp]
+        positions = torch.arange(ids.shape[1]).unsqueeze(0)
+        logits = model(ids.to(device), positions.to(device), None)  # [b, s, Vp / tp]
         logits = parallel.gather_from_tensor_model_parallel_region(logits)  # [b, s, Vp]
-    return logits[..., : info.model.vocab_size].float()
+    return logits[..., : info.model.vocab_size].float().cpu()
 
 
 def hf_logits(hf_dir: str | Path, ids: torch.Tensor) -> torch.Tensor:
