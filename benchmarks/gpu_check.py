@@ -34,6 +34,9 @@ MOCK = ["--mock-data", "--hidden-dropout", "0", "--attention-dropout", "0"]
 GPT2_1_3B = ["--config", "tiny", "--num-layers", "24", "--hidden-size", "2048"]
 GPT2_1_3B += ["--num-attention-heads", "16", "--vocab-size", "50257"]
 GPT2_1_3B += ["--max-position-embeddings", "1024"]
+# The fp32 parity runs: the same tiny model and data on the GPU and on 2 CPU processes.
+PARITY = ["--config", "tiny", "--mock-data", "--seq-length", "128", "--micro-batch-size", "4"]
+PARITY += ["--global-batch-size", "8", "--train-iters", "6", "--lr", "3e-3"]
 
 
 @dataclass
@@ -90,54 +93,16 @@ def plan(work: Path, iters: int) -> list[Step]:
         Step(
             "fp32 loss: TP=1 GPU",
             python(
-                "-m",
-                "megatron_yuyuan.finetune",
-                "--config",
-                "tiny",
-                "--mock-data",
-                "--seq-length",
-                "128",
-                "--micro-batch-size",
-                "4",
-                "--global-batch-size",
-                "8",
-                "--train-iters",
-                "6",
-                "--lr",
-                "3e-3",
-                "--metrics-file",
-                str(work / "gpu.jsonl"),
-            ),  # fmt: skip
+                "-m", "megatron_yuyuan.finetune", *PARITY, "--metrics-file", str(work / "gpu.jsonl")
+            ),
         ),
         Step(
             "fp32 loss: TP=2 CPU gloo",
             python(
-                "-m",
-                "torch.distributed.run",
-                "--nproc-per-node",
-                "2",
-                "--master-port",
-                "29533",
-                "-m",
-                "megatron_yuyuan.finetune",
-                "--config",
-                "tiny",
-                "--mock-data",
-                "--seq-length",
-                "128",
-                "--micro-batch-size",
-                "4",
-                "--global-batch-size",
-                "8",
-                "--train-iters",
-                "6",
-                "--lr",
-                "3e-3",
-                "--tensor-model-parallel-size",
-                "2",
-                "--metrics-file",
-                str(work / "cpu.jsonl"),
-            ),  # fmt: skip
+                *("-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533"),
+                *("-m", "megatron_yuyuan.finetune", *PARITY, "--tensor-model-parallel-size", "2"),
+                *("--metrics-file", str(work / "cpu.jsonl")),
+            ),
             env={"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "2"},
         ),
         Step(
@@ -210,7 +175,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--skip", default="", help="comma-separated step numbers to skip")
     p.add_argument("--out", default=None, help="also write the table and logs into this folder")
     args = p.parse_args(argv)
-    work = Path(args.out or tempfile.mkdtemp(prefix="gpu_check."))
+    if args.out:
+        work = Path(args.out)
+    else:  # a dry run creates nothing
+        work = Path("$WORK") if args.dry_run else Path(tempfile.mkdtemp(prefix="gpu_check."))
     steps = plan(work, args.iters)
     skip = {int(x) for x in args.skip.split(",") if x}
     if args.dry_run:

@@ -1,29 +1,46 @@
 #!/usr/bin/env bash
-# Launch megatron_yuyuan.finetune with torchrun on one or many machines; forwards "$@".
+""":"
+# This file is both a shell script and a Python script, so both launches users type work:
 #
-#   bash run/finetune_qa.sh --config run/configs/demo_cpu.yaml                  # one machine
-#   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 bash run/finetune_qa.sh --config run/configs/yuyuan_3.5b_medquad.yaml
-#   NNODES=2 NODE_RANK=1 MASTER_ADDR=10.0.0.1 bash run/finetune_qa.sh --config run/configs/yuyuan_3.5b_medquad.yaml
+#   bash run/finetune_qa.sh ARGS                      # the wrapper: starts torchrun itself
+#   torchrun --nproc-per-node 8 run/finetune_qa.sh ARGS   # torchrun runs this file with Python
 #
-# Environment (defaults): NNODES (1), NODE_RANK (0), MASTER_ADDR (127.0.0.1), MASTER_PORT (29500),
-# NPROC_PER_NODE (number of GPUs, or 2 CPU processes without GPUs), PYTHON (python).
+# To bash, the first line below the shebang is the no-op command ':' and everything up to `exec`
+# is the launcher; to Python, it all is one string literal and the code at the bottom runs.
+#
+# One machine, or one call per machine (NODE_RANK 0..NNODES-1, same MASTER_ADDR everywhere):
+#   bash run/finetune_qa.sh --config run/configs/demo_cpu.yaml
+#   NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 bash run/finetune_qa.sh --config run/configs/yuyuan_3.5b_medquad.yaml
+# On Slurm: sbatch run/slurm/finetune_qa.sbatch (sets these from Slurm's variables).
+#
+# Environment (defaults): NNODES (1), NODE_RANK (0), MASTER_ADDR (127.0.0.1, required when
+# NNODES > 1), MASTER_PORT (29500), NPROC_PER_NODE (the GPUs CUDA_VISIBLE_DEVICES or nvidia-smi
+# shows, else 2 CPU processes), PYTHON (python). FINETUNE_DRY_RUN=1 prints the command only.
+# Checkpoints (--save/--load) and data must be on a filesystem every node sees.
 set -euo pipefail
 
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
+if [[ "$NNODES" -gt 1 && -z "${MASTER_ADDR:-}" ]]; then
+  echo "error: NNODES=$NNODES needs MASTER_ADDR (the address of the NODE_RANK=0 machine, the same on every node)" >&2
+  exit 2
+fi
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
 PYTHON=${PYTHON:-python}
 if [[ -z "${NPROC_PER_NODE:-}" ]]; then
   gpus=0
-  if command -v nvidia-smi >/dev/null 2>&1; then
+  if [[ -n "${CUDA_VISIBLE_DEVICES+set}" ]]; then
+    # what this job may use: "0,1,3" -> 3; "" -> none
+    gpus=$(tr ',' '\n' <<<"$CUDA_VISIBLE_DEVICES" | grep -c . || true)
+  elif command -v nvidia-smi >/dev/null 2>&1; then
     gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
   fi
   if [[ "$gpus" -gt 0 ]]; then NPROC_PER_NODE=$gpus; else NPROC_PER_NODE=2; fi
-fi
-if [[ "$NPROC_PER_NODE" -gt 0 ]] && ! command -v nvidia-smi >/dev/null 2>&1; then
-  # CPU processes: one thread each unless told otherwise (2 processes on a 2-core machine).
-  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+  if [[ "$gpus" -eq 0 ]]; then
+    # CPU processes: one thread each unless told otherwise (2 processes on a 2-core machine).
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+  fi
 fi
 
 cmd=("$PYTHON" -m torch.distributed.run
@@ -31,4 +48,13 @@ cmd=("$PYTHON" -m torch.distributed.run
      --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT"
      -m megatron_yuyuan.finetune "$@")
 echo "+ ${cmd[*]}"
+if [[ -n "${FINETUNE_DRY_RUN:-}" ]]; then exit 0; fi
 exec "${cmd[@]}"
+":"""
+
+# Python: a torchrun worker (torchrun set RANK, WORLD_SIZE, MASTER_ADDR ...): run the finetune.
+import sys
+
+from megatron_yuyuan.cli.finetune import main
+
+sys.exit(main(sys.argv[1:]))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from conftest import REPO
 
 from megatron_yuyuan.arguments import parse_config
 from megatron_yuyuan.config import (
@@ -151,3 +152,19 @@ def test_cli_rejects_bad_config_before_any_work(flags, message, capsys):
     assert main(flags) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err, err
+
+
+@pytest.mark.parametrize(
+    "name, world_size, dp",
+    [
+        ("demo_cpu.yaml", 2, 1),
+        ("yuyuan_3.5b_medquad.yaml", 8, 8),  # one node: TP=1 PP=1, DP over its 8 GPUs
+        ("yuyuan_3.5b_medquad_tp2pp2.yaml", 16, 4),
+    ],
+)
+def test_run_configs_fit_their_documented_layout(monkeypatch, name, world_size, dp):
+    from megatron_yuyuan import config
+
+    monkeypatch.setattr(config, "_cuda_available", lambda: True)  # their bf16 needs a GPU
+    cfg = RunConfig.from_yaml(REPO / "run" / "configs" / name)
+    assert validate_layout(cfg, world_size) == dp

@@ -241,9 +241,32 @@ def test_two_nodes_on_localhost_train_together(tmp_path):
             "MASTER_PORT": str(port),
             "PYTHON": sys.executable,
         }
+        # Node 0 uses the wrapper (bash run/finetune_qa.sh), node 1 the torchrun form
+        # (torchrun ... run/finetune_qa.sh): the same file works both ways.
+        launch = (
+            ["bash", str(REPO / "run" / "finetune_qa.sh"), *args]
+            if node == 0
+            else [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--node-rank",
+                "1",
+                "--nproc-per-node",
+                "1",
+                "--master-addr",
+                "127.0.0.1",
+                "--master-port",
+                str(port),
+                str(REPO / "run" / "finetune_qa.sh"),
+                *args,
+            ]  # fmt: skip
+        )
         procs.append(
             subprocess.Popen(
-                ["bash", str(REPO / "run" / "finetune_qa.sh"), *args],
+                launch,
                 cwd=tmp_path,
                 env=env,
                 stdout=subprocess.PIPE,
@@ -287,6 +310,40 @@ def test_launcher_reports_a_world_that_does_not_fit(tmp_path):
     )
     assert proc.returncode != 0
     assert "world size 1 is not divisible by tensor x pipeline parallel size 2 x 1" in proc.stderr
+
+
+def test_launcher_environment_rules(tmp_path):
+    """NNODES > 1 without MASTER_ADDR is refused (not a hang on 127.0.0.1); GPUs are counted from
+    CUDA_VISIBLE_DEVICES; the Slurm script hands each node its rank and the first node's address."""
+    script = str(REPO / "run" / "finetune_qa.sh")
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "NPROC_PER_NODE")}
+    proc = subprocess.run(
+        ["bash", script], env={**env, "NNODES": "2"}, capture_output=True, text=True
+    )
+    assert proc.returncode == 2 and proc.stderr.startswith("error: NNODES=2 needs MASTER_ADDR")
+    dry = {**env, "FINETUNE_DRY_RUN": "1"}
+    for visible, n in (("0,1,3", 3), ("", 2)):  # none visible: 2 CPU processes
+        proc = subprocess.run(["bash", script, "--x"], env={**dry, "CUDA_VISIBLE_DEVICES": visible},
+                              capture_output=True, text=True)  # fmt: skip
+        assert proc.returncode == 0 and f"--nproc-per-node {n} " in proc.stdout, proc.stdout
+    bin_dir = tmp_path / "bin"  # stand-ins for Slurm's commands: 2 nodes, one task each
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/sh\nprintf 'gpu-a\\ngpu-b\\n'\n")
+    (bin_dir / "srun").write_text(
+        '#!/bin/bash\nshift 2\nfor n in 0 1; do SLURM_NODEID=$n "$@"; done\n'
+    )
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    slurm = {**dry, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "gpu-[a-b]",
+             "SLURM_JOB_NUM_NODES": "2", "SLURM_SUBMIT_DIR": str(REPO)}  # fmt: skip
+    proc = subprocess.run(["bash", str(REPO / "run" / "slurm" / "finetune_qa.sbatch"), "--config",
+                           "tiny"], env=slurm, capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    for rank in (0, 1):
+        assert (
+            f"--nnodes 2 --node-rank {rank} --nproc-per-node 2 --master-addr gpu-a "
+            "--master-port 29500 -m megatron_yuyuan.finetune --config tiny" in proc.stdout
+        ), proc.stdout
 
 
 def test_readme_demo_shortened(tmp_path):
