@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import inspect
 import textwrap
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -31,6 +32,37 @@ from megatron_yuyuan.errors import UserError
 
 class ConfigError(UserError):
     """A configuration that cannot run; the message names the field and what to do."""
+
+
+def check_field_types(obj: Any, section: str) -> None:
+    """Every field holds a value of its annotated type (YAML and config.json are untyped):
+    ``int`` fields take integers (not booleans), ``float`` fields numbers, ``Optional`` None."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value, tp = getattr(obj, f.name), hints[f.name]
+        allowed = typing.get_args(tp) if typing.get_origin(tp) is typing.Union else (tp,)
+        ok = False
+        for a in allowed:
+            if a is type(None):
+                ok |= value is None
+            elif typing.get_origin(a) is Literal:
+                ok |= value in typing.get_args(a)
+            elif a is float:
+                ok |= isinstance(value, (int, float)) and not isinstance(value, bool)
+            elif a is int:
+                ok |= isinstance(value, int) and not isinstance(value, bool)
+            else:
+                ok |= isinstance(value, a)
+        if not ok:
+            want = " or ".join(
+                "null" if a is type(None) else
+                "one of " + ", ".join(map(repr, typing.get_args(a))) if typing.get_origin(a) is Literal
+                else a.__name__
+                for a in allowed
+            )  # fmt: skip
+            raise ConfigError(
+                f"{section}.{f.name} (--{f.name.replace('_', '-')}) must be {want}, got {value!r}"
+            )
 
 
 @dataclass(kw_only=True)
@@ -63,6 +95,7 @@ class ModelConfig:
     """Std of the normal init; output projections use std / sqrt(2 * num_layers)."""
 
     def __post_init__(self) -> None:
+        check_field_types(self, "model")
         for name in (
             "num_layers",
             "hidden_size",
@@ -117,6 +150,7 @@ class ParallelConfig:
     """Elements per gradient-reduction bucket; None: megatron-core's default (max(40M, 1M x DP))."""
 
     def __post_init__(self) -> None:
+        check_field_types(self, "parallel")
         for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
@@ -205,6 +239,7 @@ class TrainConfig:
     """Write TensorBoard scalars here."""
 
     def __post_init__(self) -> None:
+        check_field_types(self, "train")
         if self.bf16 and self.fp16:
             raise ConfigError("train.bf16 and train.fp16 are mutually exclusive: choose one")
         for name in (
@@ -258,6 +293,7 @@ class DataConfig:
     """Also train on the question tokens (upstream behaviour); default is answer-only loss."""
 
     def __post_init__(self) -> None:
+        check_field_types(self, "data")
         if self.seq_length is not None and self.seq_length < 1:
             raise ConfigError(f"data.seq_length must be >= 1, got {self.seq_length}")
 
@@ -334,12 +370,24 @@ class RunConfig:
                 f"{source}: missing section 'model': give a preset name "
                 f"({', '.join(sorted(PRESETS))}) or a mapping of model fields"
             )
+        for name, value in raw.items():
+            if (
+                value is not None
+                and not isinstance(value, dict)
+                and not (name == "model" and isinstance(value, str))
+            ):
+                raise ConfigError(
+                    f"{source}: section {name!r} must be a mapping of fields, got {value!r}"
+                )
         model_raw = raw["model"]
         if isinstance(model_raw, str):
             model_raw = {"preset": model_raw}
         model_raw = dict(model_raw or {})
         preset = model_raw.pop("preset", None)
-        base = dataclasses.asdict(get_preset(preset)) if preset else {}
+        try:
+            base = dataclasses.asdict(get_preset(preset)) if preset else {}
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from exc
         sections = {"model": _build(ModelConfig, {**base, **model_raw}, f"{source}: model")}
         for name in ("parallel", "train", "data"):
             sections[name] = _build(SECTIONS[name], raw.get(name) or {}, f"{source}: {name}")
@@ -348,6 +396,8 @@ class RunConfig:
     @classmethod
     def from_yaml(cls, path: str | Path) -> RunConfig:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"--config {path}: is a directory; give a YAML file or a preset")
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
@@ -376,6 +426,8 @@ def _build(cls: type, values: dict[str, Any], where: str):
         return cls(**values)
     except TypeError as exc:  # a missing required field
         raise ConfigError(f"{where}: {exc}") from exc
+    except ConfigError as exc:
+        raise ConfigError(f"{where.split(': ')[0]}: {exc}") from exc
 
 
 def load_config(spec: str | None) -> RunConfig:

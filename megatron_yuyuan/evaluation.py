@@ -82,6 +82,11 @@ def bleu_scores(refs: Sequence[list[str]], hyps: Sequence[list[str]], smoothing:
 
 
 def prediction_text(row: dict, path: Path) -> str:
+    for key in ("prediction", "generation"):
+        if key in row and not isinstance(row[key], str):
+            raise DataError(
+                f"{path}: row {row.get('id', '?')}: {key!r} must be a string, got {row[key]!r}"
+            )
     if "prediction" in row:
         return row["prediction"]
     if "generation" in row:
@@ -92,6 +97,11 @@ def prediction_text(row: dict, path: Path) -> str:
 def align(references: list[dict], predictions: list[dict], path: Path) -> list[str]:
     """Prediction text per reference, matched by ``id`` (or by position when ids are absent)."""
     if all("id" in r for r in references) and all("id" in p for p in predictions):
+        for rows, where in ((references, "references"), (predictions, str(path))):
+            ids = [r["id"] for r in rows]
+            if len(set(map(repr, ids))) != len(ids):
+                dup = next(i for i in ids if ids.count(i) > 1)
+                raise DataError(f"{where}: id {dup!r} appears more than once; ids must be unique")
         by_id = {p["id"]: p for p in predictions}
         missing = [r["id"] for r in references if r["id"] not in by_id]
         if missing:

@@ -254,9 +254,13 @@ class HFGenerator:
                 f"(e.g. one written by checkpoints_convert.to_hf)"
             )
         self.device = device or default_device()
-        self.model = (
-            AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype).to(self.device).eval()
-        )
+        try:
+            model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype)
+        except (OSError, ValueError, KeyError) as exc:
+            raise UserError(
+                f"--hf-dir {hf_dir}: transformers cannot load it ({' '.join(str(exc).split())[:300]})"
+            ) from exc
+        self.model = model.to(self.device).eval()
         self.tokenizer = load_tokenizer(tokenizer or hf_dir)
         self.max_positions = int(getattr(self.model.config, "n_positions", 1 << 30))
         self.layout = None

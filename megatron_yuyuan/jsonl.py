@@ -23,8 +23,10 @@ def read_jsonl(path: str | Path, required: Sequence[str] = ()) -> list[dict]:
             is not a JSON object, or a missing field.
     """
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory; give a JSON-lines file")
     if not path.is_file():
-        raise DataError(f"{path}: {'is a directory' if path.is_dir() else 'not found'}")
+        raise DataError(f"{path}: not found")
     rows = []
     with path.open("rb") as f:
         for n, raw in enumerate(f, 1):
@@ -44,11 +46,15 @@ def read_jsonl(path: str | Path, required: Sequence[str] = ()) -> list[dict]:
                 raise DataError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
             for field in required:
                 value = row.get(field)
-                if not isinstance(value, str) or not value.strip():
-                    raise DataError(
-                        f"{path}:{n}: {'empty' if field in row else 'no'} {field!r} field "
-                        f"(every row needs a non-empty string {field!r})"
-                    )
+                if field not in row:
+                    problem = f"no {field!r} field"
+                elif not isinstance(value, str):
+                    problem = f"{field!r} is {type(value).__name__} {value!r}, not a string"
+                elif not value.strip():
+                    problem = f"empty {field!r} field"
+                else:
+                    continue
+                raise DataError(f"{path}:{n}: {problem} (every row needs a non-empty string)")
             rows.append(row)
     return rows
 
@@ -62,8 +68,16 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.chmod(tmp, default_file_mode())  # mkstemp's 0600 would hide the file from others
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def default_file_mode() -> int:
+    """The mode a plain ``open(path, "w")`` would give a new file under the current umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask

@@ -67,6 +67,13 @@ def init_distributed(tp: int = 1, pp: int = 1, timeout_s: int = 600) -> Layout:
         timeout_s: collective timeout.
     """
     cpu_compat.apply_if_no_cuda()
+    world_size = env_world_size()
+    if world_size % (tp * pp):
+        raise UserError(
+            f"--tensor-model-parallel-size {tp} x --pipeline-model-parallel-size {pp} needs a "
+            f"multiple of {tp * pp} processes, but {world_size} run: launch with "
+            f"torchrun --nproc-per-node {tp * pp}"
+        )
     if not dist.is_initialized():
         backend = cpu_compat.distributed_backend()
         if backend == "nccl":
@@ -78,7 +85,6 @@ def init_distributed(tp: int = 1, pp: int = 1, timeout_s: int = 600) -> Layout:
                     f"CUDA_VISIBLE_DEVICES= to run on CPU processes (gloo)"
                 )
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        world_size = env_world_size()
         # A single process needs no rendezvous: an in-memory store, no port to collide on.
         store = dist.HashStore() if world_size == 1 and "MASTER_ADDR" not in os.environ else None
         dist.init_process_group(

@@ -180,10 +180,19 @@ def load_tokenizer(spec: str = "gpt2") -> Tokenizer:
     if spec == "gpt2":
         return load_gpt2()
     path = Path(spec)
-    if path.is_dir():
-        return load_hf_dir(path)
-    if path.is_file() and path.suffix == ".model":
-        return load_sentencepiece(path)
+    try:
+        if path.is_dir():
+            return load_hf_dir(path)
+        if path.is_file() and path.suffix == ".model":
+            return load_sentencepiece(path)
+    except UserError:
+        raise
+    except Exception as exc:  # transformers / sentencepiece say why in many exception types
+        raise UserError(
+            f"--tokenizer {spec}: cannot be loaded ({type(exc).__name__}: "
+            f"{' '.join(str(exc).split())[:200]}); give an HF tokenizer directory (vocab.json + "
+            f"merges.txt or tokenizer.json), a sentencepiece .model file, or 'gpt2'"
+        ) from exc
     raise UserError(
         f"--tokenizer {spec!r}: expected 'gpt2', an HF tokenizer directory or a "
         f"sentencepiece .model file"

@@ -387,3 +387,103 @@ def test_eval_inputs_are_checked_before_generating(gpt2_models, tmp_path, capsys
         evaluate(["--references", str(refs), "--predictions", f"a={preds}", "--out", str(out)]) == 2
     )
     one_error_line(capsys, "'answer'")
+
+
+# --- a new user's tour (each found by probing the CLIs with bad input) ----------------------------
+def test_bad_configs_name_the_file_and_the_field(tmp_path, capsys):
+    cases = {
+        "model: {preset: tiny, num_layers: two}\n": ["num_layers", "--num-layers", "int", "'two'"],
+        "model: {preset: tiny, num_layers: 2.5}\n": ["num_layers", "int", "2.5"],
+        "model: tiny\ntrain: {lr: null}\n": ["train.lr", "float", "None"],
+        "model: 5\n": ["section 'model'", "mapping"],
+        "model: tiny\ntrain:\n  - lr: 1\n": ["section 'train'", "mapping"],
+        "model: {preset: nope}\n": ["unknown model preset 'nope'"],
+    }
+    for i, (text, words) in enumerate(cases.items()):
+        path = tmp_path / f"c{i}.yaml"
+        path.write_text(text)
+        assert exit_code(finetune, ["--config", str(path), "--mock-data"]) == 2
+        one_error_line(capsys, str(path), *words)
+    assert exit_code(finetune, ["--config", str(tmp_path), "--mock-data"]) == 2
+    one_error_line(capsys, str(tmp_path), "is a directory")
+
+
+def test_runs_never_overwrite_another_runs_files(trained, sample_dataset, tmp_path, capsys):
+    before = tree(trained)
+    assert finetune([*TINY, "--train-iters", "2", "--save", str(trained)]) == 2
+    one_error_line(capsys, "--save", "already holds checkpoints", f"--load {trained}")
+    data = Path(f"{sample_dataset}_train.jsonl")
+    kept = data.read_bytes()
+    assert finetune([*TINY, "--train-iters", "2", "--metrics-file", str(data)]) == 2
+    one_error_line(capsys, "--metrics-file", "not a metrics file")
+    assert tree(trained) == before and data.read_bytes() == kept
+    args = ["--config", "tiny", "--vocab-size", "50257", "--train-iters", "1"]
+    assert finetune([*args, "--data-prefix", str(data)]) == 2
+    one_error_line(capsys, f"--data-prefix {sample_dataset}")  # the prefix it should have been
+
+
+def test_generate_and_convert_refuse_what_would_break(gpt2_models, tmp_path, capsys):
+    hf, questions = gpt2_models / "hf", gpt2_models / "q.jsonl"
+    kept = questions.read_bytes()
+    argv = ["--hf-dir", str(hf), "--input", str(questions), "--output", str(questions)]
+    assert generate(argv) == 2
+    one_error_line(capsys, "--output", "--input file")
+    assert questions.read_bytes() == kept
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    assert (
+        generate(["--hf-dir", str(hf), "--input", str(empty), "--output", str(tmp_path / "o")]) == 2
+    )
+    one_error_line(capsys, str(empty), "no questions")
+    typed = tmp_path / "typed.jsonl"
+    typed.write_text('{"question": 5}\n')
+    assert (
+        generate(["--hf-dir", str(hf), "--input", str(typed), "--output", str(tmp_path / "o")]) == 2
+    )
+    one_error_line(capsys, f"{typed}:1", "int 5, not a string")
+    q = ["--question", "Is it ?"]
+    assert (
+        generate(["--load", str(gpt2_models / "mc"), *q, "--tensor-model-parallel-size", "2"]) == 2
+    )
+    one_error_line(capsys, "--tensor-model-parallel-size 2", "torchrun --nproc-per-node 2")
+    (tmp_path / "tok").mkdir()
+    assert generate(["--hf-dir", str(hf), *q, "--tokenizer", str(tmp_path / "tok")]) == 2
+    one_error_line(capsys, "--tokenizer", str(tmp_path / "tok"))
+    bad = tmp_path / "badhf"
+    bad.mkdir()
+    (bad / "config.json").write_text("[1, 2]")
+    assert to_megatron(["--hf-dir", str(bad), "--save", str(tmp_path / "mc")]) == 2
+    one_error_line(capsys, str(bad / "config.json"), "JSON object")
+    assert generate(["--hf-dir", str(bad), *q]) == 2
+    one_error_line(capsys, "--hf-dir", str(bad))
+
+
+def test_evaluate_refuses_ambiguous_or_mistyped_predictions(tmp_path, capsys):
+    refs = tmp_path / "refs.jsonl"
+    refs.write_text('{"id": "1", "answer": "a b"}\n{"id": "2", "answer": "c d"}\n')
+    for rows, words in (
+        (
+            '{"id": "1", "prediction": 7}\n{"id": "2", "prediction": "c"}\n',
+            ["'prediction'", "string"],
+        ),
+        (
+            '{"id": "1", "prediction": "a"}\n{"id": "1", "prediction": "c"}\n',
+            ["'1'", "more than once"],
+        ),
+    ):
+        preds = tmp_path / "p.jsonl"
+        preds.write_text(rows)
+        assert (
+            evaluate(
+                [
+                    "--references",
+                    str(refs),
+                    "--predictions",
+                    f"s={preds}",
+                    "--out",
+                    str(tmp_path / "r"),
+                ]
+            )
+            == 2
+        )
+        one_error_line(capsys, *words)

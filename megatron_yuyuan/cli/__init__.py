@@ -105,18 +105,34 @@ def check_writable_file(path: str | Path, flag: str) -> Path:
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{flag} {path}: is a directory; give a file path")
-    check_writable_dir(path.parent, flag)
+    problem = _directory_problem(path.parent)
+    if problem:
+        raise UserError(f"{flag} {path}: cannot write there ({problem})")
     return path
 
 
 def check_writable_dir(path: str | Path, flag: str) -> Path:
     """Create ``path`` if needed and check that files can be written in it."""
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{flag} {path}: is a file; give a directory")
+    problem = _directory_problem(path)
+    if problem:
+        raise UserError(f"{flag} {path}: cannot write there ({problem})")
+    return path
+
+
+def _directory_problem(path: Path) -> Optional[str]:
+    """Why files cannot be created in ``path`` (made if missing), or None when they can."""
+    if path.exists() and not path.is_dir():
+        return f"{path} is a file, not a directory"
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".write_probe.{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        raise UserError(f"{flag} {path}: cannot write there ({describe_os_error(exc)})") from exc
-    return path
+        if exc.errno in (errno.EEXIST, errno.ENOTDIR):  # a file sits where a folder must be
+            return "a component of the path is a file, not a directory"
+        return describe_os_error(exc)
+    return None

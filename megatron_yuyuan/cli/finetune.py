@@ -13,6 +13,7 @@ line (exit 2).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -22,7 +23,13 @@ from megatron_yuyuan.config import ConfigError, RunConfig, validate_layout
 
 def check_config(cfg: RunConfig, world_size: int) -> None:
     """Every check that needs no process group: fail before any work is done."""
-    from megatron_yuyuan.checkpointing import check_compatible, has_checkpoint, read_info, resolve
+    from megatron_yuyuan.checkpointing import (
+        check_compatible,
+        has_checkpoint,
+        holds_checkpoints,
+        read_info,
+        resolve,
+    )
 
     validate_layout(cfg, world_size)
     d, t = cfg.data, cfg.train
@@ -47,19 +54,51 @@ def check_config(cfg: RunConfig, world_size: int) -> None:
             check_compatible(read_info(ckpt).model, cfg.model, ckpt)
         elif path and path == t.pretrained_checkpoint:
             raise ConfigError(f"--pretrained-checkpoint {path}: no checkpoint there")
-    # Outputs: found unwritable now, not after hours of training.
+    # Outputs: found unwritable now, not after hours of training, and never over another run.
     if t.save:
+        if holds_checkpoints(t.save) and not (t.load and Path(t.load) == Path(t.save)):
+            raise ConfigError(
+                f"--save {t.save}: already holds checkpoints of another run, which this run "
+                f"would overwrite; resume it with --load {t.save}, or choose a new directory"
+            )
         check_writable_dir(t.save, "--save")
     if t.metrics_file:
         check_writable_file(t.metrics_file, "--metrics-file")
+        check_metrics_file(Path(t.metrics_file))
     if t.tensorboard_dir:
         check_writable_dir(t.tensorboard_dir, "--tensorboard-dir")
+
+
+def check_metrics_file(path: Path) -> None:
+    """An existing --metrics-file must be a metrics file (a resumed run appends to it), not some
+    other file the run would append rows to."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with path.open("rb") as f:
+        first = f.readline()
+    try:
+        row = json.loads(first)
+        if isinstance(row, dict) and "iteration" in row:
+            return
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        pass
+    raise ConfigError(
+        f"--metrics-file {path}: exists and is not a metrics file of this tool (its first line "
+        f"has no 'iteration'); choose another path"
+    )
 
 
 def check_dataset(prefix: str, vocab_size: int, splits: Sequence[str] = ("train",)) -> None:
     """The splits exist, match the dataset's manifest, hold pairs and fit the vocabulary."""
     from megatron_yuyuan.data.indexed import dataset_exists, read_meta, verify_split
 
+    for suffix in ("_train", "_valid", "_test", "_meta"):
+        for ext in ("", ".jsonl", ".bin", ".idx", ".json"):
+            if prefix.endswith(suffix + ext) and not dataset_exists(f"{prefix}_train"):
+                raise ConfigError(
+                    f"--data-prefix {prefix}: names one file of a dataset; give the prefix "
+                    f"itself: --data-prefix {prefix[: -len(suffix + ext)]}"
+                )
     for split in splits:
         if not dataset_exists(f"{prefix}_{split}"):
             raise ConfigError(

@@ -107,7 +107,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.question is not None and not args.question.strip():
             raise UserError("--question is empty: give the question to answer")
         if args.input:
-            read_questions(Path(args.input))
+            if not read_questions(Path(args.input)):
+                raise UserError(f"--input {args.input}: holds no questions")
+            if Path(args.output).resolve() == Path(args.input).resolve():
+                raise UserError(f"--output {args.output}: is the --input file; choose another path")
             check_writable_file(args.output, "--output")
         cfg = sampling_from_args(args)
         gen = generator_from_args(args)

@@ -10,9 +10,11 @@ new or empty directory: a directory that holds checkpoints (e.g. a training run)
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional, Sequence
 
 from megatron_yuyuan.cli import ArgumentParser, positive_float, positive_int, run_cli
+from megatron_yuyuan.errors import UserError
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -65,6 +67,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from megatron_yuyuan.convert.verify import verify
 
         check_new_save_dir(args.save)
+        if args.hf_dir and Path(args.save).resolve() == Path(args.hf_dir).resolve():
+            raise UserError(f"--save {args.save}: is the --hf-dir folder; choose a new directory")
         tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
         if args.hf_dir:
             out = convert_hf_to_megatron(args.hf_dir, args.save, tp, pp)

@@ -34,6 +34,7 @@ from megatron_yuyuan.convert.weight_map import (
     mcore_to_hf,
 )
 from megatron_yuyuan.errors import ConversionError
+from megatron_yuyuan.jsonl import default_file_mode
 from megatron_yuyuan.model import build_model
 
 TOKENIZER_SUBDIR = "tokenizer"
@@ -260,6 +261,8 @@ def convert_megatron_to_hf(
                 indent=1,
             )
         )
+        for f in tmp.iterdir():  # some writers create files 0600: give them the umask's mode
+            os.chmod(f, default_file_mode())
         _publish_export(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # made by mkdtemp above

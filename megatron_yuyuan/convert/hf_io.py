@@ -27,7 +27,12 @@ def model_config_from_hf(hf_dir: Path) -> tuple[ModelConfig, torch.dtype]:
     path = Path(hf_dir) / "config.json"
     if not path.is_file():
         raise HFFormatError(f"{path} not found: --hf-dir must hold an HF GPT-2 model directory")
-    c = json.loads(path.read_text())
+    try:
+        c = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise HFFormatError(f"{path}: not valid JSON ({exc}); fix or re-download it") from exc
+    if not isinstance(c, dict):
+        raise HFFormatError(f"{path}: expected a JSON object of GPT-2 settings")
     if c.get("model_type") not in ("gpt2", None):
         raise HFFormatError(f"{path}: model_type {c.get('model_type')!r} is not gpt2")
     act = c.get("activation_function", "gelu_new")
@@ -60,7 +65,7 @@ def model_config_from_hf(hf_dir: Path) -> tuple[ModelConfig, torch.dtype]:
         )
     except KeyError as exc:
         raise HFFormatError(f"{path}: missing field {exc}") from exc
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:
         raise HFFormatError(f"{path}: {exc}") from exc
     dtype = getattr(torch, str(c.get("torch_dtype") or c.get("dtype") or "float32"))
     return model, dtype

@@ -141,8 +141,8 @@ def find_xml_files(root: Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         raise MedQuADError(
-            f"--input {root}: no such directory; point it at the MedQuAD folder "
-            f"holding 1_CancerGov_QA/, 2_GARD_QA/, ..."
+            f"--input {root}: {'is a file, not a directory' if root.exists() else 'no such directory'}"
+            f"; point it at the MedQuAD folder holding 1_CancerGov_QA/, 2_GARD_QA/, ..."
         )
     files = sorted(root.rglob("*.xml"))
     if not files:

@@ -141,9 +141,10 @@ def preprocess_medquad(
         if size is not None and size < 0:
             raise UserError(f"{flag} must be >= 0, got {size}")
     out = Path(output_prefix)
-    if not out.name:
+    if not out.name or str(output_prefix).endswith(("/", os.sep)) or out.is_dir():
         raise UserError(
-            f"--output-prefix {output_prefix!r}: give a path prefix such as data/medquad"
+            f"--output-prefix {output_prefix}: is a directory; give a path prefix inside it, "
+            f"e.g. {out / 'medquad'} (files are named PREFIX_train.jsonl, ...)"
         )
     check_output_dir(out.parent)
     remove_stale_temporaries(out)
