@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Sequence
 
 from megatron_yuyuan.errors import DataError, UserError
-from megatron_yuyuan.jsonl import read_jsonl
+from megatron_yuyuan.jsonl import read_jsonl, write_text_atomic
 from megatron_yuyuan.prompts import extract_answer
 
 _TOKEN = re.compile(r"\w+|[^\w\s]")
@@ -155,8 +155,8 @@ def evaluate(
             entry["by_qtype"][q] = {"n": len(idx), "bleu4": scores["sentence"]["cumulative"][4]}
         report["systems"][name] = entry
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "report.json").write_text(json.dumps(report, indent=1))
-    (out_dir / "report.md").write_text(render_markdown(report))
+    write_text_atomic(out_dir / "report.json", json.dumps(report, indent=1))
+    write_text_atomic(out_dir / "report.md", render_markdown(report))
     plot_by_qtype(report, out_dir / "bleu_by_qtype.png")
     return report
 
@@ -224,8 +224,10 @@ def plot_by_qtype(report: dict, path: Path) -> None:
     ax.set_title(f"BLEU-4 by question type ({report['questions']} questions)")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
     plt.close(fig)
+    tmp.replace(path)
 
 
 def print_summary(report: dict) -> None:

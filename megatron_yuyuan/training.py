@@ -228,17 +228,24 @@ def build_data_iterator(
     )
     if d.mock_data:
         seed = cfg.train.seed + (0 if split == "train" else 1)  # validation: other samples
-        return (mock_batch(idx, d.seq_length, cfg.model.vocab_size, seed) for idx in indices)
+        return _pinned(mock_batch(idx, d.seq_length, cfg.model.vocab_size, seed) for idx in indices)
     dataset = open_split(cfg, split)
     if split != "train":
-        return (dataset.micro_batch(idx) for idx in indices)
+        return _pinned(dataset.micro_batch(idx) for idx in indices)
     parallel.print_rank_0(
         f"> {d.data_prefix}_train: {len(dataset.pairs)} pairs, "
         f"{dataset.samples_per_epoch()} {'packed sequences' if d.packing else 'samples'} per epoch "
         f"of <= {d.seq_length} tokens, {dataset.truncated} pair(s) truncated at the answer's end, "
         f"loss on {'prompt and answer' if d.train_on_prompt else 'answers only'}"
     )
-    return (dataset.micro_batch(idx) for idx in indices)
+    return _pinned(dataset.micro_batch(idx) for idx in indices)
+
+
+def _pinned(batches: Iterator[dict]) -> Iterator[dict]:
+    """On CUDA, page-locked batches, so forward_step's non_blocking copies really are async."""
+    if not torch.cuda.is_available():
+        return batches
+    return ({k: v.pin_memory() for k, v in b.items()} for b in batches)
 
 
 def _reduce_loss(losses: list[dict], layout: Layout) -> tuple[float, int]:
