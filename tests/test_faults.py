@@ -487,3 +487,18 @@ def test_evaluate_refuses_ambiguous_or_mistyped_predictions(tmp_path, capsys):
             == 2
         )
         one_error_line(capsys, *words)
+
+
+def test_generation_precision_flags(gpt2_models, capsys):
+    """--bf16 loads the weights in bf16 (on the GPU when there is one); --fp16 needs a GPU."""
+    from megatron_yuyuan.generation import HFGenerator
+
+    gen = HFGenerator(str(gpt2_models / "hf"), dtype=torch.bfloat16)
+    assert next(gen.model.parameters()).dtype == torch.bfloat16
+    assert gen.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    q = ["--question", "Is it ?", "--max-new-tokens", "4"]
+    assert generate(["--hf-dir", str(gpt2_models / "hf"), "--bf16", *q]) == 0
+    if not torch.cuda.is_available():
+        capsys.readouterr()
+        assert generate(["--hf-dir", str(gpt2_models / "hf"), "--fp16", *q]) == 2
+        one_error_line(capsys, "--fp16", "GPU")
