@@ -115,7 +115,12 @@ def plan(work: Path, iters: int) -> list[Step]:
 def summarize_training(path: Path, warmup: int) -> Optional[str]:
     if not path.is_file():
         return None
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a run killed mid-line
+            continue
     rows = [r for r in rows if "tokens_per_s" in r][warmup:]
     if not rows:
         return None
@@ -133,7 +138,9 @@ def loss_parity(work: Path) -> Optional[str]:
     try:
         gpu = [json.loads(x)["loss"] for x in (work / "gpu.jsonl").read_text().splitlines()]
         cpu = [json.loads(x)["loss"] for x in (work / "cpu.jsonl").read_text().splitlines()]
-    except (FileNotFoundError, KeyError):
+    except (FileNotFoundError, KeyError, json.JSONDecodeError):
+        return None
+    if not gpu or not cpu:
         return None
     worst = max(abs(a - b) / abs(b) for a, b in zip(gpu, cpu))
     ok = len(gpu) == len(cpu) == 6 and worst < 1e-4
@@ -202,6 +209,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"== {i}/{len(steps)} {s.name}", flush=True)
         start = time.perf_counter()
         log = work / f"step{i}.log"
+        if "--metrics-file" in s.cmd:  # this script's own file from an earlier run: start anew
+            Path(s.cmd[s.cmd.index("--metrics-file") + 1]).unlink(missing_ok=True)
         try:
             proc = subprocess.run(
                 s.cmd,
@@ -214,7 +223,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             )
             out, rc = proc.stdout, proc.returncode
         except subprocess.TimeoutExpired as exc:
-            out, rc = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else "", 124
+            out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else exc.stdout or ""
+            rc = 124
         log.write_text(out)
         seconds = time.perf_counter() - start
         tail = [ln for ln in out.splitlines() if ln.strip()][-12:]

@@ -334,6 +334,12 @@ def generate_file(
 ) -> Optional[Path]:
     """Answer every question of a JSONL file; rank 0 writes the predictions (atomically)."""
     rows = read_questions(input_path)[:limit]
+    # Every rank checks every prompt before anything is generated: a too-long question fails
+    # the same way on all ranks (no rank left waiting in a collective), and at once.
+    tok = generator.tokenizer
+    check_prompt_lengths(
+        tok.encode_batch([format_prompt(r["question"]) for r in rows]), generator.max_positions
+    )
     layout = generator.layout
     dp, dp_rank = (layout.dp, layout.dp_rank) if layout else (1, 0)
     mine = rows[dp_rank::dp]  # data-parallel ranks split the questions

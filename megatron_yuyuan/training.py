@@ -44,6 +44,11 @@ from megatron_yuyuan.parallel import Layout
 from megatron_yuyuan.training_checkpoint import load_training_checkpoint, save_training_checkpoint
 
 
+MAX_SKIPPED_IN_A_ROW = 30
+"""fp16: a loss scale that halves every other skipped step reaches its floor from 2^12 in ~26
+steps; more skips in a row mean NaNs that no scale fixes."""
+
+
 def loss_func(loss_mask: torch.Tensor, losses: torch.Tensor):
     """Sum the per-token losses under the mask, for megatron's schedules.
 
@@ -87,6 +92,8 @@ class TrainState:
     iteration: int = 0
     consumed_samples: int = 0
     """Training samples read so far: where the data stream continues."""
+    skipped_in_a_row: int = 0
+    """fp16 steps skipped for overflow since the last good one."""
 
 
 def device() -> torch.device:
@@ -300,6 +307,13 @@ def train_step(
         raise TrainingError(
             f"iteration {state.iteration + 1}: the gradient norm is {grad_norm}; stopping "
             f"(nothing saved). Lower --lr or set --clip-grad, or resume from the last checkpoint"
+        )
+    state.skipped_in_a_row = 0 if ok else state.skipped_in_a_row + 1
+    if state.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+        raise TrainingError(
+            f"iteration {state.iteration + 1}: {MAX_SKIPPED_IN_A_ROW} steps in a row skipped for "
+            f"inf/NaN gradients (loss {loss}) although the loss scale fell to "
+            f"{float(state.optimizer.get_loss_scale()):g}: the data or the model is broken"
         )
     if ok:
         state.scheduler.step(increment=1)

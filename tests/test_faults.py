@@ -415,7 +415,7 @@ def test_runs_never_overwrite_another_runs_files(trained, sample_dataset, tmp_pa
     data = Path(f"{sample_dataset}_train.jsonl")
     kept = data.read_bytes()
     assert finetune([*TINY, "--train-iters", "2", "--metrics-file", str(data)]) == 2
-    one_error_line(capsys, "--metrics-file", "not a metrics file")
+    one_error_line(capsys, "--metrics-file", "does not resume")
     assert tree(trained) == before and data.read_bytes() == kept
     args = ["--config", "tiny", "--vocab-size", "50257", "--train-iters", "1"]
     assert finetune([*args, "--data-prefix", str(data)]) == 2
@@ -502,3 +502,41 @@ def test_generation_precision_flags(gpt2_models, capsys):
         capsys.readouterr()
         assert generate(["--hf-dir", str(gpt2_models / "hf"), "--fp16", *q]) == 2
         one_error_line(capsys, "--fp16", "GPU")
+
+
+def test_review_findings_stay_fixed(trained, gpt2_models, tmp_path, capsys):
+    # an export never replaces a file of the user's that happens to share a name with its own
+    out = tmp_path / "hf"
+    assert to_hf(["--load", str(trained), "--out", str(out)]) == 0
+    assert not (out / "tokenizer.json").exists()  # tiny vocabulary: no tokenizer files exported
+    (out / "tokenizer.json").write_text("my tokenizer")
+    capsys.readouterr()
+    tok = gpt2_models / "hf"  # a real tokenizer folder: this export would write tokenizer.json
+    assert to_hf(["--load", str(trained), "--out", str(out), "--tokenizer", str(tok)]) == 2
+    one_error_line(capsys, "tokenizer.json", "would replace")
+    assert (out / "tokenizer.json").read_text() == "my tokenizer"
+    (out / "megatron_yuyuan_export.json").write_text("{not json")
+    assert to_hf(["--load", str(trained), "--out", str(out)]) == 2
+    one_error_line(capsys, "megatron_yuyuan_export.json", "corrupt")
+    assert (
+        to_hf(["--load", str(trained), "--out", str(tmp_path / "o2"), "--tokenizer", str(tmp_path)])
+        == 2
+    )
+    one_error_line(capsys, "--tokenizer", "no tokenizer there")
+    # --finetune from a run into that same run would restart it at 0 over its checkpoints
+    before = tree(trained)
+    args = [*TINY, "--train-iters", "2", "--load", str(trained), "--save", str(trained)]
+    assert finetune([*args, "--finetune"]) == 2
+    one_error_line(capsys, "--save", "--finetune")
+    assert tree(trained) == before
+    # a question too long for the model, second in the file: refused before generating anything
+    questions = tmp_path / "q.jsonl"
+    long_q = "What is " + "very " * 40 + "glaucoma ?"
+    questions.write_text(
+        json.dumps({"question": "Is it ?"}) + "\n" + json.dumps({"question": long_q}) + "\n"
+    )
+    preds = tmp_path / "p.jsonl"
+    argv = ["--hf-dir", str(gpt2_models / "hf"), "--input", str(questions), "--output", str(preds)]
+    assert generate(argv) == 2
+    one_error_line(capsys, "shorten")
+    assert not preds.exists()

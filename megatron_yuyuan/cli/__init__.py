@@ -11,6 +11,7 @@ import argparse
 import errno
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -128,9 +129,10 @@ def _directory_problem(path: Path) -> Optional[str]:
         return f"{path} is a file, not a directory"
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write_probe.{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        # a unique name: ranks on several nodes may share a PID and this folder
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".write_probe.")
+        os.close(fd)
+        os.unlink(probe)
     except OSError as exc:
         if exc.errno in (errno.EEXIST, errno.ENOTDIR):  # a file sits where a folder must be
             return "a component of the path is a file, not a directory"

@@ -43,7 +43,12 @@ def check_config(cfg: RunConfig, world_size: int) -> None:
     if d.data_prefix is not None:
         splits = ["train"] + (["valid"] if t.eval_interval or t.eval_bleu_samples else [])
         check_dataset(d.data_prefix, cfg.model.vocab_size, splits)
-    if t.load and not has_checkpoint(t.load) and t.load != t.save and not t.pretrained_checkpoint:
+    if (
+        t.load
+        and not has_checkpoint(t.load)
+        and not same_run(t.load, t.save)
+        and not (t.pretrained_checkpoint)
+    ):
         raise ConfigError(
             f"--load {t.load}: no checkpoint there (give --pretrained-checkpoint to "
             f"start from other weights, or --load equal to --save for a new run)"
@@ -55,25 +60,40 @@ def check_config(cfg: RunConfig, world_size: int) -> None:
         elif path and path == t.pretrained_checkpoint:
             raise ConfigError(f"--pretrained-checkpoint {path}: no checkpoint there")
     # Outputs: found unwritable now, not after hours of training, and never over another run.
+    resuming = bool(t.load and has_checkpoint(t.load) and not t.finetune)
     if t.save:
-        if holds_checkpoints(t.save) and not (t.load and Path(t.load) == Path(t.save)):
+        if holds_checkpoints(t.save) and not (resuming and same_run(t.load, t.save)):
             raise ConfigError(
                 f"--save {t.save}: already holds checkpoints of another run, which this run "
-                f"would overwrite; resume it with --load {t.save}, or choose a new directory"
+                f"would overwrite (--finetune restarts at iteration 0); resume it with "
+                f"--load {t.save}, or choose a new directory"
             )
         check_writable_dir(t.save, "--save")
     if t.metrics_file:
         check_writable_file(t.metrics_file, "--metrics-file")
-        check_metrics_file(Path(t.metrics_file))
+        check_metrics_file(Path(t.metrics_file), resuming)
     if t.tensorboard_dir:
         check_writable_dir(t.tensorboard_dir, "--tensorboard-dir")
 
 
-def check_metrics_file(path: Path) -> None:
-    """An existing --metrics-file must be a metrics file (a resumed run appends to it), not some
-    other file the run would append rows to."""
+def same_run(load: Optional[str], save: Optional[str]) -> bool:
+    """Whether --load names --save's run: the same folder, or one of its ``iter_N`` folders."""
+    if not load or not save:
+        return False
+    loaded, saved = Path(load).resolve(), Path(save).resolve()
+    return loaded == saved or (loaded.parent == saved and loaded.name.startswith("iter_"))
+
+
+def check_metrics_file(path: Path, resuming: bool) -> None:
+    """A run resumed from a checkpoint continues its metrics file; any other run needs a new
+    (or empty) one, so neither another run's history nor an unrelated file is touched."""
     if not path.is_file() or path.stat().st_size == 0:
         return
+    if not resuming:
+        raise ConfigError(
+            f"--metrics-file {path}: exists and this run does not resume from a checkpoint "
+            f"(--load); choose a new file so its rows are not lost"
+        )
     with path.open("rb") as f:
         first = f.readline()
     try:

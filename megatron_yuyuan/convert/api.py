@@ -141,6 +141,11 @@ def convert_legacy_to_megatron(
     check_target_layout(model_cfg, tp, pp)
     padded = model_cfg.padded_vocab_size(tp)
     emb = full["embedding.word_embeddings.weight"]
+    if emb.shape[0] < model_cfg.vocab_size:
+        raise ConversionError(
+            f"--vocab-size {model_cfg.vocab_size} exceeds the {emb.shape[0]} embedding rows of "
+            f"{mlm_dir}; give the tokenizer's true vocabulary size"
+        )
     repadded = emb.new_zeros((padded, emb.shape[1]))
     repadded[: model_cfg.vocab_size] = emb[: model_cfg.vocab_size]
     full["embedding.word_embeddings.weight"] = repadded
@@ -187,21 +192,39 @@ def check_hf_out_dir(out: Path, load: Path) -> None:
 
 
 def _publish_export(tmp: Path, out: Path) -> None:
-    """Move a complete export from ``tmp`` to ``out``. An earlier export there is replaced as a
-    whole; files a user added to it are kept (moved into the new one)."""
+    """Move a complete export from ``tmp`` to ``out``.
+
+    Into a new or empty ``out``: one rename. Over an earlier export: each new file replaces its
+    namesake (one rename each), files only the earlier export wrote are removed, and the marker
+    goes last. Files a user added there are never moved or deleted; one named like a new export
+    file stops the export before anything changes.
+    """
     if not out.exists() or not any(out.iterdir()):
         if out.exists():
             out.rmdir()  # empty
         tmp.rename(out)
         return
-    ours = set(json.loads((out / EXPORT_MARKER).read_text()).get("files", [])) | {EXPORT_MARKER}
-    for item in out.iterdir():
-        if item.name not in ours and not (tmp / item.name).exists():
-            item.rename(tmp / item.name)  # a user's file: keep it
-    old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old."))
-    out.rename(old / out.name)
-    tmp.rename(out)
-    shutil.rmtree(old)  # created above; holds only the files the earlier export wrote
+    marker = out / EXPORT_MARKER
+    try:
+        earlier = set(json.loads(marker.read_text(encoding="utf-8")).get("files", []))
+    except (ValueError, AttributeError) as exc:
+        raise checkpointing.CheckpointError(
+            f"--out {out}: {marker} is corrupt ({exc}); export to a new directory"
+        ) from exc
+    new = {p.name for p in tmp.iterdir()}
+    clash = sorted(n for n in new if (out / n).exists() and n not in earlier and n != EXPORT_MARKER)
+    if clash:
+        raise checkpointing.CheckpointError(
+            f"--out {out}: holds your own {', '.join(clash)}, which this export would replace; "
+            f"move them away or export to a new directory"
+        )
+    for name in sorted(new - {EXPORT_MARKER}):
+        os.replace(tmp / name, out / name)
+    for name in sorted(earlier - new):
+        if (out / name).is_file():
+            (out / name).unlink()  # a file the earlier export wrote (e.g. a stale shard)
+    os.replace(tmp / EXPORT_MARKER, marker)
+    tmp.rmdir()
 
 
 def convert_megatron_to_hf(

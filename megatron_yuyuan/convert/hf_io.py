@@ -67,7 +67,9 @@ def model_config_from_hf(hf_dir: Path) -> tuple[ModelConfig, torch.dtype]:
         raise HFFormatError(f"{path}: missing field {exc}") from exc
     except (ValueError, TypeError) as exc:
         raise HFFormatError(f"{path}: {exc}") from exc
-    dtype = getattr(torch, str(c.get("torch_dtype") or c.get("dtype") or "float32"))
+    dtype = getattr(torch, str(c.get("torch_dtype") or c.get("dtype") or "float32"), None)
+    if not isinstance(dtype, torch.dtype):  # e.g. "auto": no dtype named, convert as float32
+        dtype = torch.float32
     return model, dtype
 
 
@@ -237,15 +239,21 @@ def write_tokenizer_files(out_dir: Path, vocab_size: int, tokenizer_dir: Optiona
     from transformers import GPT2TokenizerFast
 
     if tokenizer_dir is not None:
-        for name in (
+        names = (
             "tokenizer.json",
             "vocab.json",
             "merges.txt",
             "tokenizer_config.json",
             "special_tokens_map.json",
-        ):
-            if (Path(tokenizer_dir) / name).is_file():
-                shutil.copy(Path(tokenizer_dir) / name, out_dir / name)
+        )
+        found = [n for n in names if (Path(tokenizer_dir) / n).is_file()]
+        if not ("tokenizer.json" in found or {"vocab.json", "merges.txt"} <= set(found)):
+            raise HFFormatError(
+                f"--tokenizer {tokenizer_dir}: no tokenizer there (needs tokenizer.json, or "
+                f"vocab.json + merges.txt)"
+            )
+        for name in found:
+            shutil.copy(Path(tokenizer_dir) / name, out_dir / name)
         return True
     if vocab_size != GPT2_VOCAB_SIZE:
         return False

@@ -112,6 +112,12 @@ def read_legacy_checkpoint(
         raise LegacyFormatError(f"{it_dir}: no mp_rank_*/model_optim_rng.pt files")
     pp = max(p for p, _ in ranks) + 1
     tp = max(t for _, t in ranks) + 1
+    missing = [(p, t) for p in range(pp) for t in range(tp) if (p, t) not in ranks]
+    if missing:
+        raise LegacyFormatError(
+            f"{it_dir}: missing shard folders for (pipeline, tensor) ranks {missing}: copy the "
+            f"whole checkpoint"
+        )
     first = _load(ranks[(0, 0)], trust_pickle)
     if "args" not in first or "model" not in first:
         raise LegacyFormatError(
