@@ -21,7 +21,7 @@ import dataclasses
 import os
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import yaml
@@ -162,6 +162,7 @@ def save_sharded(
     training_state: bool = False,
     layout: tuple[int, int, int] = (1, 1, 1),
     run_config: Optional[dict] = None,
+    extra_files: Optional[Callable[[Path], None]] = None,
 ) -> Path:
     """Save a sharded state dict as checkpoint ``iteration`` under ``save``.
 
@@ -182,6 +183,8 @@ def save_sharded(
             tmp,
             CheckpointInfo(model_cfg, dtype, padded_vocab_size, iteration, training_state, layout),
         )
+        if extra_files is not None:  # e.g. tokenizer files: inside before the rename, too
+            extra_files(tmp)
         if run_config is not None:
             (tmp / "run_config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
         if final.exists():

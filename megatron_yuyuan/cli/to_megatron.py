@@ -4,8 +4,9 @@
         --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 --verify
 
 The model config is read from config.json (or the Megatron-LM args); the result is what
-``megatron_yuyuan.finetune --load`` starts from, at this or any other TP/PP. ``--save`` must be a
-new or empty directory: a directory that holds checkpoints (e.g. a training run) is refused.
+``megatron_yuyuan.finetune --load`` starts from, at this or any other TP/PP. ``--save`` must hold
+no checkpoint yet: a directory with checkpoints (e.g. a training run) is refused, since the
+conversion's iteration 0 and ``latest`` pointer would replace them.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "--hf-dir", help="HF GPT-2 directory: config.json + safetensors or pytorch_model.bin"
     )
     src.add_argument("--megatron-lm-dir", help="legacy Megatron-LM checkpoint (iter_*/mp_rank_*/)")
-    p.add_argument("--save", required=True, help="output checkpoint directory (new or empty)")
+    p.add_argument(
+        "--save", required=True, help="output checkpoint directory (holding no checkpoint yet)"
+    )
     p.add_argument(
         "--tensor-model-parallel-size",
         type=positive_int,

@@ -58,6 +58,7 @@ def _fill_and_save(
     tensors: Iterable[tuple[str, Callable[[], torch.Tensor]]],
     save: Path,
     source: str,
+    extra_files: Optional[Callable[[Path], None]] = None,
 ) -> Path:
     """Place each named megatron-core tensor into the model's sharded state dict and save it.
 
@@ -94,7 +95,13 @@ def _fill_and_save(
             f"{' ...' if len(missing) > 8 else ''}"
         )
     return checkpointing.save_sharded(
-        save, sharded, model_cfg, iteration=0, padded_vocab_size=padded_vocab, dtype=dtype
+        save,
+        sharded,
+        model_cfg,
+        iteration=0,
+        padded_vocab_size=padded_vocab,
+        dtype=dtype,
+        extra_files=extra_files,
     )
 
 
@@ -120,11 +127,13 @@ def convert_hf_to_megatron(
             if out is not None:
                 yield out[0], (lambda t=out[1]: t)
 
-    final = _fill_and_save(model_cfg, dtype or src_dtype, padded, mapped(), Path(save), str(hf_dir))
-    if (hf_dir / "vocab.json").is_file() or (hf_dir / "tokenizer.json").is_file():
-        (final / TOKENIZER_SUBDIR).mkdir(exist_ok=True)
-        write_tokenizer_files(final / TOKENIZER_SUBDIR, model_cfg.vocab_size, hf_dir)
-    return final
+    def tokenizer(ckpt_dir: Path) -> None:  # the HF tokenizer travels with the checkpoint
+        if (hf_dir / "vocab.json").is_file() or (hf_dir / "tokenizer.json").is_file():
+            (ckpt_dir / TOKENIZER_SUBDIR).mkdir(exist_ok=True)
+            write_tokenizer_files(ckpt_dir / TOKENIZER_SUBDIR, model_cfg.vocab_size, hf_dir)
+
+    dtype = dtype or src_dtype
+    return _fill_and_save(model_cfg, dtype, padded, mapped(), Path(save), str(hf_dir), tokenizer)
 
 
 def convert_legacy_to_megatron(
