@@ -38,15 +38,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         cpu_compat.apply_if_no_cuda()
         from megatron_yuyuan.convert.api import convert_megatron_to_hf
-        from megatron_yuyuan.convert.verify import verify
+        from megatron_yuyuan.convert.verify import report_verify
 
         files = convert_megatron_to_hf(args.load, args.out, args.tokenizer)
         for f in files:
             print(f"> wrote {f}")
-        if args.verify:
-            parity, ok = verify(args.out, args.load, args.tolerance)
-            print(f"> {parity.line()} [{'OK' if ok else 'FAIL'}, tolerance {args.tolerance:g}]")
-            return 0 if ok else 1
-        return 0
+        return report_verify(args.out, args.load, args.tolerance) if args.verify else 0
 
     return run_cli(body)

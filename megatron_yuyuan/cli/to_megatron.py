@@ -67,7 +67,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cpu_compat.apply_if_no_cuda()
         from megatron_yuyuan.checkpointing import check_new_save_dir
         from megatron_yuyuan.convert.api import convert_hf_to_megatron, convert_legacy_to_megatron
-        from megatron_yuyuan.convert.verify import verify
+        from megatron_yuyuan.convert.verify import report_verify
 
         check_new_save_dir(args.save)
         if args.hf_dir and Path(args.save).resolve() == Path(args.hf_dir).resolve():
@@ -80,10 +80,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 args.megatron_lm_dir, args.save, tp, pp, args.vocab_size, args.trust_pickle
             )
         print(f"> wrote megatron-core checkpoint {out} (padded for TP={tp}; PP={pp} checked)")
-        if args.verify:
-            parity, ok = verify(args.hf_dir, args.save, args.tolerance)
-            print(f"> {parity.line()} [{'OK' if ok else 'FAIL'}, tolerance {args.tolerance:g}]")
-            return 0 if ok else 1
-        return 0
+        return report_verify(args.hf_dir, args.save, args.tolerance) if args.verify else 0
 
     return run_cli(body)

@@ -81,6 +81,13 @@ def verify(
     return parity, parity.max_abs_diff <= tolerance and parity.top1_agreement == 1.0
 
 
+def report_verify(hf_dir: str | Path, load: str | Path, tolerance: float) -> int:
+    """Run :func:`verify`, print its line, and return the CLI's exit status (1 on a mismatch)."""
+    parity, ok = verify(hf_dir, load, tolerance)
+    print(f"> {parity.line()} [{'OK' if ok else 'FAIL'}, tolerance {tolerance:g}]")
+    return 0 if ok else 1
+
+
 def main(argv=None) -> int:
     """``torchrun --nproc-per-node N -m megatron_yuyuan.convert.verify --hf-dir H --load C
     --tensor-model-parallel-size N``: logit parity with the megatron model split over N ranks."""
