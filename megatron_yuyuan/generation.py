@@ -46,6 +46,11 @@ class SamplingConfig:
     """Keep the smallest set of tokens whose probability reaches p (1.0: all)."""
     seed: int = 1234
     """Seed of the sampling generator."""
+    repetition_penalty: float = 1.0
+    """transformers' repetition penalty: logits of tokens already in the row (prompt and padding
+    included) are divided by it when positive, multiplied when negative (1.0: off)."""
+    no_repeat_ngram_size: int = 0
+    """Never repeat an n-gram of this size within the row, prompt included (0: off)."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -56,6 +61,39 @@ class SamplingConfig:
             raise UserError(f"--top-k must be >= 0 (0: no limit), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise UserError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if not self.repetition_penalty > 0:
+            raise UserError(f"--repetition-penalty must be > 0, got {self.repetition_penalty}")
+        if self.no_repeat_ngram_size < 0:
+            raise UserError(
+                f"--no-repeat-ngram-size must be >= 0 (0: off), got {self.no_repeat_ngram_size}"
+            )
+
+
+def apply_penalties(
+    logits: torch.Tensor, history: torch.Tensor, cfg: SamplingConfig
+) -> torch.Tensor:
+    """transformers' RepetitionPenaltyLogitsProcessor, then NoRepeatNGramLogitsProcessor, with
+    their exact semantics (so greedy tokens match ``transformers.generate``).
+
+    Args:
+        logits: next-token logits ``[b, V]``.
+        history: every token of each row so far ``[b, t]``, left padding included (as
+            transformers' ``input_ids``).
+    """
+    if cfg.repetition_penalty != 1.0:
+        seen = logits.gather(1, history)  # [b, t]
+        seen = torch.where(seen < 0, seen * cfg.repetition_penalty, seen / cfg.repetition_penalty)
+        logits = logits.scatter(1, history, seen)
+    n = cfg.no_repeat_ngram_size
+    if n > 0 and history.shape[1] >= n:
+        prefix = history[:, history.shape[1] + 1 - n :]  # [b, n-1]: what the next token extends
+        windows = history.unfold(1, n, 1)  # [b, t-n+1, n]
+        matches = (windows[..., :-1] == prefix.unsqueeze(1)).all(dim=-1)  # [b, t-n+1]
+        vocab = logits.shape[-1]
+        banned = torch.zeros(logits.shape[0], vocab + 1, dtype=torch.bool)  # spare column
+        banned.scatter_(1, torch.where(matches, windows[..., -1].clamp(max=vocab), vocab), True)
+        logits = logits.masked_fill(banned[:, :vocab], float("-inf"))
+    return logits
 
 
 def sample_next(
@@ -187,7 +225,8 @@ class MegatronGenerator:
             )
             nxt = torch.zeros(len(prompts), dtype=torch.long, device=self.device)
             if logits is not None:
-                nxt = sample_next(logits[:, -1].cpu(), cfg, gen).to(self.device)
+                last = apply_penalties(logits[:, -1].cpu(), tokens[:, :cur], cfg)  # [b, V]
+                nxt = sample_next(last, cfg, gen).to(self.device)
             nxt = parallel.broadcast_from_last_stage(nxt).cpu()
             nxt = torch.where(finished, torch.full_like(nxt, eos), nxt)
             tokens[:, cur], valid[:, cur] = nxt, True
@@ -286,6 +325,8 @@ class HFGenerator:
             eos_token_id=eos,
             pad_token_id=eos,
             use_cache=use_cache,
+            repetition_penalty=cfg.repetition_penalty,
+            no_repeat_ngram_size=cfg.no_repeat_ngram_size,
             **kwargs,
         )
         rows = out[:, longest:].tolist()

@@ -94,6 +94,27 @@ def test_greedy_matches_transformers_generate_on_the_export(models, megatron_gen
         assert megatron_generator.generate_ids([ids], cfg) == [expected]
 
 
+def test_repetition_controls_match_transformers_generate(models, megatron_generator):
+    """--repetition-penalty and --no-repeat-ngram-size: the same greedy tokens as transformers'
+    logits processors, and they do change what a looping model says."""
+    hf = HFGenerator(str(models / "export"))
+    ids = prompt_ids(megatron_generator)
+    plain = megatron_generator.generate_ids(ids, SamplingConfig(max_new_tokens=24))
+    for cfg in (
+        SamplingConfig(max_new_tokens=24, repetition_penalty=1.8),
+        SamplingConfig(max_new_tokens=24, no_repeat_ngram_size=2),
+        SamplingConfig(max_new_tokens=24, repetition_penalty=0.7, no_repeat_ngram_size=3),
+    ):
+        ours = megatron_generator.generate_ids(ids, cfg)
+        assert ours == hf.generate_ids(ids, cfg), cfg
+        assert ours != plain, cfg
+    cfg = SamplingConfig(max_new_tokens=24, no_repeat_ngram_size=2)
+    for row, prompt in zip(megatron_generator.generate_ids(ids, cfg), ids):
+        seq = list(prompt) + row
+        bigrams = list(zip(seq, seq[1:]))
+        assert len(bigrams) == len(set(bigrams)), "a bigram repeated"
+
+
 def test_kv_cache_equals_no_cache(megatron_generator):
     cfg = SamplingConfig(max_new_tokens=10)
     ids = prompt_ids(megatron_generator)

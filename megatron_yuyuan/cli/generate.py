@@ -46,6 +46,18 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=non_negative_int, default=0, help="0: no limit")
     p.add_argument("--top-p", type=probability, default=1.0)
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument(
+        "--repetition-penalty",
+        type=positive_float,
+        default=1.0,
+        help="transformers' repetition penalty (1.0: off; 1.2 is common)",
+    )
+    p.add_argument(
+        "--no-repeat-ngram-size",
+        type=non_negative_int,
+        default=0,
+        help="never repeat an n-gram of this size, prompt included (0: off)",
+    )
 
 
 def sampling_from_args(args):
@@ -58,6 +70,8 @@ def sampling_from_args(args):
         top_k=args.top_k,
         top_p=args.top_p,
         seed=args.seed,
+        repetition_penalty=args.repetition_penalty,
+        no_repeat_ngram_size=args.no_repeat_ngram_size,
     )
 
 
