@@ -14,6 +14,9 @@ Recipe (upstream never published its own):
 * **sentence**: mean of ``sentence_bleu`` over questions; **corpus**: ``corpus_bleu``;
 * sacreBLEU: ``sacrebleu.corpus_bleu`` with its default 13a tokeniser, divided by 100.
 
+Next to BLEU, ``report.json`` holds ``systems[NAME]["metrics"]``: ROUGE-1/2/L F1, chrF, length ratio
+and 4-gram repetition (:mod:`megatron_yuyuan.eval.metrics`).
+
 Writes ``report.md`` (rows = systems, columns = BLEU-1..4, one table per variant), ``report.json``,
 and ``bleu_by_qtype.png`` (sentence-average cumulative BLEU-4, smoothed, per question type).
 """
@@ -28,6 +31,7 @@ from pathlib import Path
 from typing import Sequence
 
 from megatron_yuyuan.errors import DataError, UserError
+from megatron_yuyuan.eval.metrics import answer_metrics
 from megatron_yuyuan.jsonl import read_jsonl, write_text_atomic
 from megatron_yuyuan.prompts import extract_answer
 
@@ -145,6 +149,8 @@ def evaluate(
             "unsmoothed": bleu_scores(ref_tok, hyp_tok, "method0"),
             "smoothed": bleu_scores(ref_tok, hyp_tok, smoothing),
             "sacrebleu": sacrebleu.corpus_bleu(hyps, [ref_text]).score / 100.0,
+            # ROUGE-1/2/L F1, chrF, length ratio, 4-gram repetition (see eval.metrics)
+            "metrics": answer_metrics(ref_text, hyps, ref_tok, hyp_tok),
             "by_qtype": {},
         }
         groups = defaultdict(list)
@@ -186,6 +192,19 @@ def render_markdown(report: dict) -> str:
                 out.append("")
     out += ["## sacreBLEU (corpus, 13a)", "", "| system | sacreBLEU |", "|---|---|"]
     out += [f"| {n} | {e['sacrebleu']:.4f} |" for n, e in report["systems"].items()]
+    out += [
+        "",
+        "## ROUGE F1 (rouge_score, no stemming), chrF (sacrebleu), length and repetition",
+        "",
+        "| system | ROUGE-1 | ROUGE-2 | ROUGE-L | chrF | length / reference | repeated 4-grams |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for n, e in report["systems"].items():
+        m = e["metrics"]
+        out.append(
+            f"| {n} | {m['rouge1']:.4f} | {m['rouge2']:.4f} | {m['rougeL']:.4f} | "
+            f"{m['chrf']:.4f} | {m['length_ratio']:.2f} | {m['repetition_4gram']:.3f} |"
+        )
     names = list(report["systems"])
     qtypes = sorted({q for e in report["systems"].values() for q in e["by_qtype"]})
     out += [

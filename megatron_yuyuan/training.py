@@ -43,7 +43,6 @@ from megatron_yuyuan.optim import build_optimizer, build_scheduler, seed_main_pa
 from megatron_yuyuan.parallel import Layout
 from megatron_yuyuan.training_checkpoint import load_training_checkpoint, save_training_checkpoint
 
-
 MAX_SKIPPED_IN_A_ROW = 30
 """fp16: a loss scale that halves every other skipped step reaches its floor from 2^12 in ~26
 steps; more skips in a row mean NaNs that no scale fixes."""
