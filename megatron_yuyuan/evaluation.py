@@ -32,7 +32,7 @@ from typing import Sequence
 
 from megatron_yuyuan.errors import DataError, UserError
 from megatron_yuyuan.eval.metrics import answer_metrics
-from megatron_yuyuan.jsonl import read_jsonl, write_text_atomic
+from megatron_yuyuan.files import read_jsonl, write_text_atomic
 from megatron_yuyuan.prompts import extract_answer
 
 _TOKEN = re.compile(r"\w+|[^\w\s]")

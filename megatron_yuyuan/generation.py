@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from megatron_yuyuan import parallel
 from megatron_yuyuan.errors import UserError
-from megatron_yuyuan.jsonl import read_jsonl, write_jsonl
+from megatron_yuyuan.files import read_jsonl, write_jsonl
 from megatron_yuyuan.prompts import answer_from_continuation, format_prompt
 from megatron_yuyuan.tokenizer import Tokenizer, load_tokenizer
 

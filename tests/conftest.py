@@ -74,6 +74,40 @@ def run_torchrun(nproc: int, args: list[str], tmp_path: Path, timeout: int = 300
     return read_metrics(metrics)
 
 
+def write_gpt2(
+    path: Path,
+    vocab: int = 50257,
+    positions: int = 64,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    peaked: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """A random ``transformers`` GPT-2 (seed 0) saved to ``path``, with GPT-2's tokenizer files when
+    the vocabulary is GPT-2's. ``peaked`` draws the matrices with std 0.3, so greedy answers vary
+    per prompt instead of repeating one token."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from megatron_yuyuan.convert.hf_io import write_tokenizer_files
+
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=vocab, n_positions=positions, n_embd=hidden, n_layer=layers, n_head=heads
+        )
+    )
+    if peaked:
+        with torch.no_grad():
+            for p in hf.parameters():
+                if p.dim() == 2:
+                    p.normal_(0, 0.3)
+    hf.to(dtype).save_pretrained(str(path))
+    if vocab == 50257:
+        write_tokenizer_files(Path(path), vocab, None)
+    return Path(path)
+
+
 @pytest.fixture
 def single_process_group():
     """A world of one gloo process with TP=PP=1, torn down afterwards."""

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, read_metrics
+from conftest import REPO, read_metrics, write_gpt2
 
 from checkpoints_convert.to_hf import main as to_hf
 from checkpoints_convert.to_megatron import main as to_megatron
@@ -65,17 +65,8 @@ def trained(tmp_path_factory):
 @pytest.fixture(scope="module")
 def gpt2_models(tmp_path_factory):
     """A tiny GPT-2-vocabulary HF model (32 positions) and its megatron-core conversion."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from megatron_yuyuan.convert.hf_io import write_tokenizer_files
-
     root = tmp_path_factory.mktemp("models")
-    torch.manual_seed(0)
-    hf = GPT2LMHeadModel(
-        GPT2Config(vocab_size=50257, n_positions=32, n_embd=32, n_layer=1, n_head=2)
-    )
-    hf.save_pretrained(str(root / "hf"))
-    write_tokenizer_files(root / "hf", 50257, None)
+    write_gpt2(root / "hf", positions=32, hidden=32, layers=1, heads=2)
     assert to_megatron(["--hf-dir", str(root / "hf"), "--save", str(root / "mc")]) == 0
     (root / "q.jsonl").write_text(json.dumps({"id": "1", "question": "What is glaucoma ?"}) + "\n")
     return root

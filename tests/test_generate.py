@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 import torch
-from conftest import TORCHRUN_ENV, torchrun_cmd
+from conftest import TORCHRUN_ENV, torchrun_cmd, write_gpt2
 
 from checkpoints_convert.to_hf import main as to_hf
 from checkpoints_convert.to_megatron import main as to_megatron
@@ -34,21 +34,8 @@ QUESTIONS = [
 def models(tmp_path_factory):
     """A tiny GPT-2-vocabulary model with peaked logits (so greedy tokens vary), converted to a
     megatron checkpoint padded for TP=2, and exported back to HF from that checkpoint."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from megatron_yuyuan.convert.hf_io import write_tokenizer_files
-
     root = tmp_path_factory.mktemp("gen")
-    torch.manual_seed(0)
-    hf = GPT2LMHeadModel(
-        GPT2Config(vocab_size=50257, n_positions=128, n_embd=64, n_layer=2, n_head=4)
-    )
-    with torch.no_grad():
-        for p in hf.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.3)
-    hf.save_pretrained(str(root / "src"))
-    write_tokenizer_files(root / "src", 50257, None)
+    write_gpt2(root / "src", positions=128, peaked=True)
     assert (
         to_megatron(
             [

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, read_metrics
+from conftest import REPO, read_metrics, write_gpt2
 
 from megatron_yuyuan.finetune import main as finetune
 
@@ -63,20 +63,7 @@ def test_fp16_trains_from_the_first_step(tmp_path):
 def test_convert_and_generate_in_fresh_processes_on_cuda(tmp_path):
     """No training RNG setup, megatron's explicit CUDA device: converters and generators still
     build, and both generators answer identically on the GPU."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from megatron_yuyuan.convert.hf_io import write_tokenizer_files
-
-    torch.manual_seed(0)
-    hf = GPT2LMHeadModel(
-        GPT2Config(vocab_size=50257, n_positions=64, n_embd=64, n_layer=2, n_head=4)
-    )
-    with torch.no_grad():
-        for p in hf.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.3)
-    hf.save_pretrained(str(tmp_path / "hf"))
-    write_tokenizer_files(tmp_path / "hf", 50257, None)
+    write_gpt2(tmp_path / "hf", peaked=True)
 
     def run(*args):
         proc = subprocess.run(
@@ -125,18 +112,12 @@ def test_main_weights_are_seeded_from_the_checkpoint_dtype():
 @pytest.mark.cuda
 @pytest.mark.parametrize("distopt", [False, True], ids=["float16-optimizer", "distributed"])
 def test_bf16_finetune_from_fp16_weights_keeps_their_precision(tmp_path, distopt):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     from checkpoints_convert.to_megatron import main as to_megatron
     from megatron_yuyuan import checkpointing, training
     from megatron_yuyuan.config import RunConfig
     from megatron_yuyuan.parallel import destroy_distributed
 
-    torch.manual_seed(0)
-    hf = GPT2LMHeadModel(
-        GPT2Config(vocab_size=1100, n_positions=64, n_embd=64, n_layer=2, n_head=4)
-    )
-    hf.half().save_pretrained(str(tmp_path / "hf"))
+    write_gpt2(tmp_path / "hf", vocab=1100, dtype=torch.float16)
     assert to_megatron(["--hf-dir", str(tmp_path / "hf"), "--save", str(tmp_path / "mc")]) == 0
     cfg = RunConfig.from_dict(
         {

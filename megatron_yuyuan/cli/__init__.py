@@ -11,11 +11,11 @@ import argparse
 import errno
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Callable, Optional
 
 from megatron_yuyuan.errors import UserError
+from megatron_yuyuan.files import directory_problem
 
 
 def _rank() -> int:
@@ -106,7 +106,7 @@ def check_writable_file(path: str | Path, flag: str) -> Path:
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{flag} {path}: is a directory; give a file path")
-    problem = _directory_problem(path.parent)
+    problem = directory_problem(path.parent)
     if problem:
         raise UserError(f"{flag} {path}: cannot write there ({problem})")
     return path
@@ -117,24 +117,7 @@ def check_writable_dir(path: str | Path, flag: str) -> Path:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise UserError(f"{flag} {path}: is a file; give a directory")
-    problem = _directory_problem(path)
+    problem = directory_problem(path)
     if problem:
         raise UserError(f"{flag} {path}: cannot write there ({problem})")
     return path
-
-
-def _directory_problem(path: Path) -> Optional[str]:
-    """Why files cannot be created in ``path`` (made if missing), or None when they can."""
-    if path.exists() and not path.is_dir():
-        return f"{path} is a file, not a directory"
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        # a unique name: ranks on several nodes may share a PID and this folder
-        fd, probe = tempfile.mkstemp(dir=path, prefix=".write_probe.")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        if exc.errno in (errno.EEXIST, errno.ENOTDIR):  # a file sits where a folder must be
-            return "a component of the path is a file, not a directory"
-        return describe_os_error(exc)
-    return None

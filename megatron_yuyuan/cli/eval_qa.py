@@ -45,8 +45,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     def body() -> int:
         from megatron_yuyuan.evaluation import evaluate, print_summary, smoothing_function
+        from megatron_yuyuan.files import read_jsonl, write_jsonl
         from megatron_yuyuan.generation import generate_file
-        from megatron_yuyuan.jsonl import read_jsonl, write_jsonl
 
         name = args.name or Path(args.load or args.hf_dir).name
         if not re.fullmatch(r"[\w.+-]+", name):

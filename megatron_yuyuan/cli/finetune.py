@@ -150,8 +150,8 @@ def score_validation_answers(result, out_dir: Path) -> None:
     (still in memory, at its TP/PP layout) and write their BLEU report."""
     from megatron_yuyuan.data.indexed import read_meta
     from megatron_yuyuan.evaluation import evaluate, print_summary
+    from megatron_yuyuan.files import read_jsonl, write_jsonl
     from megatron_yuyuan.generation import MegatronGenerator, SamplingConfig, generate_file
-    from megatron_yuyuan.jsonl import read_jsonl, write_jsonl
     from megatron_yuyuan.tokenizer import load_tokenizer
     from megatron_yuyuan.training import unwrap
 

@@ -34,7 +34,7 @@ from megatron_yuyuan.convert.weight_map import (
     mcore_to_hf,
 )
 from megatron_yuyuan.errors import ConversionError
-from megatron_yuyuan.jsonl import default_file_mode
+from megatron_yuyuan.files import default_file_mode, read_json_object
 from megatron_yuyuan.model import build_model
 
 TOKENIZER_SUBDIR = "tokenizer"
@@ -214,12 +214,8 @@ def _publish_export(tmp: Path, out: Path) -> None:
         tmp.rename(out)
         return
     marker = out / EXPORT_MARKER
-    try:
-        earlier = set(json.loads(marker.read_text(encoding="utf-8")).get("files", []))
-    except (ValueError, AttributeError) as exc:
-        raise checkpointing.CheckpointError(
-            f"--out {out}: {marker} is corrupt ({exc}); export to a new directory"
-        ) from exc
+    advice = "it is corrupt: export to a new directory"
+    earlier = set(read_json_object(marker, advice, checkpointing.CheckpointError).get("files", []))
     new = {p.name for p in tmp.iterdir()}
     clash = sorted(n for n in new if (out / n).exists() and n not in earlier and n != EXPORT_MARKER)
     if clash:

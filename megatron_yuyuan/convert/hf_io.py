@@ -12,6 +12,7 @@ import torch
 
 from megatron_yuyuan.config import ModelConfig
 from megatron_yuyuan.errors import UserError
+from megatron_yuyuan.files import read_json_object
 from megatron_yuyuan.tokenizer import GPT2_VOCAB_SIZE, gpt2_bpe_files
 
 _TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
@@ -27,12 +28,7 @@ def model_config_from_hf(hf_dir: Path) -> tuple[ModelConfig, torch.dtype]:
     path = Path(hf_dir) / "config.json"
     if not path.is_file():
         raise HFFormatError(f"{path} not found: --hf-dir must hold an HF GPT-2 model directory")
-    try:
-        c = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise HFFormatError(f"{path}: not valid JSON ({exc}); fix or re-download it") from exc
-    if not isinstance(c, dict):
-        raise HFFormatError(f"{path}: expected a JSON object of GPT-2 settings")
+    c = read_json_object(path, "fix or re-download the GPT-2 config.json", HFFormatError)
     if c.get("model_type") not in ("gpt2", None):
         raise HFFormatError(f"{path}: model_type {c.get('model_type')!r} is not gpt2")
     act = c.get("activation_function", "gelu_new")

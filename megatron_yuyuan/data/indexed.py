@@ -14,7 +14,6 @@ reports instead of mixing two runs' splits.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ import numpy as np
 from megatron.core.datasets.indexed_dataset import DType, IndexedDataset, IndexedDatasetBuilder
 
 from megatron_yuyuan.errors import DataError
+from megatron_yuyuan.files import read_json_object
 
 SPLITS = ("train", "valid", "test")
 
@@ -186,10 +186,4 @@ def read_meta(prefix: str | Path) -> dict:
             f"{path} not found: it is written by tools.preprocess_medquad next to the "
             f"{prefix}_{{train,valid,test}} files (rerun it)"
         )
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"{path}: not valid JSON ({exc}); rerun tools.preprocess_medquad") from exc
-    if not isinstance(meta, dict):
-        raise DataError(f"{path}: expected a JSON object; rerun tools.preprocess_medquad")
-    return meta
+    return read_json_object(path, "rerun tools.preprocess_medquad")

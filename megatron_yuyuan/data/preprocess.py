@@ -34,6 +34,7 @@ from megatron_yuyuan.data.medquad import (
 )
 from megatron_yuyuan.data.workers import ChunkResult, init_worker, process_files
 from megatron_yuyuan.errors import UserError
+from megatron_yuyuan.files import directory_problem
 from megatron_yuyuan.prompts import PROMPT_TEMPLATE
 from megatron_yuyuan.tokenizer import load_tokenizer
 
@@ -241,16 +242,11 @@ def default_split_size(pairs: int) -> int:
 
 def check_output_dir(folder: Path) -> None:
     """Create the output directory and check that it takes files, before any parsing."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = tmp_name(folder / "write-probe")
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
+    problem = directory_problem(folder)
+    if problem:
         raise UserError(
-            f"--output-prefix: cannot write in {folder} ({reason}); choose a writable directory"
-        ) from exc
+            f"--output-prefix: cannot write in {folder} ({problem}); choose a writable directory"
+        )
 
 
 def remove_stale_temporaries(prefix: Path) -> list[Path]:

@@ -1,15 +1,49 @@
-"""JSON-lines files (questions, references, predictions): strict reading with errors that name the
-file and line, and atomic writing."""
+"""Reading and writing the user's files safely: strict JSON / JSON-lines reading with errors that
+name the file (and line), atomic writes with the umask's file mode, and writable-folder checks."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 from megatron_yuyuan.errors import DataError
+
+
+def read_json_object(path: str | Path, advice: str, error: type = DataError) -> dict:
+    """A JSON file holding one object; otherwise ``error`` naming the file, ending with ``advice``."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise error(f"{path}: not valid JSON ({exc}); {advice}") from exc
+    if not isinstance(value, dict):
+        raise error(f"{path}: expected a JSON object; {advice}")
+    return value
+
+
+def directory_problem(path: str | Path) -> Optional[str]:
+    """Why files cannot be created in ``path`` (made if missing), or None when they can.
+
+    Probes with a uniquely named temporary file: ranks on several nodes may share a PID and the
+    folder."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        return f"{path} is a file, not a directory"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".write_probe.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        if exc.errno in (errno.EEXIST, errno.ENOTDIR):  # a file sits where a folder must be
+            return "a component of the path is a file, not a directory"
+        reason = exc.strerror or str(exc)
+        return f"{exc.filename}: {reason}" if exc.filename else reason
+    return None
 
 
 def read_jsonl(path: str | Path, required: Sequence[str] = ()) -> list[dict]:
