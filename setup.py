@@ -1,4 +1,5 @@
 """Bare setuptools shim; all metadata lives in pyproject.toml."""
+
 from setuptools import setup
 
 setup()

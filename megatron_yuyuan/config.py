@@ -231,6 +231,10 @@ class TrainConfig:
     """After training, answer this many validation questions and print their BLEU table."""
     eval_max_new_tokens: int = 64
     """Generation length for --eval-bleu-samples."""
+    eval_repetition_penalty: float = 1.0
+    """Repetition penalty for --eval-bleu-samples (transformers' semantics; 1.0: off)."""
+    eval_no_repeat_ngram_size: int = 0
+    """Never repeat an n-gram of this size in --eval-bleu-samples answers (0: off)."""
     log_interval: int = 1
     """Print a Megatron-style log line every this many steps."""
     metrics_file: Optional[str] = None
@@ -252,6 +256,16 @@ class TrainConfig:
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_no_repeat_ngram_size < 0:
+            raise ConfigError(
+                f"train.eval_no_repeat_ngram_size must be >= 0 (0: off), "
+                f"got {self.eval_no_repeat_ngram_size}"
+            )
+        if not self.eval_repetition_penalty > 0:
+            raise ConfigError(
+                f"train.eval_repetition_penalty must be > 0 (1.0: off), "
+                f"got {self.eval_repetition_penalty}"
+            )
         for name in ("save_interval", "eval_interval"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")

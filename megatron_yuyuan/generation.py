@@ -346,7 +346,10 @@ def answer_questions(
     batches = range(0, len(questions), batch_size)
     for i in tqdm(batches, desc="generate", unit="batch", disable=not progress, file=sys.stderr):
         chunk = questions[i : i + batch_size]
-        ids = generator.generate_ids(tok.encode_batch([format_prompt(q) for q in chunk]), cfg)
+        prompts = tok.encode_batch([format_prompt(q) for q in chunk])
+        ids = generator.generate_ids(prompts, cfg)
+        # both generators stop at this budget (see check_prompt_lengths) or before it, at EOS
+        budget = min(cfg.max_new_tokens, generator.max_positions - max(map(len, prompts)))
         for q, new in zip(chunk, ids):
             text = tok.decode(new)
             out.append(
@@ -355,6 +358,8 @@ def answer_questions(
                     "prediction": answer_from_continuation(text),
                     "generation": text,
                     "new_tokens": len(new),
+                    # the ids stop before EOS: fewer than the budget means it ended at EOS
+                    "finish_reason": "eos" if len(new) < budget else "length",
                 }
             )
     return out

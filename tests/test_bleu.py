@@ -9,8 +9,8 @@ import pytest
 import sacrebleu
 from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu, sentence_bleu
 
+from megatron_yuyuan.eval.scoring import EvalOptions, evaluate
 from megatron_yuyuan.evaluate import main
-from megatron_yuyuan.evaluation import evaluate
 from megatron_yuyuan.prompts import answer_from_continuation, extract_answer
 
 REFS = [
@@ -56,7 +56,9 @@ def files(tmp_path):
 @pytest.mark.parametrize("smoothing", ["method1", "method4", "method7"])
 def test_every_variant_equals_direct_nltk(files, tmp_path, smoothing):
     refs, preds, gens = files
-    report = evaluate(refs, {"ours": preds, "gen": gens}, tmp_path / "out", smoothing)
+    report = evaluate(
+        refs, {"ours": preds, "gen": gens}, tmp_path / "out", EvalOptions(smoothing=smoothing)
+    )
     r = [recipe_tokens(x["answer"]) for x in REFS]
     h = [recipe_tokens(PREDS[x["id"]]) for x in REFS]
     for system in ("ours", "gen"):
@@ -90,8 +92,8 @@ def test_report_files_and_cli(files, tmp_path, capsys):
         main(["--references", str(refs), "--predictions", f"ours={preds}", "--out", str(out)]) == 0
     )
     md = (out / "report.md").read_text()
-    assert "## Sentence-average cumulative BLEU, unsmoothed" in md
-    assert "## Corpus-level individual BLEU, smoothed (method1)" in md
+    assert "## BLEU, sentence-average cumulative, unsmoothed" in md
+    assert "### Corpus-level individual BLEU, smoothed (method1)" in md
     assert "| ours |" in md and "By question type" in md
     assert (out / "bleu_by_qtype.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((out / "report.json").read_text())["questions"] == 4
@@ -153,27 +155,3 @@ def test_answer_from_continuation():
     assert answer_from_continuation(" Rest and fluids.<|endoftext|> junk") == "Rest and fluids."
     assert answer_from_continuation(" no eos") == "no eos"
     assert answer_from_continuation("") == ""
-
-
-def test_answer_metrics_equal_their_reference_libraries():
-    import sacrebleu
-    from rouge_score import rouge_scorer
-
-    from megatron_yuyuan.eval.metrics import answer_metrics
-    from megatron_yuyuan.evaluation import tokenize
-
-    refs = ["Glaucoma is a group of eye diseases.", "It is inherited in an autosomal pattern."]
-    hyps = ["Glaucoma is an eye disease of the eye.", "It is not inherited."]
-    got = answer_metrics(refs, hyps, [tokenize(r) for r in refs], [tokenize(h) for h in hyps])
-    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=False)
-    for key in ("rouge1", "rouge2", "rougeL"):
-        want = sum(scorer.score(r, h)[key].fmeasure for r, h in zip(refs, hyps)) / 2
-        assert got[key] == pytest.approx(want, abs=1e-9)
-    assert got["chrf"] == pytest.approx(sacrebleu.corpus_chrf(hyps, [refs]).score / 100, abs=1e-9)
-    assert got["length_ratio"] == pytest.approx((9 + 5) / (8 + 8))  # BLEU-recipe tokens
-    perfect = answer_metrics(refs, refs, [tokenize(r) for r in refs], [tokenize(r) for r in refs])
-    assert all(perfect[k] == pytest.approx(1.0) for k in ("rouge1", "rouge2", "rougeL", "chrf"))
-    assert perfect["length_ratio"] == 1.0 and perfect["repetition_4gram"] == 0.0
-    loop = "the signs and symptoms of the signs and symptoms of the signs"
-    looped = answer_metrics([refs[0]], [loop], [tokenize(refs[0])], [tokenize(loop)])
-    assert looped["repetition_4gram"] == pytest.approx(1 - 5 / 9)  # 9 4-grams, 5 distinct

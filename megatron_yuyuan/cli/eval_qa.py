@@ -4,9 +4,10 @@
         --references runs/data/medquad_test.jsonl --out runs/eval --name yuyuan-qa
     python -m megatron_yuyuan.eval_qa --hf-dir hf/yuyuan-qa --references ... --out runs/eval --name hf
 
-Writes ``OUT/predictions_NAME.jsonl`` and the BLEU report (``OUT/report.md``, ``report.json``,
-``bleu_by_qtype.png``) over every predictions file already in OUT, so successive runs of several
-systems build one side-by-side table.
+Writes ``OUT/predictions_NAME.jsonl`` and the report (``OUT/report.md``, ``report.json``,
+``examples.md``, ``bleu_by_qtype.png``; see ``python -m megatron_yuyuan.evaluate``) over every
+predictions file already in OUT, so successive runs of several systems build one side-by-side
+table. ``--train-data PREFIX_train.jsonl`` adds the retrieval and echo baselines.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from megatron_yuyuan.cli import ArgumentParser, check_writable_dir, positive_int, run_cli
-from megatron_yuyuan.cli.evaluate import REPORT_FILES
+from megatron_yuyuan.cli.evaluate import add_eval_arguments, eval_options_from_args
 from megatron_yuyuan.cli.generate import (
     add_model_arguments,
     add_sampling_arguments,
@@ -39,12 +40,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "--name", default=None, help="system name in the report (default: from the path)"
     )
     p.add_argument("--limit", type=positive_int, default=None, help="score the first N questions")
-    p.add_argument("--smoothing", default="method1", help="nltk SmoothingFunction method")
     add_sampling_arguments(p)
+    add_eval_arguments(p)
     args = p.parse_args(argv)
 
     def body() -> int:
-        from megatron_yuyuan.evaluation import evaluate, print_summary, smoothing_function
+        from megatron_yuyuan.eval.report import print_summary
+        from megatron_yuyuan.eval.scoring import REPORT_FILES, evaluate
         from megatron_yuyuan.files import read_jsonl, write_jsonl
         from megatron_yuyuan.generation import generate_file
 
@@ -56,7 +58,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         refs = read_jsonl(refs_path, required=("question", "answer"))[: args.limit]
         if not refs:
             raise UserError(f"--references {refs_path}: no rows")
-        smoothing_function(args.smoothing)
+        opts = eval_options_from_args(args)
         out = check_writable_dir(args.out, "--out")
         written = generate_file(
             generator_from_args(args),
@@ -77,9 +79,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             for f in sorted(out.glob("predictions_*.jsonl"))
             if len(read_jsonl(f)) == len(refs)
         }
-        report = evaluate(scored_refs, systems, out, args.smoothing)
+        report = evaluate(scored_refs, systems, out, opts)
         print_summary(report)
-        for f in REPORT_FILES:
+        for f in [f"baseline_{b}.jsonl" for b in opts.baselines] + list(REPORT_FILES):
             print(f"> wrote {out / f}")
         return 0
 

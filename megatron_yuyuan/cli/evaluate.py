@@ -1,20 +1,23 @@
-"""Score prediction files of several systems against the same references: the BLEU report.
+"""Score prediction files of several systems against the same references, next to baselines.
 
     python -m megatron_yuyuan.evaluate --references data/medquad_test.jsonl \\
-        --predictions ours=runs/eval/pred.jsonl hf=runs/eval/pred_hf.jsonl --out runs/eval/report
+        --predictions ours=runs/eval/pred.jsonl hf=runs/eval/pred_hf.jsonl \\
+        --train-data data/medquad_train.jsonl --baselines retrieval,echo --out runs/eval/report
 
-The recipe is documented in :mod:`megatron_yuyuan.evaluation`.
+Writes ``report.md`` (BLEU-1..4 smoothed and unsmoothed, ROUGE-1/2/L, chrF, length, EOS and
+repetition, each with a 95% paired-bootstrap interval and significance against the first
+baseline), ``report.json``, ``examples.md`` and ``bleu_by_qtype.png``. The recipe is documented in
+:mod:`megatron_yuyuan.eval`.
 """
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 from typing import Optional, Sequence
 
 from megatron_yuyuan.cli import ArgumentParser, check_writable_dir, run_cli
 from megatron_yuyuan.errors import UserError
-
-REPORT_FILES = ("report.md", "report.json", "bleu_by_qtype.png")
 
 
 def parse_systems(specs: Sequence[str]) -> dict[str, Path]:
@@ -32,6 +35,53 @@ def parse_systems(specs: Sequence[str]) -> dict[str, Path]:
     return systems
 
 
+def add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    """The scoring flags shared by ``evaluate`` and ``eval_qa``."""
+    g = p.add_argument_group("scoring")
+    g.add_argument("--smoothing", default="method1", help="nltk SmoothingFunction method")
+    g.add_argument(
+        "--train-data", default=None, help="training split JSONL for the retrieval baseline"
+    )
+    g.add_argument(
+        "--baselines",
+        default=None,
+        help="comma-separated model-free systems: retrieval (needs --train-data), echo; default: "
+        "retrieval,echo with --train-data, none without; 'none' for none",
+    )
+    g.add_argument(
+        "--bootstrap", type=int, default=1000, help="paired bootstrap resamples (0: no intervals)"
+    )
+    g.add_argument(
+        "--bootstrap-seed", type=int, default=0, help="seed of the bootstrap and of examples.md"
+    )
+    g.add_argument("--rouge-stem", action="store_true", help="Porter-stem words before ROUGE")
+    g.add_argument(
+        "--examples", type=int, default=20, help="questions shown side by side in examples.md"
+    )
+
+
+def eval_options_from_args(args: argparse.Namespace):
+    from megatron_yuyuan.eval.scoring import EvalOptions
+
+    if args.baselines is None:
+        baselines = ["retrieval", "echo"] if args.train_data else []
+    elif args.baselines.strip() == "none":
+        baselines = []
+    else:
+        baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
+    opts = EvalOptions(
+        smoothing=args.smoothing,
+        rouge_stem=args.rouge_stem,
+        baselines=baselines,
+        train_data=Path(args.train_data) if args.train_data else None,
+        bootstrap=args.bootstrap,
+        seed=args.bootstrap_seed,
+        examples=args.examples,
+    )
+    opts.check()
+    return opts
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = ArgumentParser(
         prog="python -m megatron_yuyuan.evaluate", description=__doc__.split("\n\n")[0]
@@ -39,16 +89,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--references", required=True, help="JSONL with 'answer' (and 'id', 'qtype')")
     p.add_argument("--predictions", nargs="+", required=True, help="NAME=FILE.jsonl ...")
     p.add_argument("--out", required=True, help="report directory")
-    p.add_argument("--smoothing", default="method1", help="nltk SmoothingFunction method")
+    add_eval_arguments(p)
     args = p.parse_args(argv)
 
     def body() -> int:
-        from megatron_yuyuan.evaluation import evaluate, print_summary
+        from megatron_yuyuan.eval.report import print_summary
+        from megatron_yuyuan.eval.scoring import REPORT_FILES, evaluate
 
         systems = parse_systems(args.predictions)
+        opts = eval_options_from_args(args)
         out = check_writable_dir(args.out, "--out")
-        report = evaluate(Path(args.references), systems, out, args.smoothing)
+        report = evaluate(Path(args.references), systems, out, opts)
         print_summary(report)
+        for name in opts.baselines:
+            print(f"> wrote {out / f'baseline_{name}.jsonl'}")
         for name in REPORT_FILES:
             print(f"> wrote {out / name}")
         return 0

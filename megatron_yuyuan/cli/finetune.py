@@ -147,9 +147,11 @@ def check_dataset(prefix: str, vocab_size: int, splits: Sequence[str] = ("train"
 
 def score_validation_answers(result, out_dir: Path) -> None:
     """Answer the first ``--eval-bleu-samples`` validation questions with the model just trained
-    (still in memory, at its TP/PP layout) and write their BLEU report."""
+    (still in memory, at its TP/PP layout) and write their report, next to the retrieval and echo
+    baselines from the training split."""
     from megatron_yuyuan.data.indexed import read_meta
-    from megatron_yuyuan.evaluation import evaluate, print_summary
+    from megatron_yuyuan.eval.report import print_summary
+    from megatron_yuyuan.eval.scoring import EvalOptions, evaluate
     from megatron_yuyuan.files import read_jsonl, write_jsonl
     from megatron_yuyuan.generation import MegatronGenerator, SamplingConfig, generate_file
     from megatron_yuyuan.tokenizer import load_tokenizer
@@ -157,24 +159,30 @@ def score_validation_answers(result, out_dir: Path) -> None:
 
     state = result.state
     cfg = state.cfg
+    t = cfg.train
     prefix = cfg.data.data_prefix
-    n = cfg.train.eval_bleu_samples
+    n = t.eval_bleu_samples
     gen = MegatronGenerator(
         unwrap(state.model), state.layout, cfg.model, load_tokenizer(read_meta(prefix)["tokenizer"])
     )
     preds = out_dir / "predictions_valid.jsonl"
+    sampling = SamplingConfig(
+        max_new_tokens=t.eval_max_new_tokens,
+        repetition_penalty=t.eval_repetition_penalty,
+        no_repeat_ngram_size=t.eval_no_repeat_ngram_size,
+    )
     written = generate_file(
-        gen,
-        Path(f"{prefix}_valid.jsonl"),
-        preds,
-        SamplingConfig(max_new_tokens=cfg.train.eval_max_new_tokens),
-        batch_size=8,
-        limit=n,
+        gen, Path(f"{prefix}_valid.jsonl"), preds, sampling, batch_size=8, limit=n
     )
     if written is None:  # not rank 0
         return
     refs = write_jsonl(out_dir / "references_valid.jsonl", read_jsonl(f"{prefix}_valid.jsonl")[:n])
-    report = evaluate(refs, {"finetuned": preds}, out_dir)
+    train = Path(f"{prefix}_train.jsonl")
+    opts = EvalOptions(
+        baselines=("retrieval", "echo") if train.is_file() else ("echo",),
+        train_data=train if train.is_file() else None,
+    )
+    report = evaluate(refs, {"finetuned": preds}, out_dir, opts)
     print_summary(report)
     print(f"> wrote {preds} and {out_dir / 'report.md'}", flush=True)
 

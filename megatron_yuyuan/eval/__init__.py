@@ -1,2 +1,4 @@
-"""Evaluation pieces beyond BLEU (:mod:`megatron_yuyuan.evaluation` keeps the BLEU recipe and the
-report): :mod:`.metrics` (ROUGE, chrF, lengths, repetition)."""
+"""Evaluation of QA answers against references: BLEU (:mod:`.bleu`), ROUGE / chrF / length /
+EOS / repetition (:mod:`.metrics`), model-free baselines (:mod:`.baselines`), paired bootstrap
+intervals and significance (:mod:`.bootstrap`), the report files (:mod:`.report`), and the
+function that ties them together, :func:`megatron_yuyuan.eval.scoring.evaluate`."""

@@ -1,0 +1,227 @@
+"""Score several systems (and optional baselines) on the same references: the report's numbers.
+
+Texts: the reference's ``answer`` field; the prediction's ``prediction`` field (or, for rows that
+only carry a full ``generation``, the text after the first ``answer:`` up to EOS). Predictions are
+matched to references by ``id`` (or by position when neither file has ids). The metric recipe is
+in :mod:`.bleu` and :mod:`.metrics`, the intervals in :mod:`.bootstrap`, the files in :mod:`.report`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+from megatron_yuyuan.errors import DataError, UserError
+from megatron_yuyuan.eval import report as render
+from megatron_yuyuan.eval.baselines import BASELINES, baseline_answers
+from megatron_yuyuan.eval.bleu import bleu_scores, smoothing_function, tokenize
+from megatron_yuyuan.eval.bootstrap import paired_bootstrap
+from megatron_yuyuan.eval.metrics import answer_statistics, rouge_f1s
+from megatron_yuyuan.files import read_jsonl, write_jsonl, write_text_atomic
+from megatron_yuyuan.prompts import extract_answer
+
+REPORT_FILES = ("report.md", "report.json", "examples.md", "bleu_by_qtype.png")
+
+
+@dataclass
+class EvalOptions:
+    """How the systems are scored and what the report holds."""
+
+    smoothing: str = "method1"
+    """nltk ``SmoothingFunction`` method of the smoothed BLEU variants (``method0`` = none)."""
+    rouge_stem: bool = False
+    """Porter-stem words before ROUGE (rouge_score's ``use_stemmer``)."""
+    baselines: Sequence[str] = ()
+    """Model-free systems to add as rows: ``retrieval`` (needs ``train_data``), ``echo``."""
+    train_data: Optional[Path] = None
+    """Training split JSONL (``question``, ``answer``) that the retrieval baseline searches."""
+    bootstrap: int = 1000
+    """Paired bootstrap resamples for the 95% intervals and significance (0: none)."""
+    seed: int = 0
+    """Seed of the bootstrap draws and of the example questions."""
+    examples: int = 20
+    """Random questions shown with every system's answer in ``examples.md`` (0: none)."""
+
+    def check(self) -> None:
+        """Every option error before any work."""
+        smoothing_function(self.smoothing)
+        unknown = [b for b in self.baselines if b not in BASELINES]
+        if unknown:
+            raise UserError(f"--baselines {unknown[0]!r}: choose from {', '.join(BASELINES)}")
+        if "retrieval" in self.baselines and self.train_data is None:
+            raise UserError(
+                "--baselines retrieval needs --train-data PREFIX_train.jsonl (the training split "
+                "whose answers it retrieves)"
+            )
+        if self.train_data is not None and not Path(self.train_data).is_file():
+            raise UserError(f"--train-data {self.train_data}: no such file")
+        if self.bootstrap < 0 or self.examples < 0:
+            raise UserError("--bootstrap and --examples must be >= 0")
+        if 0 < self.bootstrap < 100:
+            raise UserError(f"--bootstrap {self.bootstrap}: use 0 (off) or at least 100 resamples")
+
+
+def prediction_text(row: dict, path: Path) -> str:
+    for key in ("prediction", "generation"):
+        if key in row and not isinstance(row[key], str):
+            raise DataError(
+                f"{path}: row {row.get('id', '?')}: {key!r} must be a string, got {row[key]!r}"
+            )
+    if "prediction" in row:
+        return row["prediction"]
+    if "generation" in row:
+        return extract_answer(row["generation"])
+    raise DataError(f"{path}: row {row.get('id', '?')} has neither 'prediction' nor 'generation'")
+
+
+def align(references: list[dict], predictions: list[dict], path: Path) -> list[dict]:
+    """The prediction row of each reference, matched by ``id`` (or by position without ids)."""
+    if all("id" in r for r in references) and all("id" in p for p in predictions):
+        for rows, where in ((references, "references"), (predictions, str(path))):
+            ids = [r["id"] for r in rows]
+            if len(set(map(repr, ids))) != len(ids):
+                dup = next(i for i in ids if ids.count(i) > 1)
+                raise DataError(f"{where}: id {dup!r} appears more than once; ids must be unique")
+        by_id = {p["id"]: p for p in predictions}
+        missing = [r["id"] for r in references if r["id"] not in by_id]
+        if missing:
+            raise DataError(
+                f"{path}: no prediction for {len(missing)} reference id(s), e.g. {missing[:3]}"
+            )
+        return [by_id[r["id"]] for r in references]
+    if len(predictions) != len(references):
+        raise DataError(
+            f"{path}: {len(predictions)} predictions for {len(references)} references "
+            f"and no ids to match them"
+        )
+    return predictions
+
+
+def finished_at_eos(rows: list[dict]) -> Optional[list[bool]]:
+    """Whether each answer ended at EOS, when the generator recorded it (``finish_reason``)."""
+    if not all(r.get("finish_reason") in ("eos", "length") for r in rows):
+        return None
+    return [r["finish_reason"] == "eos" for r in rows]
+
+
+def write_baselines(
+    refs: list[dict], references_path: Path, opts: EvalOptions, out_dir: Path, taken: Sequence[str]
+) -> dict[str, Path]:
+    """Answer the references with each baseline; write ``baseline_NAME.jsonl``; {name: path}."""
+    if not opts.baselines:
+        return {}
+    clash = [b for b in opts.baselines if b in taken]
+    if clash:
+        raise UserError(f"system name {clash[0]!r} is taken by a baseline; rename the system")
+    if any(not isinstance(r.get("question"), str) for r in refs):
+        raise DataError(f"{references_path}: the baselines need a 'question' string in every row")
+    train = (
+        read_jsonl(Path(opts.train_data), required=("question", "answer"))
+        if opts.train_data
+        else []
+    )
+    if opts.train_data and not train:
+        raise DataError(f"--train-data {opts.train_data}: no rows")
+    questions = [r["question"] for r in refs]
+    paths = {}
+    for name in opts.baselines:
+        answers = baseline_answers(name, questions, train)
+        rows = [
+            {
+                **{k: r[k] for k in ("id", "qtype") if k in r},
+                "question": r["question"],
+                "prediction": a,
+            }
+            for r, a in zip(refs, answers)
+        ]
+        paths[name] = write_jsonl(out_dir / f"baseline_{name}.jsonl", rows)
+    return paths
+
+
+def evaluate(
+    references_path: Path,
+    systems: dict[str, Path],
+    out_dir: Path,
+    opts: Optional[EvalOptions] = None,
+) -> dict:
+    """Score every system and baseline; write the report files into ``out_dir``."""
+    import sacrebleu
+
+    opts = opts or EvalOptions()
+    opts.check()
+    refs = read_jsonl(references_path, required=("answer",))
+    if not refs:
+        raise DataError(f"{references_path}: no references")
+    predictions = {name: align(refs, read_jsonl(path), path) for name, path in systems.items()}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    baselines = write_baselines(refs, references_path, opts, out_dir, list(systems))
+    for name, path in baselines.items():
+        predictions[name] = read_jsonl(path)
+    paths = {**systems, **baselines}
+
+    ref_text = [r["answer"] for r in refs]
+    ref_tok = [tokenize(t) for t in ref_text]
+    qtypes = [r.get("qtype", "all") for r in refs]
+    groups = defaultdict(list)
+    for i, q in enumerate(qtypes):
+        groups[q].append(i)
+    report = {
+        "references": str(references_path),
+        "questions": len(refs),
+        "smoothing": opts.smoothing,
+        "rouge_stem": opts.rouge_stem,
+        "tokenization": r"lowercase, re.findall(r'\w+|[^\w\s]')",
+        "bootstrap": {"resamples": opts.bootstrap, "seed": opts.seed, "confidence": 0.95},
+        "baseline": next(iter(baselines), None),
+        "systems": {},
+    }
+    statistics = {}
+    answers = {}
+    for name, rows in predictions.items():
+        hyps = [prediction_text(r, paths[name]) for r in rows]
+        answers[name] = hyps
+        hyp_tok = [tokenize(h) for h in hyps]
+        stats = answer_statistics(
+            ref_text,
+            hyps,
+            ref_tok,
+            hyp_tok,
+            opts.smoothing,
+            finished_at_eos(rows),
+            opts.rouge_stem,
+        )
+        statistics[name] = stats
+        rouge_l = rouge_f1s(ref_text, hyps, opts.rouge_stem)["rougeL"]
+        entry = {
+            "predictions": str(paths[name]),
+            "baseline": name in baselines,
+            "metrics": {m: (None if s is None else s.value()) for m, s in stats.items()},
+            "unsmoothed": bleu_scores(ref_tok, hyp_tok, "method0"),
+            "smoothed": bleu_scores(ref_tok, hyp_tok, opts.smoothing),
+            "sacrebleu": sacrebleu.corpus_bleu(hyps, [ref_text]).score / 100.0,
+            "by_qtype": {},
+        }
+        for q, idx in sorted(groups.items()):
+            bleu4 = stats["bleu4"].stats[idx]
+            entry["by_qtype"][q] = {
+                "n": len(idx),
+                "bleu4": float(bleu4[:, 0].sum() / len(idx)),
+                "rougeL": sum(rouge_l[i] for i in idx) / len(idx),
+            }
+        report["systems"][name] = entry
+    if opts.bootstrap:
+        ci, versus = paired_bootstrap(statistics, opts.bootstrap, opts.seed, report["baseline"])
+        for name, entry in report["systems"].items():
+            entry["ci"] = ci[name]
+            if name in versus:
+                entry["vs_baseline"] = versus[name]
+    write_text_atomic(out_dir / "report.json", json.dumps(report, indent=1))
+    write_text_atomic(out_dir / "report.md", render.markdown(report))
+    write_text_atomic(
+        out_dir / "examples.md", render.examples(refs, answers, opts.examples, opts.seed)
+    )
+    render.plot_by_qtype(report, out_dir / "bleu_by_qtype.png")
+    return report

@@ -1,0 +1,215 @@
+"""The evaluation package against its reference libraries: ROUGE = rouge_score, chrF = sacrebleu,
+BLEU = nltk; the baselines, the paired bootstrap and the rendered reports."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from megatron_yuyuan.eval.baselines import baseline_answers, nearest_training_rows
+from megatron_yuyuan.eval.bleu import tokenize
+from megatron_yuyuan.eval.bootstrap import paired_bootstrap
+from megatron_yuyuan.eval.metrics import answer_statistics
+from megatron_yuyuan.eval.scoring import EvalOptions, evaluate
+from megatron_yuyuan.evaluate import main
+
+REFS = [
+    "Glaucoma is a group of eye diseases that damage the optic nerve.",
+    "This condition is inherited in an autosomal recessive pattern.",
+    "Treatment includes rest, fluids, and pain relievers.",
+    "About 1 in 10,000 people are affected.",
+    "Symptoms include fever, cough and a sore throat.",
+    "Surgery may be needed to remove the tumor.",
+]
+HYPS = [
+    "Glaucoma is an eye disease of the eye.",
+    "It is inherited in an autosomal dominant pattern.",
+    "Rest and fluids.",
+    "It affects 1 in 5,000 people.",
+    "Fever and cough are common symptoms.",
+    "",
+]
+TRAIN = [
+    {"question": "What is (are) Glaucoma ?", "answer": "Glaucoma damages the optic nerve."},
+    {"question": "Is Bloom syndrome inherited ?", "answer": "This condition is inherited."},
+    {"question": "What are the treatments for flu ?", "answer": "Rest and fluids help."},
+    {"question": "How many people are affected by X ?", "answer": "It is rare."},
+]
+
+
+def stats(refs, hyps, eos=None, smoothing="method1"):
+    return answer_statistics(
+        refs, hyps, [tokenize(r) for r in refs], [tokenize(h) for h in hyps], smoothing, eos
+    )
+
+
+def test_metrics_equal_their_reference_libraries():
+    import sacrebleu
+    from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+    from rouge_score import rouge_scorer
+
+    got = {k: (s.value() if s else None) for k, s in stats(REFS, HYPS).items()}
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=False)
+    for key in ("rouge1", "rouge2", "rougeL"):
+        want = np.mean([scorer.score(r, h)[key].fmeasure for r, h in zip(REFS, HYPS)])
+        assert got[key] == pytest.approx(want, abs=1e-9)
+    assert got["chrf"] == pytest.approx(sacrebleu.corpus_chrf(HYPS, [REFS]).score / 100, abs=1e-9)
+    for n in (1, 4):
+        for key, fn in ((f"bleu{n}", "method1"), (f"bleu{n}_unsmoothed", "method0")):
+            want = np.mean(
+                [
+                    sentence_bleu(
+                        [tokenize(r)],
+                        tokenize(h),
+                        weights=(1 / n,) * n,
+                        smoothing_function=getattr(SmoothingFunction(), fn),
+                    )
+                    for r, h in zip(REFS, HYPS)
+                ]
+            )
+            assert got[key] == pytest.approx(want, abs=1e-12)
+    want_len = sum(len(tokenize(h)) for h in HYPS) / sum(len(tokenize(r)) for r in REFS)
+    assert got["length_ratio"] == pytest.approx(want_len)
+    assert got["eos_rate"] is None  # no finish information given
+    loop = "the signs and symptoms of the signs and symptoms of the signs"
+    looped = stats([REFS[0], REFS[1]], [loop, "short"])  # "short" has no 4-gram: not counted
+    assert looped["repetition_4gram"].value() == pytest.approx(1 - 5 / 9)  # 9 4-grams, 5 unique
+    assert stats(REFS[:2], HYPS[:2], eos=[True, False])["eos_rate"].value() == 0.5
+
+
+def test_perfect_predictions_score_one_everywhere():
+    got = {k: s.value() for k, s in stats(REFS, REFS, eos=[True] * len(REFS)).items()}
+    for key, value in got.items():
+        want = 0.0 if key == "repetition_4gram" else 1.0
+        assert value == pytest.approx(want, abs=1e-12), key
+
+
+def test_retrieval_returns_the_training_answer_of_a_verbatim_question():
+    questions = [TRAIN[2]["question"], "what is glaucoma", "Is Bloom syndrome inherited ?"]
+    assert nearest_training_rows([t["question"] for t in TRAIN], questions) == [2, 0, 1]
+    answers = baseline_answers("retrieval", questions, TRAIN)
+    assert answers[0] == "Rest and fluids help." and answers[2] == "This condition is inherited."
+    assert baseline_answers("echo", questions, TRAIN) == questions
+
+
+def test_bootstrap_contains_the_point_estimate_and_is_reproducible():
+    systems = {"base": stats(REFS, [r.split()[0] for r in REFS]), "ours": stats(REFS, HYPS)}
+    ci, versus = paired_bootstrap(systems, 500, seed=7, baseline="base")
+    again, _ = paired_bootstrap(systems, 500, seed=7, baseline="base")
+    other, _ = paired_bootstrap(systems, 500, seed=8, baseline="base")
+    assert ci == again and ci != other
+    for name, per in systems.items():
+        for metric, s in per.items():
+            if s is None:
+                continue
+            lo, hi = ci[name][metric]
+            assert lo - 1e-12 <= s.value() <= hi + 1e-12, (name, metric)
+    v = versus["ours"]["rougeL"]
+    assert v["delta"] == pytest.approx(
+        systems["ours"]["rougeL"].value() - systems["base"]["rougeL"].value()
+    )
+    assert v["ci"][0] <= v["delta"] <= v["ci"][1] and 0 <= v["p"] <= 1
+
+
+def test_a_perfect_system_is_significantly_above_echo():
+    refs = REFS * 5  # 30 questions
+    systems = {"perfect": stats(refs, refs), "echo": stats(refs, ["what is it ?"] * len(refs))}
+    _, versus = paired_bootstrap(systems, 1000, seed=0, baseline="echo")
+    assert versus["perfect"]["rougeL"]["significant"] and versus["perfect"]["rougeL"]["p"] == 0
+
+
+@pytest.fixture
+def files(tmp_path):
+    refs = tmp_path / "refs.jsonl"
+    qtypes = ["information", "inheritance", "treatment", "frequency", "symptoms", "treatment"]
+    questions = [
+        "What is glaucoma ?",
+        "Is it inherited ?",
+        "What are the treatments for flu ?",
+        "How many people are affected ?",
+        "What are the symptoms of flu ?",
+        "What are the treatments for tumors ?",
+    ]
+    refs.write_text(
+        "".join(
+            json.dumps({"id": f"q{i}", "qtype": t, "question": q, "answer": a}) + "\n"
+            for i, (t, q, a) in enumerate(zip(qtypes, questions, REFS))
+        )
+    )
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(t) + "\n" for t in TRAIN))
+    systems = {}
+    for name, hyps in (("ours", HYPS), ("perfect", REFS), ("short", [h[:12] for h in HYPS])):
+        systems[name] = tmp_path / f"{name}.jsonl"
+        systems[name].write_text(
+            "".join(
+                json.dumps({"id": f"q{i}", "prediction": h, "finish_reason": "eos"}) + "\n"
+                for i, h in enumerate(hyps)
+            )
+        )
+    return refs, train, systems
+
+
+def test_report_with_three_systems_and_two_baselines(files, tmp_path):
+    refs, train, systems = files
+    out = tmp_path / "out"
+    opts = EvalOptions(baselines=("retrieval", "echo"), train_data=train, bootstrap=200, examples=4)
+    report = evaluate(refs, systems, out, opts)
+    assert list(report["systems"]) == ["ours", "perfect", "short", "retrieval", "echo"]
+    assert report["baseline"] == "retrieval"
+    perfect = report["systems"]["perfect"]
+    assert perfect["metrics"]["rougeL"] == pytest.approx(1.0)
+    assert perfect["metrics"]["eos_rate"] == 1.0
+    assert report["systems"]["echo"]["metrics"]["eos_rate"] is None
+    assert set(perfect["ci"]) >= {"bleu1", "bleu4", "rougeL", "chrf", "length_ratio"}
+    assert "vs_baseline" in perfect and "vs_baseline" not in report["systems"]["retrieval"]
+    assert report["systems"]["retrieval"]["baseline"] is True
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["systems"]["ours"]["ci"]["rougeL"] == report["systems"]["ours"]["ci"]["rougeL"]
+    md = (out / "report.md").read_text()
+    for title in ("ROUGE F1", "chrF", "Answer behaviour", "By question type: ROUGE-L"):
+        assert title in md
+    assert "| *retrieval* (baseline) |" in md and "| short |" in md
+    ex = (out / "examples.md").read_text()
+    assert ex.count("| **reference** |") == 4
+    assert all(f"| {name} |" in ex for name in ("ours", "perfect", "short", "retrieval", "echo"))
+    retrieved = [json.loads(x) for x in (out / "baseline_retrieval.jsonl").read_text().splitlines()]
+    assert retrieved[2]["prediction"] == "Rest and fluids help."  # verbatim training question
+
+
+def test_cli_baselines_and_their_errors(files, tmp_path, capsys):
+    refs, train, systems = files
+    out = tmp_path / "cli"
+    args = [
+        "--references",
+        str(refs),
+        "--predictions",
+        f"ours={systems['ours']}",
+        "--out",
+        str(out),
+    ]
+    assert main(args + ["--train-data", str(train), "--bootstrap", "200"]) == 0
+    printed = capsys.readouterr().out
+    assert "*retrieval* (baseline)" in printed and "baseline_echo.jsonl" in printed
+    for extra, message in (
+        (["--baselines", "retrieval"], "needs --train-data"),
+        (["--baselines", "oracle"], "choose from retrieval, echo"),
+        (["--bootstrap", "10"], "at least 100"),
+        (["--train-data", str(tmp_path / "nope.jsonl")], "no such file"),
+    ):
+        assert main(args + extra) == 2
+        assert message in capsys.readouterr().err
+    clash = [
+        "--references",
+        str(refs),
+        "--predictions",
+        f"echo={systems['ours']}",
+        "--out",
+        str(out),
+        "--baselines",
+        "echo",
+    ]
+    assert main(clash) == 2
+    assert "taken by a baseline" in capsys.readouterr().err
