@@ -17,7 +17,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -127,6 +127,37 @@ def left_pad(
     return tokens, valid
 
 
+StepHook = Callable[[list[int], list[bool]], Iterable[int]]
+"""Called after every decoding step with each row's new token and whether that row was still
+generating (a finished row's token is filler); returns the rows to stop now (e.g. a stop string
+matched, or the client went away)."""
+
+
+def row_budgets(
+    prompts: Sequence[Sequence[int]], cfg: SamplingConfig, budgets: Optional[Sequence[int]]
+) -> torch.Tensor:
+    """[b] new-token limits: ``budgets`` (or ``cfg.max_new_tokens``), at least 1 each."""
+    limits = torch.full((len(prompts),), cfg.max_new_tokens, dtype=torch.long)
+    if budgets is not None:
+        limits = torch.as_tensor(list(budgets), dtype=torch.long).clamp(min=1)
+    return limits
+
+
+def stopped_rows(
+    on_step: Optional[StepHook], nxt: torch.Tensor, active: torch.Tensor, sync: bool
+) -> torch.Tensor:
+    """[b] bool: the rows ``on_step`` stops, made identical on every rank when ``sync``."""
+    stop = torch.zeros(nxt.shape[0], dtype=torch.bool)
+    if on_step is not None:
+        for row in on_step(nxt.tolist(), active.tolist()):
+            stop[row] = True
+    if sync and dist.is_initialized() and dist.get_world_size() > 1:
+        flags = stop.to(torch.uint8).to(default_device())
+        dist.broadcast(flags, src=0)  # rank 0 serves the requests and decides
+        stop = flags.cpu().bool()
+    return stop
+
+
 class MegatronGenerator:
     """Batched generation with this rank's part of a megatron-core ``GPTModel``.
 
@@ -196,13 +227,27 @@ class MegatronGenerator:
 
     @torch.inference_mode()  # lighter than no_grad: no version counters on the KV cache
     def generate_ids(
-        self, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, use_cache: bool = True
+        self,
+        prompts: Sequence[Sequence[int]],
+        cfg: SamplingConfig,
+        use_cache: bool = True,
+        budgets: Optional[Sequence[int]] = None,
+        on_step: Optional[StepHook] = None,
+        sync_stops: bool = False,
     ) -> list[list[int]]:
-        """New token ids per prompt, up to and excluding EOS."""
+        """New token ids per prompt, up to and excluding EOS.
+
+        Args:
+            budgets: per-prompt new-token limits (default: ``cfg.max_new_tokens`` for all).
+            on_step: see :data:`StepHook` (rank 0 only: a server's streams).
+            sync_stops: broadcast rank 0's stop decisions every step, so that all ranks of a
+                TP/PP group stop the same rows (a server's ranks, with or without ``on_step``).
+        """
         from megatron.core.inference.contexts import StaticInferenceContext
 
         longest = check_prompt_lengths(prompts, self.max_positions)
-        total = min(longest + cfg.max_new_tokens, self.max_positions)
+        limits = row_budgets(prompts, cfg, budgets)
+        total = min(longest + int(limits.max()), self.max_positions)
         eos = self.tokenizer.eod
         tokens, valid = left_pad(prompts, total, eos)
         positions = (valid.long().cumsum(1) - 1).clamp(min=0)
@@ -210,6 +255,8 @@ class MegatronGenerator:
         context = StaticInferenceContext(len(prompts), total) if use_cache else None
         gen = torch.Generator().manual_seed(cfg.seed)
         finished = torch.zeros(len(prompts), dtype=torch.bool)
+        active = ~finished  # rows whose token of this step is a real one
+        new_count = torch.zeros(len(prompts), dtype=torch.long)
         start, cur = 0, longest
         while cur < total:
             lo = start if use_cache else 0
@@ -231,7 +278,11 @@ class MegatronGenerator:
             nxt = torch.where(finished, torch.full_like(nxt, eos), nxt)
             tokens[:, cur], valid[:, cur] = nxt, True
             positions[:, cur] = positions[:, cur - 1] + 1
-            finished |= nxt == eos
+            new_count += 1
+            finished |= (nxt == eos) | (new_count >= limits)
+            if on_step is not None or sync_stops:
+                finished |= stopped_rows(on_step, nxt, active, sync_stops)
+            active = ~finished
             if context is not None:
                 context.sequence_len_offset += cur - start
             start, cur = cur, cur + 1
@@ -306,11 +357,23 @@ class HFGenerator:
 
     @torch.no_grad()
     def generate_ids(
-        self, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, use_cache: bool = True
+        self,
+        prompts: Sequence[Sequence[int]],
+        cfg: SamplingConfig,
+        use_cache: bool = True,
+        budgets: Optional[Sequence[int]] = None,
+        on_step: Optional[StepHook] = None,
+        sync_stops: bool = False,
     ) -> list[list[int]]:
+        """As :meth:`MegatronGenerator.generate_ids` (one process: ``sync_stops`` has nothing
+        to synchronise)."""
         eos = self.tokenizer.eod
         longest = check_prompt_lengths(prompts, self.max_positions)
+        limits = row_budgets(prompts, cfg, budgets)
         tokens, valid = left_pad(prompts, longest, eos)
+        extra = {}
+        if budgets is not None or on_step is not None:
+            extra["stopping_criteria"] = [_RowStops(longest, limits, eos, on_step)]
         torch.manual_seed(cfg.seed)
         kwargs = (
             dict(do_sample=True, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
@@ -321,16 +384,35 @@ class HFGenerator:
             input_ids=tokens.to(self.device),
             attention_mask=valid.long().to(self.device),
             # as the megatron generator: stop at the last position the model has
-            max_new_tokens=min(cfg.max_new_tokens, self.max_positions - longest),
+            max_new_tokens=min(int(limits.max()), self.max_positions - longest),
             eos_token_id=eos,
             pad_token_id=eos,
             use_cache=use_cache,
             repetition_penalty=cfg.repetition_penalty,
             no_repeat_ngram_size=cfg.no_repeat_ngram_size,
             **kwargs,
+            **extra,
         )
         rows = out[:, longest:].tolist()
         return [row[: row.index(eos)] if eos in row else row for row in rows]
+
+
+class _RowStops:
+    """A transformers stopping criterion: per-row budgets and the ``on_step`` hook (transformers
+    fills a stopped row with the pad token, EOS here, so the row is cut there)."""
+
+    def __init__(self, prompt_len: int, limits: torch.Tensor, eos: int, on_step) -> None:
+        self.prompt_len, self.limits, self.eos, self.on_step = prompt_len, limits, eos, on_step
+        self.finished = torch.zeros(len(limits), dtype=torch.bool)
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        nxt = input_ids[:, -1].cpu()
+        active = ~self.finished
+        count = input_ids.shape[1] - self.prompt_len
+        self.finished |= (nxt == self.eos) | (count >= self.limits)
+        if self.on_step is not None:
+            self.finished |= stopped_rows(self.on_step, nxt, active, sync=False)
+        return self.finished.to(input_ids.device)
 
 
 def answer_questions(

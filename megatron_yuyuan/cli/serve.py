@@ -1,0 +1,130 @@
+"""Serve a QA model over HTTP: an OpenAI-compatible /v1/completions, a QA endpoint /api/answer,
+and a web page at /.
+
+    python -m megatron_yuyuan.serve --hf-dir runs/demo/hf --port 8000
+    torchrun --nproc-per-node 2 -m megatron_yuyuan.serve --load runs/demo/checkpoints \\
+        --tensor-model-parallel-size 2 --port 8000
+
+Rank 0 runs the HTTP server (FastAPI on uvicorn); the other TP/PP ranks follow its batches. Ctrl-C
+or SIGTERM stops every rank. The API is described in :mod:`megatron_yuyuan.serve.app`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+from pathlib import Path
+from typing import Optional, Sequence
+
+from megatron_yuyuan.cli import ArgumentParser, positive_int, run_cli
+from megatron_yuyuan.cli.generate import add_model_arguments, generator_from_args
+from megatron_yuyuan.errors import UserError
+
+
+def check_port(host: str, port: int) -> None:
+    """Refuse a port that is taken now, before the model is loaded."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise UserError(
+                f"--host {host} --port {port}: cannot listen there ({exc.strerror}); choose "
+                f"another --port"
+            ) from None
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = ArgumentParser(prog="python -m megatron_yuyuan.serve", description=__doc__.split("\n\n")[0])
+    add_model_arguments(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
+    p.add_argument(
+        "--served-model-name", default=None, help="model id in the API (default: from the path)"
+    )
+    p.add_argument(
+        "--max-batch-size",
+        type=positive_int,
+        default=None,
+        help="requests generated together (default: --batch-size)",
+    )
+    p.add_argument(
+        "--batch-wait-ms",
+        type=float,
+        default=10.0,
+        help="how long the first request of a batch waits for more",
+    )
+    p.add_argument(
+        "--max-queue",
+        type=positive_int,
+        default=256,
+        help="requests waiting at most; more get 503 with Retry-After",
+    )
+    p.add_argument("--log-level", default="warning", help="uvicorn log level")
+    args = p.parse_args(argv)
+    if not 0 < args.port < 65536:
+        p.error(f"--port {args.port}: use 1..65535")
+    if args.batch_wait_ms < 0:
+        p.error("--batch-wait-ms must be >= 0")
+
+    def body() -> int:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world != args.tensor_model_parallel_size * args.pipeline_model_parallel_size:
+            raise UserError(
+                f"{world} processes for TP={args.tensor_model_parallel_size} x "
+                f"PP={args.pipeline_model_parallel_size}: a server runs one model replica; launch "
+                f"exactly TP x PP processes"
+            )
+        if args.hf_dir and world > 1:
+            raise UserError("--hf-dir serves in one process; use --load for TP/PP under torchrun")
+        if int(os.environ.get("RANK", "0")) == 0:
+            check_port(args.host, args.port)
+        generator = generator_from_args(args)
+        from megatron_yuyuan.serve import engine
+
+        if int(os.environ.get("RANK", "0")) != 0:
+            # Ctrl-C / SIGTERM reach every rank; the followers leave when rank 0, which shuts
+            # the HTTP server down gracefully, tells them to (a killed follower would leave rank
+            # 0 stuck in its next collective).
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            engine.follow(generator)
+            return 0
+        return serve(generator, args)
+
+    return run_cli(body)
+
+
+def serve(generator, args) -> int:
+    import uvicorn
+
+    from megatron_yuyuan.serve.app import ServedModel, create_app
+    from megatron_yuyuan.serve.batcher import Batcher
+    from megatron_yuyuan.serve.engine import Engine
+
+    source = args.load or args.hf_dir
+    name = args.served_model_name or Path(source).resolve().name
+    eng = Engine(generator)
+    batcher = Batcher(
+        eng,
+        max_batch_size=args.max_batch_size or args.batch_size,
+        wait_ms=args.batch_wait_ms,
+        max_queue=args.max_queue,
+    )
+    layout = f"TP={args.tensor_model_parallel_size}, PP={args.pipeline_model_parallel_size}"
+    app = create_app(batcher, generator.tokenizer, ServedModel(name, str(source), layout))
+    print(
+        f"> serving {name} ({layout}) from {source} at http://{args.host}:{args.port}/", flush=True
+    )
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM, restores the handlers it found and then
+    # re-raises the signal; with these no-op handlers the re-raise returns here, so the followers
+    # are released and the process exits 0 instead of dying of the signal.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        eng.shutdown()  # the followers leave their loop
+    print("> server stopped", flush=True)
+    return 0

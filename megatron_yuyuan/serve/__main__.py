@@ -1,0 +1,3 @@
+from megatron_yuyuan.cli.serve import main
+
+raise SystemExit(main())

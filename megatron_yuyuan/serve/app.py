@@ -1,0 +1,428 @@
+"""The HTTP API: ``POST /api/answer`` (the QA endpoint), ``POST /v1/completions`` (OpenAI's
+schema, with server-sent-event streaming), ``GET /health``, ``GET /v1/models`` and ``GET /`` (the
+web page).
+
+Client mistakes never reach the model: malformed JSON is a 400, a missing/empty field, a wrong
+type or an out-of-range value a 422 naming the field, a prompt plus token budget beyond the model's
+positions a 422 stating the limit. Errors have OpenAI's shape:
+``{"error": {"message", "type", "param"}}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from importlib import resources
+from typing import AsyncIterator, Optional, Union
+
+from fastapi import FastAPI
+from fastapi import Request as HTTPRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from megatron_yuyuan.generation import SamplingConfig
+from megatron_yuyuan.prompts import format_prompt
+from megatron_yuyuan.serve.batcher import Batcher, QueueFull, Request
+
+
+@dataclass
+class ServedModel:
+    """What the server says about itself."""
+
+    name: str
+    """Model id in /v1/models and on the page."""
+    source: str
+    """The checkpoint or HF directory it was loaded from."""
+    layout: str = "TP=1, PP=1"
+    """Its parallel layout, for /health and the page."""
+
+
+# ------------------------------------------------------------------------------------ schemas
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class AnswerRequest(_Strict):
+    question: str = Field(min_length=1, max_length=4000)
+    max_new_tokens: int = Field(128, ge=1)
+    temperature: float = Field(0.0, ge=0.0, le=10.0)
+    """0: greedy (as ``generate`` without --do-sample); > 0: sampling at this temperature."""
+    top_k: int = Field(0, ge=0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int = 1234
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    no_repeat_ngram_size: int = Field(0, ge=0)
+    stream: bool = False
+
+    @field_validator("question")
+    @classmethod
+    def not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must contain a question, not only whitespace")
+        return v
+
+
+class CompletionRequest(_Strict):
+    model: Optional[str] = None
+    prompt: Union[str, list[str]]
+    max_tokens: int = Field(16, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=1)
+    stream: bool = False
+    stop: Optional[Union[str, list[str]]] = None
+    seed: int = 1234
+    echo: bool = False
+    user: Optional[str] = None
+
+    @field_validator("prompt")
+    @classmethod
+    def prompts_non_empty(cls, v):
+        items = [v] if isinstance(v, str) else v
+        if not items or any(not p for p in items):
+            raise ValueError("must be a non-empty string or a non-empty list of them")
+        if len(items) > 16:
+            raise ValueError("at most 16 prompts per request")
+        return v
+
+    @field_validator("stop")
+    @classmethod
+    def stops(cls, v):
+        items = [v] if isinstance(v, str) else (v or [])
+        if len(items) > 4 or any(not s for s in items):
+            raise ValueError("at most 4 non-empty stop strings")
+        return v
+
+
+def sampling(temperature: float, top_p: float, top_k: int, seed: int, budget: int, **extra):
+    greedy = temperature == 0.0
+    return SamplingConfig(
+        max_new_tokens=budget,
+        do_sample=not greedy,
+        temperature=1.0 if greedy else temperature,
+        top_k=0 if greedy else top_k,
+        top_p=1.0 if greedy else top_p,
+        seed=seed,
+        **extra,
+    )
+
+
+# ------------------------------------------------------------------------------------ errors
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: Optional[str] = None, headers=None):
+        self.status, self.message, self.param, self.headers = status, message, param, headers
+
+
+def error_response(status: int, message: str, param: Optional[str] = None, headers=None):
+    kind = {400: "invalid_request_error", 404: "not_found_error", 422: "invalid_request_error"}
+    body = {"error": {"message": message, "type": kind.get(status, "server_error"), "param": param}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+async def parse_body(http: HTTPRequest, schema: type[BaseModel]):
+    """The request body as ``schema``, whatever its Content-Type (curl's ``-d`` sends
+    form-encoded): 400 for malformed JSON, 422 for a body the schema refuses."""
+    raw = await http.body()
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise APIError(400, f"malformed JSON body ({exc}); send one JSON object") from None
+    if not isinstance(data, dict):
+        raise APIError(422, "body: must be a JSON object ({...})", "body")
+    try:
+        return schema.model_validate(data)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors()) from None
+
+
+def validation_error(exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    e = errors[0]
+    loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+    field_name = ".".join(loc) or "body"
+    msg = e.get("msg", "invalid value")
+    if e.get("type") == "extra_forbidden":
+        msg = "unknown or unsupported field"
+    if e.get("type") == "missing":
+        msg = "required field is missing"
+    return error_response(422, f"{field_name}: {msg}", field_name)
+
+
+# ------------------------------------------------------------------------------------ streams
+class TextStream:
+    """Incremental detokenisation with stop strings: text deltas that never split a UTF-8
+    character (byte-level BPE can), cut before the first stop string."""
+
+    def __init__(self, tokenizer, stops: list[str]) -> None:
+        self.tokenizer, self.stops = tokenizer, stops
+        self.ids: list[int] = []
+        self.sent = ""
+        self.stopped = False
+
+    def text(self) -> str:
+        text = self.tokenizer.decode(self.ids)
+        for s in self.stops:
+            at = text.find(s)
+            if at >= 0:
+                self.stopped = True
+                text = text[:at]
+        return text
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.text()
+        if text.endswith("\ufffd") and not self.stopped:
+            return ""  # an incomplete character: wait for the next token
+        hold = 0 if self.stopped else max((len(s) - 1 for s in self.stops), default=0)
+        safe = text[: max(len(text) - hold, len(self.sent))]  # a stop string may still start
+        delta, self.sent = safe[len(self.sent) :], safe
+        return delta
+
+    def rest(self) -> str:
+        text = self.text()
+        delta = text[len(self.sent) :]
+        self.sent = text
+        return delta
+
+
+def sse(obj) -> str:
+    return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n"
+
+
+# ------------------------------------------------------------------------------------ the app
+def create_app(batcher: Batcher, tokenizer, model: ServedModel) -> FastAPI:
+    """The FastAPI application over a running batcher (its loop starts with the app)."""
+    max_positions = batcher.engine.max_positions
+
+    async def lifespan(app: FastAPI):
+        batcher.start()
+        yield
+        await batcher.stop()
+
+    app = FastAPI(title="megatron_yuyuan QA server", lifespan=_wrap(lifespan))
+    app.add_exception_handler(RequestValidationError, lambda r, e: validation_error(e))
+    app.add_exception_handler(
+        APIError, lambda r, e: error_response(e.status, e.message, e.param, e.headers)
+    )
+
+    def check_budget(prompt: list[int], budget: int, field_name: str) -> None:
+        if len(prompt) + budget > max_positions:
+            raise APIError(
+                422,
+                f"{field_name}: the prompt has {len(prompt)} tokens and {field_name} is {budget}; "
+                f"together they must be at most {max_positions} (the model's positions): "
+                f"ask for at most {max(max_positions - len(prompt), 0)} tokens or shorten the "
+                f"prompt",
+                field_name,
+            )
+
+    def submit(prompt: list[int], cfg: SamplingConfig) -> Request:
+        request = Request(prompt, cfg)
+        try:
+            batcher.submit(request)
+        except QueueFull:
+            raise APIError(
+                503,
+                "the server is busy: too many requests waiting; retry shortly",
+                headers={"Retry-After": "1"},
+            ) from None
+        return request
+
+    async def run(
+        request: Request, stream: TextStream, http: HTTPRequest
+    ) -> AsyncIterator[tuple[str, Optional[list[int]]]]:
+        """(text delta, None) per token, then ("", ids) when done; cancels on stop strings."""
+        try:
+            while True:
+                try:
+                    kind, value = await asyncio.wait_for(request.events.get(), timeout=0.5)
+                except asyncio.TimeoutError:
+                    if await http.is_disconnected():
+                        request.cancel()
+                        return
+                    continue
+                if kind == "token":
+                    if stream.stopped:
+                        continue
+                    delta = stream.push(value)
+                    if stream.stopped:
+                        request.cancel()
+                    if delta:
+                        yield delta, None
+                elif kind == "done":
+                    yield stream.rest(), value
+                    return
+                else:
+                    raise APIError(500, f"generation failed: {value}")
+        finally:  # the client went away mid-stream (or we are done): stop costing compute
+            request.cancel()
+
+    def finish(ids: list[int], budget: int, stream: TextStream) -> str:
+        return "stop" if stream.stopped else ("length" if len(ids) >= budget else "eos")
+
+    @app.post("/api/answer")
+    async def answer(http: HTTPRequest):
+        body = await parse_body(http, AnswerRequest)
+        prompt = tokenizer.encode(format_prompt(body.question))
+        check_budget(prompt, body.max_new_tokens, "max_new_tokens")
+        cfg = sampling(
+            body.temperature,
+            body.top_p,
+            body.top_k,
+            body.seed,
+            body.max_new_tokens,
+            repetition_penalty=body.repetition_penalty,
+            no_repeat_ngram_size=body.no_repeat_ngram_size,
+        )
+        request = submit(prompt, cfg)
+        stream = TextStream(tokenizer, [])
+
+        def result(ids: list[int]) -> dict:
+            reason = finish(ids, body.max_new_tokens, stream)
+            # the same answer text as `generate`: the continuation up to EOS, stripped
+            return {
+                "answer": tokenizer.decode(ids).strip(),
+                "tokens": len(ids),
+                "finish_reason": reason,
+            }
+
+        if body.stream:
+
+            async def events():
+                async for delta, ids in run(request, stream, http):
+                    if ids is None:
+                        yield sse({"text": delta})
+                    else:
+                        if delta:
+                            yield sse({"text": delta})
+                        yield sse({"done": True, **result(ids)})
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+        async for _, ids in run(request, stream, http):
+            if ids is not None:
+                return result(ids)
+        return JSONResponse({}, status_code=499)  # client closed the request
+
+    @app.post("/v1/completions")
+    async def completions(http: HTTPRequest):
+        body = await parse_body(http, CompletionRequest)
+        if body.model not in (None, model.name):
+            raise APIError(
+                404, f"model: {body.model!r} is not served here; use {model.name!r}", "model"
+            )
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        stops = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
+        encoded = [tokenizer.encode(p) for p in prompts]
+        for ids in encoded:
+            check_budget(ids, body.max_tokens, "max_tokens")
+        cfg = sampling(body.temperature, body.top_p, 0, body.seed, body.max_tokens)
+        requests = [submit(ids, cfg) for ids in encoded]
+        streams = [TextStream(tokenizer, stops) for _ in prompts]
+        rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+
+        def chunk(index: int, text: str, reason: Optional[str]) -> dict:
+            return {
+                "id": rid,
+                "object": "text_completion",
+                "created": created,
+                "model": model.name,
+                "choices": [
+                    {"text": text, "index": index, "logprobs": None, "finish_reason": reason}
+                ],
+            }
+
+        def reason_of(ids, stream):
+            r = finish(ids, body.max_tokens, stream)
+            return "stop" if r == "eos" else r
+
+        if body.stream:
+
+            async def events():
+                for i, (req, stream) in enumerate(zip(requests, streams)):
+                    if body.echo:
+                        yield sse(chunk(i, prompts[i], None))
+                    async for delta, ids in run(req, stream, http):
+                        if delta:
+                            yield sse(chunk(i, delta, None))
+                        if ids is not None:
+                            yield sse(chunk(i, "", reason_of(ids, stream)))
+                yield sse("[DONE]")
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+        choices, completion_tokens = [], 0
+        for i, (req, stream) in enumerate(zip(requests, streams)):
+            text = prompts[i] if body.echo else ""
+            async for delta, ids in run(req, stream, http):
+                text += delta
+                if ids is not None:
+                    completion_tokens += len(ids)
+                    choices.append(
+                        {
+                            "text": text,
+                            "index": i,
+                            "logprobs": None,
+                            "finish_reason": reason_of(ids, stream),
+                        }
+                    )
+        if len(choices) < len(prompts):
+            return JSONResponse({}, status_code=499)
+        prompt_tokens = sum(map(len, encoded))
+        return {
+            "id": rid,
+            "object": "text_completion",
+            "created": created,
+            "model": model.name,
+            "choices": choices,
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
+        }
+
+    @app.get("/health")
+    async def health():
+        return {
+            "status": "ok",
+            "model": model.name,
+            "layout": model.layout,
+            "queued": batcher.queue.qsize(),
+            "batches": batcher.batches,
+        }
+
+    @app.get("/v1/models")
+    async def models():
+        return {
+            "object": "list",
+            "data": [
+                {"id": model.name, "object": "model", "created": 0, "owned_by": "megatron_yuyuan"}
+            ],
+        }
+
+    page = (
+        resources.files("megatron_yuyuan.serve")
+        .joinpath("static/index.html")
+        .read_text(encoding="utf-8")
+        .replace("{{MODEL}}", html.escape(model.name))
+        .replace("{{SOURCE}}", html.escape(model.source))
+        .replace("{{LAYOUT}}", html.escape(model.layout))
+        .replace("{{MAX_POSITIONS}}", str(max_positions))
+        .replace("{{DEFAULT_TOKENS}}", str(min(128, max_positions // 2)))
+    )
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index():
+        return page
+
+    return app
+
+
+def _wrap(lifespan):
+    from contextlib import asynccontextmanager
+
+    return asynccontextmanager(lifespan)

@@ -1,0 +1,305 @@
+"""The HTTP server in real processes on 127.0.0.1: answers equal `generate` token for token (alone
+and batched), 32 concurrent requests, every bad input, OpenAI client and streaming, TP=2 under
+torchrun, clean shutdown, and the web page in headless Chromium."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import write_gpt2
+
+httpx = pytest.importorskip("httpx")
+
+QUESTIONS = [
+    "What is (are) Glaucoma ?",
+    "What are the symptoms of Diabetes ?",
+    "How to prevent Heart Attack ?",
+    "Is Marfan syndrome inherited ?",
+    "What are the treatments for Asthma ?",
+    "Who is at risk for Skin Cancer ?",
+]
+NEW_TOKENS = 10
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, args: list[str], launcher: list[str], log: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        self.log = log
+        self.proc = subprocess.Popen(
+            launcher + ["-m", "megatron_yuyuan.serve", *args, "--port", str(self.port)],
+            stdout=log.open("w"),
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited early:\n{log.read_text()[-3000:]}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise AssertionError(f"server did not start:\n{log.read_text()[-3000:]}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)  # every process of the job, as a terminal's Ctrl-C
+        try:
+            return self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            raise AssertionError(f"server ignored SIGTERM:\n{self.log.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    write_gpt2(root / "hf", positions=128, peaked=True)
+    from checkpoints_convert.to_megatron import main as to_megatron
+
+    assert to_megatron(["--hf-dir", str(root / "hf"), "--save", str(root / "mc")]) == 0
+    return root
+
+
+def expected(models: Path, source: list[str], name: str) -> list[dict]:
+    """`python -m megatron_yuyuan.generate` answers, one question at a time (batch size 1)."""
+    inp, out = models / "questions.jsonl", models / f"expected_{name}.jsonl"
+    inp.write_text("".join(json.dumps({"question": q}) + "\n" for q in QUESTIONS))
+    cmd = [sys.executable, "-m", "megatron_yuyuan.generate", *source, "--input", str(inp)]
+    cmd += ["--output", str(out), "--batch-size", "1", "--max-new-tokens", str(NEW_TOKENS)]
+    subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return [json.loads(line) for line in out.read_text().splitlines()]
+
+
+async def ask_all(url: str, questions: list[str]) -> list[dict]:
+    async with httpx.AsyncClient(timeout=120) as client:
+        replies = await asyncio.gather(
+            *(
+                client.post(url + "/api/answer", json={"question": q, "max_new_tokens": NEW_TOKENS})
+                for q in questions
+            )
+        )
+    assert all(r.status_code == 200 for r in replies), [r.text for r in replies]
+    return [r.json() for r in replies]
+
+
+def check_answers(url: str, want: list[dict]) -> None:
+    alone = [
+        httpx.post(url + "/api/answer", json={"question": q, "max_new_tokens": NEW_TOKENS}).json()
+        for q in QUESTIONS
+    ]
+    for got, w in zip(alone, want):
+        assert (got["answer"], got["tokens"]) == (w["prediction"], w["new_tokens"])
+        assert got["finish_reason"] == w["finish_reason"]
+    many = [QUESTIONS[i % len(QUESTIONS)] for i in range(32)]  # batched with each other
+    for i, got in enumerate(asyncio.run(ask_all(url, many))):
+        w = want[i % len(QUESTIONS)]
+        assert (got["answer"], got["tokens"]) == (w["prediction"], w["new_tokens"]), i
+
+
+BAD = [
+    (b'{"question": ', 400, None),
+    (b"\xff\xfe", 400, None),
+    (b"[1, 2]", 422, "body"),
+    (b"{}", 422, "question"),
+    (b'{"question": ""}', 422, "question"),
+    (b'{"question": "   "}', 422, "question"),
+    (b'{"question": 5}', 422, "question"),
+    (b'{"question": "x", "max_new_tokens": "5"}', 422, "max_new_tokens"),
+    (b'{"question": "x", "max_new_tokens": 0}', 422, "max_new_tokens"),
+    (b'{"question": "x", "temperature": -1}', 422, "temperature"),
+    (b'{"question": "x", "top_p": 0}', 422, "top_p"),
+    (b'{"question": "x", "top_k": -3}', 422, "top_k"),
+    (b'{"question": "x", "colour": "red"}', 422, "colour"),
+    (b'{"question": "x", "max_new_tokens": 100000}', 422, "max_new_tokens"),
+]
+
+
+def test_hf_server_answers_errors_openai_page_and_shutdown(models, tmp_path):
+    want = expected(models, ["--hf-dir", str(models / "hf")], "hf")
+    server = Server(
+        ["--hf-dir", str(models / "hf"), "--batch-size", "8"], [sys.executable], tmp_path / "hf.log"
+    )
+    url = server.url
+    try:
+        check_answers(url, want)
+        for body, status, param in BAD:  # curl-style: no JSON content type
+            r = httpx.post(url + "/api/answer", content=body)
+            assert r.status_code == status, (body, r.text)
+            assert r.json()["error"]["param"] == param, (body, r.text)
+        assert (
+            "128 (the model's positions)"
+            in httpx.post(
+                url + "/api/answer", json={"question": "x", "max_new_tokens": 500}
+            ).json()["error"]["message"]
+        )
+        # a bad request next to good ones harms none of them
+        assert [a["answer"] for a in asyncio.run(ask_all(url, QUESTIONS[:3]))] == [
+            w["prediction"] for w in want[:3]
+        ]
+        # streaming QA endpoint: the deltas add up to the answer
+        with httpx.stream(
+            "POST",
+            url + "/api/answer",
+            json={"question": QUESTIONS[0], "max_new_tokens": NEW_TOKENS, "stream": True},
+        ) as r:
+            events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+        assert events[-1]["done"] and events[-1]["answer"] == want[0]["prediction"]
+        assert "".join(e.get("text", "") for e in events[:-1]).strip() == want[0]["prediction"]
+        # OpenAI completions: raw prompt, greedy at temperature 0, stop strings, streaming
+        prompt = f"Question:{QUESTIONS[1]} answer:"
+        r = httpx.post(
+            url + "/v1/completions",
+            json={"model": "hf", "prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0},
+        )
+        choice = r.json()["choices"][0]
+        assert choice["text"].strip() == want[1]["prediction"]
+        assert r.json()["usage"]["completion_tokens"] == want[1]["new_tokens"]
+        words = want[1]["prediction"].split()
+        if len(words) > 2:
+            stop = " " + words[2]
+            r = httpx.post(
+                url + "/v1/completions",
+                json={"prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0, "stop": stop},
+            ).json()["choices"][0]
+            assert r["finish_reason"] == "stop" and stop not in r["text"]
+            assert want[1]["prediction"].startswith(r["text"].strip())
+        assert (
+            httpx.post(url + "/v1/completions", json={"model": "gpt-4", "prompt": "x"}).status_code
+            == 404
+        )
+        assert (
+            httpx.post(url + "/v1/completions", json={"prompt": "x", "n": 2}).json()["error"][
+                "param"
+            ]
+            == "n"
+        )
+        try:
+            import openai
+        except ImportError:
+            openai = None
+        if openai is not None:
+            client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
+            out = client.completions.create(
+                model="hf", prompt=prompt, max_tokens=NEW_TOKENS, temperature=0
+            )
+            assert out.choices[0].text.strip() == want[1]["prediction"]
+            pieces = client.completions.create(
+                model="hf", prompt=prompt, max_tokens=NEW_TOKENS, temperature=0, stream=True
+            )
+            assert "".join(p.choices[0].text for p in pieces).strip() == want[1]["prediction"]
+            assert [m.id for m in client.models.list()] == ["hf"]
+        page = httpx.get(url + "/").text
+        assert "Not medical advice" in page and str(models / "hf") in page
+        assert "http://" not in page.replace(url, "") and "https://" not in page  # offline page
+        browser_check(url, want[0]["prediction"], tmp_path)
+    finally:
+        code = server.stop()
+    assert code == 0 and "server stopped" in (tmp_path / "hf.log").read_text()
+
+
+def browser_check(url: str, answer: str, tmp_path: Path) -> None:
+    """Headless Chromium types a question, submits, waits for the streamed answer."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("browser check: the playwright package is not installed")
+    if chromium is None:
+        pytest.skip("browser check: no chromium binary (apt-get install chromium)")
+    shot = Path(os.environ.get("MEGATRON_YUYUAN_SCREENSHOT", tmp_path / "serve_page.png"))
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 900, "height": 700})
+        page.goto(url + "/")
+        page.fill("#question", QUESTIONS[0])
+        page.fill("#max_new_tokens", str(NEW_TOKENS))
+        page.click("#submit")
+        page.wait_for_selector("#answer[data-done='1']", timeout=60_000)
+        text = page.inner_text("#answer")
+        shot.parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(shot), full_page=True)
+        browser.close()
+    assert text.strip() == answer
+    assert shot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_megatron_servers_tp1_and_tp2_answer_as_generate(models, tmp_path):
+    want = expected(models, ["--load", str(models / "mc")], "mc")
+    server = Server(["--load", str(models / "mc")], [sys.executable], tmp_path / "tp1.log")
+    try:
+        check_answers(server.url, want)
+    finally:
+        assert server.stop() == 0
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(free_port()),
+    ]
+    server = Server(
+        ["--load", str(models / "mc"), "--tensor-model-parallel-size", "2"],
+        launcher,
+        tmp_path / "tp2.log",
+    )
+    try:
+        check_answers(server.url, want)
+        # a client that leaves mid-stream: the server goes on serving the others
+        with httpx.stream(
+            "POST",
+            server.url + "/api/answer",
+            json={"question": QUESTIONS[0], "max_new_tokens": 100, "stream": True},
+        ) as r:
+            next(r.iter_lines())
+        assert (
+            httpx.post(
+                server.url + "/api/answer",
+                json={"question": QUESTIONS[2], "max_new_tokens": NEW_TOKENS},
+            ).json()["answer"]
+            == want[2]["prediction"]
+        )
+    finally:
+        server.stop(signal.SIGINT)  # Ctrl-C: torchrun itself exits non-zero on a signal
+    log = (tmp_path / "tp2.log").read_text()
+    assert "server stopped" in log, log[-3000:]  # rank 0 shut down and released the follower
+
+
+def test_cli_refuses_bad_setups(models, tmp_path, capsys):
+    from megatron_yuyuan.cli.serve import main
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        taken = s.getsockname()[1]
+        assert main(["--hf-dir", str(models / "hf"), "--port", str(taken)]) == 2
+    assert "choose another --port" in capsys.readouterr().err
+    assert main(["--hf-dir", str(tmp_path), "--port", str(free_port())]) == 2
+    assert "no config.json" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["--hf-dir", str(models / "hf"), "--port", "70000"])
+    assert exc.value.code == 2
