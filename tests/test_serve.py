@@ -303,3 +303,75 @@ def test_cli_refuses_bad_setups(models, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--hf-dir", str(models / "hf"), "--port", "70000"])
     assert exc.value.code == 2
+
+
+class SlowEngine:
+    """A stand-in engine: one token per 20 ms, so requests pile up behind a batch."""
+
+    max_positions = 1024
+
+    def __init__(self) -> None:
+        self.tokens = 0
+
+    def run(self, jobs):
+        out = [[] for _ in jobs]
+        for _ in range(10):
+            time.sleep(0.02)
+            for i, job in enumerate(jobs):
+                self.tokens += 1
+                if job.on_token(7):
+                    out[i].append(7)
+        return out
+
+
+class WordTokenizer:
+    eod = 0
+
+    def encode(self, text):
+        return [1] * len(text.split())
+
+    def decode(self, ids):
+        return " x" * len(ids)
+
+
+def test_full_queue_answers_503_with_retry_after():
+    from fastapi.testclient import TestClient
+
+    from megatron_yuyuan.serve.app import ServedModel, create_app
+    from megatron_yuyuan.serve.batcher import Batcher
+
+    batcher = Batcher(SlowEngine(), max_batch_size=1, wait_ms=0, max_queue=1)
+    app = create_app(batcher, WordTokenizer(), ServedModel("fake", "nowhere"))
+    with TestClient(app) as client:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(8) as pool:
+            replies = list(
+                pool.map(lambda _: client.post("/api/answer", json={"question": "a b"}), range(8))
+            )
+    codes = sorted(r.status_code for r in replies)
+    assert codes.count(200) >= 2 and 503 in codes, codes
+    busy = next(r for r in replies if r.status_code == 503)
+    assert busy.headers["Retry-After"] == "1" and "busy" in busy.json()["error"]["message"]
+    assert all(r.json()["answer"] == "x " * 9 + "x" for r in replies if r.status_code == 200)
+
+
+def test_budgets_and_step_hook_stop_rows_in_both_generators(models):
+    """Per-row budgets and stops from the step hook (a client gone, a stop string) end exactly
+    those rows, in the transformers generator and in the megatron one (one process)."""
+    from megatron_yuyuan.generation import HFGenerator, MegatronGenerator, SamplingConfig
+
+    cfg = SamplingConfig(max_new_tokens=12)
+    hf = HFGenerator(str(models / "hf"))
+    prompts = hf.tokenizer.encode_batch([f"Question:{q} answer:" for q in QUESTIONS[:3]])
+    full = hf.generate_ids(prompts, cfg)
+    for gen in (hf, MegatronGenerator.from_checkpoint(str(models / "mc"))):
+        seen = {0: 0, 1: 0, 2: 0}
+
+        def hook(tokens, active):
+            for i, a in enumerate(active):
+                seen[i] += a
+            return [2] if seen[2] == 3 else []  # row 2's client leaves after 3 tokens
+
+        got = gen.generate_ids(prompts, cfg, budgets=[12, 5, 12], on_step=hook)
+        assert got[0] == full[0] and got[1] == full[1][:5] and got[2] == full[2][:3], gen
