@@ -172,6 +172,7 @@ class MegatronGenerator:
         self, model: torch.nn.Module, layout: parallel.Layout, model_cfg, tokenizer: Tokenizer
     ) -> None:
         self.model = model.eval()
+        parallel.use_plain_linear_for_inference(model)
         self.layout = layout
         self.model_cfg = model_cfg
         self.device = next(model.parameters()).device

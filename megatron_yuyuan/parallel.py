@@ -190,3 +190,30 @@ def barrier() -> None:
 def print_rank_0(*args, **kwargs) -> None:
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(*args, **kwargs, flush=True)
+
+
+def use_plain_linear_for_inference(model: torch.nn.Module) -> None:
+    """Make megatron's column/row-parallel linears compute ``F.linear`` under
+    ``torch.inference_mode`` (generation).
+
+    Their forward goes through a custom ``autograd.Function`` (saving tensors for a backward that
+    never comes) and adds the bias in a separate op; during decoding, with a handful of tokens per
+    step, that bookkeeping costs as much as the matmul. ``F.linear`` is one fused ``addmm``, as in
+    ``transformers``. The tensor-parallel communication around the local matmul is unchanged, and
+    outside inference mode (training, validation) the original path runs.
+    """
+
+    def plain(original):
+        def forward_impl(input, weight, *args, **kwargs):
+            if not torch.is_inference_mode_enabled() or kwargs.get("sequence_parallel"):
+                return original(input, weight, *args, **kwargs)
+            return torch.nn.functional.linear(input, weight, kwargs.get("bias"))
+
+        return forward_impl
+
+    for module in model.modules():
+        if isinstance(
+            module, (tensor_parallel.ColumnParallelLinear, tensor_parallel.RowParallelLinear)
+        ) and not getattr(module, "_plain_inference_linear", False):
+            module._forward_impl = plain(module._forward_impl)
+            module._plain_inference_linear = True

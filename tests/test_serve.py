@@ -134,90 +134,124 @@ BAD = [
     (b'{"question": "x", "top_k": -3}', 422, "top_k"),
     (b'{"question": "x", "colour": "red"}', 422, "colour"),
     (b'{"question": "x", "max_new_tokens": 100000}', 422, "max_new_tokens"),
+    (b'{"question": "x", "seed": 18446744073709551616}', 422, "seed"),
+    (b'{"question": "x", "stream": "yes"}', 422, "stream"),
+    (b"[" * 100000, 400, None),
 ]
 
 
-def test_hf_server_answers_errors_openai_page_and_shutdown(models, tmp_path):
+@pytest.fixture(scope="module")
+def hf_server(models, tmp_path_factory):
+    """One server over the HF directory for the tests below; the last one stops it."""
     want = expected(models, ["--hf-dir", str(models / "hf")], "hf")
-    server = Server(
-        ["--hf-dir", str(models / "hf"), "--batch-size", "8"], [sys.executable], tmp_path / "hf.log"
-    )
+    log = tmp_path_factory.mktemp("hf_server") / "hf.log"
+    server = Server(["--hf-dir", str(models / "hf"), "--batch-size", "8"], [sys.executable], log)
+    yield server, want
+    server.stop()
+
+
+def test_hf_server_answers_errors_and_openai(hf_server, models):
+    server, want = hf_server
     url = server.url
-    try:
-        check_answers(url, want)
-        for body, status, param in BAD:  # curl-style: no JSON content type
-            r = httpx.post(url + "/api/answer", content=body)
-            assert r.status_code == status, (body, r.text)
-            assert r.json()["error"]["param"] == param, (body, r.text)
-        assert (
-            "128 (the model's positions)"
-            in httpx.post(
-                url + "/api/answer", json={"question": "x", "max_new_tokens": 500}
-            ).json()["error"]["message"]
-        )
-        # a bad request next to good ones harms none of them
-        assert [a["answer"] for a in asyncio.run(ask_all(url, QUESTIONS[:3]))] == [
-            w["prediction"] for w in want[:3]
-        ]
-        # streaming QA endpoint: the deltas add up to the answer
-        with httpx.stream(
-            "POST",
-            url + "/api/answer",
-            json={"question": QUESTIONS[0], "max_new_tokens": NEW_TOKENS, "stream": True},
-        ) as r:
-            events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
-        assert events[-1]["done"] and events[-1]["answer"] == want[0]["prediction"]
-        assert "".join(e.get("text", "") for e in events[:-1]).strip() == want[0]["prediction"]
-        # OpenAI completions: raw prompt, greedy at temperature 0, stop strings, streaming
-        prompt = f"Question:{QUESTIONS[1]} answer:"
+    check_answers(url, want)
+    for body, status, param in BAD:  # curl-style: no JSON content type
+        r = httpx.post(url + "/api/answer", content=body)
+        assert r.status_code == status, (body, r.text)
+        assert r.json()["error"]["param"] == param, (body, r.text)
+    assert (
+        "128 (the model's positions)"
+        in httpx.post(url + "/api/answer", json={"question": "x", "max_new_tokens": 500}).json()[
+            "error"
+        ]["message"]
+    )
+    # a bad request next to good ones harms none of them
+    assert [a["answer"] for a in asyncio.run(ask_all(url, QUESTIONS[:3]))] == [
+        w["prediction"] for w in want[:3]
+    ]
+    # streaming QA endpoint: the deltas add up to the answer
+    with httpx.stream(
+        "POST",
+        url + "/api/answer",
+        json={"question": QUESTIONS[0], "max_new_tokens": NEW_TOKENS, "stream": True},
+    ) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1]["done"] and events[-1]["answer"] == want[0]["prediction"]
+    assert "".join(e.get("text", "") for e in events[:-1]).strip() == want[0]["prediction"]
+    # OpenAI completions: raw prompt, greedy at temperature 0, stop strings, streaming
+    prompt = f"Question:{QUESTIONS[1]} answer:"
+    r = httpx.post(
+        url + "/v1/completions",
+        json={"model": "hf", "prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0},
+    )
+    choice = r.json()["choices"][0]
+    assert choice["text"].strip() == want[1]["prediction"]
+    assert r.json()["usage"]["completion_tokens"] == want[1]["new_tokens"]
+    words = want[1]["prediction"].split()
+    if len(words) > 2:
+        stop = " " + words[2]
         r = httpx.post(
             url + "/v1/completions",
-            json={"model": "hf", "prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0},
+            json={"prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0, "stop": stop},
+        ).json()["choices"][0]
+        assert r["finish_reason"] == "stop" and stop not in r["text"]
+        assert want[1]["prediction"].startswith(r["text"].strip())
+    assert (
+        httpx.post(url + "/v1/completions", json={"model": "gpt-4", "prompt": "x"}).status_code
+        == 404
+    )
+    for bad, param in (
+        ({"prompt": "x", "n": 2}, "n"),
+        ({"prompt": 5}, "prompt"),
+        ({"prompt": ["a", 5]}, "prompt"),
+        ({"prompt": "x", "presence_penalty": 0.5}, "presence_penalty"),
+        ({"prompt": "x", "logprobs": 3}, "logprobs"),
+    ):
+        r = httpx.post(url + "/v1/completions", json=bad)
+        assert r.status_code == 422 and r.json()["error"]["param"] == param, (bad, r.text)
+    # what OpenAI-style clients send at neutral values is accepted
+    neutral = {
+        "prompt": prompt,
+        "max_tokens": None,
+        "temperature": 0,
+        "presence_penalty": 0,
+        "frequency_penalty": 0,
+        "logprobs": None,
+        "best_of": 1,
+        "logit_bias": {},
+    }
+    r = httpx.post(url + "/v1/completions", json=neutral)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 16, r.text
+    health = httpx.get(url + "/health").json()
+    assert health["status"] == "ok" and health["batches"] > 0
+    try:
+        import openai
+    except ImportError:
+        openai = None
+    if openai is not None:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
+        out = client.completions.create(
+            model="hf", prompt=prompt, max_tokens=NEW_TOKENS, temperature=0
         )
-        choice = r.json()["choices"][0]
-        assert choice["text"].strip() == want[1]["prediction"]
-        assert r.json()["usage"]["completion_tokens"] == want[1]["new_tokens"]
-        words = want[1]["prediction"].split()
-        if len(words) > 2:
-            stop = " " + words[2]
-            r = httpx.post(
-                url + "/v1/completions",
-                json={"prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0, "stop": stop},
-            ).json()["choices"][0]
-            assert r["finish_reason"] == "stop" and stop not in r["text"]
-            assert want[1]["prediction"].startswith(r["text"].strip())
-        assert (
-            httpx.post(url + "/v1/completions", json={"model": "gpt-4", "prompt": "x"}).status_code
-            == 404
+        assert out.choices[0].text.strip() == want[1]["prediction"]
+        pieces = client.completions.create(
+            model="hf", prompt=prompt, max_tokens=NEW_TOKENS, temperature=0, stream=True
         )
-        assert (
-            httpx.post(url + "/v1/completions", json={"prompt": "x", "n": 2}).json()["error"][
-                "param"
-            ]
-            == "n"
-        )
-        try:
-            import openai
-        except ImportError:
-            openai = None
-        if openai is not None:
-            client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
-            out = client.completions.create(
-                model="hf", prompt=prompt, max_tokens=NEW_TOKENS, temperature=0
-            )
-            assert out.choices[0].text.strip() == want[1]["prediction"]
-            pieces = client.completions.create(
-                model="hf", prompt=prompt, max_tokens=NEW_TOKENS, temperature=0, stream=True
-            )
-            assert "".join(p.choices[0].text for p in pieces).strip() == want[1]["prediction"]
-            assert [m.id for m in client.models.list()] == ["hf"]
-        page = httpx.get(url + "/").text
-        assert "Not medical advice" in page and str(models / "hf") in page
-        assert "http://" not in page.replace(url, "") and "https://" not in page  # offline page
-        browser_check(url, want[0]["prediction"], tmp_path)
-    finally:
-        code = server.stop()
-    assert code == 0 and "server stopped" in (tmp_path / "hf.log").read_text()
+        assert "".join(p.choices[0].text for p in pieces).strip() == want[1]["prediction"]
+        assert [m.id for m in client.models.list()] == ["hf"]
+    page = httpx.get(url + "/").text
+    assert "Not medical advice" in page and str(models / "hf") in page
+    assert "http://" not in page.replace(url, "") and "https://" not in page  # offline page
+
+
+def test_web_page_in_headless_chromium(hf_server, tmp_path):
+    server, want = hf_server
+    browser_check(server.url, want[0]["prediction"], tmp_path)
+
+
+def test_hf_server_stops_cleanly_on_sigterm(hf_server):
+    server, _ = hf_server
+    assert server.stop() == 0
+    assert "server stopped" in server.log.read_text()
 
 
 def browser_check(url: str, answer: str, tmp_path: Path) -> None:
@@ -375,3 +409,34 @@ def test_budgets_and_step_hook_stop_rows_in_both_generators(models):
 
         got = gen.generate_ids(prompts, cfg, budgets=[12, 5, 12], on_step=hook)
         assert got[0] == full[0] and got[1] == full[1][:5] and got[2] == full[2][:3], gen
+
+
+def test_batches_fit_the_positions_and_penalties_do_not_mix_lengths():
+    """A batch runs to its longest prompt + largest budget: requests that would cut each other
+    short go to different batches; with a repetition penalty only equal-length prompts share one."""
+    from megatron_yuyuan.generation import SamplingConfig
+    from megatron_yuyuan.serve.batcher import Batcher, Request
+
+    class Fake:
+        max_positions = 64
+
+    async def batches(requests):
+        b = Batcher(Fake(), max_batch_size=8, wait_ms=0)
+        for r in requests:
+            b.submit(r)
+        out = []
+        while b.waiting():
+            out.append([requests.index(r) for r in await b._gather()])
+        return out
+
+    greedy = SamplingConfig
+    reqs = [
+        Request([1] * 50, greedy(max_new_tokens=10)),  # 60 positions
+        Request([1] * 5, greedy(max_new_tokens=50)),  # 55, but 50 + 50 > 64 with the first
+        Request([1] * 8, greedy(max_new_tokens=10)),  # fits with the first
+    ]
+    assert asyncio.run(batches(reqs)) == [[0, 2], [1]]
+    penal = [Request([1] * n, greedy(max_new_tokens=4, repetition_penalty=1.3)) for n in (5, 6, 5)]
+    assert asyncio.run(batches(penal)) == [[0, 2], [1]]
+    seeds = [Request([1] * 5, greedy(max_new_tokens=4, seed=s)) for s in (1, 2)]
+    assert asyncio.run(batches(seeds)) == [[0], [1]]  # the server neutralises greedy seeds

@@ -59,6 +59,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not refs:
             raise UserError(f"--references {refs_path}: no rows")
         opts = eval_options_from_args(args)
+        if name in opts.baselines:
+            raise UserError(f"--name {name!r} is a baseline's name; choose another")
         out = check_writable_dir(args.out, "--out")
         written = generate_file(
             generator_from_args(args),
@@ -74,11 +76,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         scored_refs = refs_path
         if args.limit is not None:  # score against the same first N references
             scored_refs = write_jsonl(out / f"references_first{args.limit}.jsonl", refs)
-        systems = {
-            f.stem.removeprefix("predictions_"): f
-            for f in sorted(out.glob("predictions_*.jsonl"))
-            if len(read_jsonl(f)) == len(refs)
-        }
+        systems = {}
+        ref_ids = [r.get("id") for r in refs]
+        for f in sorted(out.glob("predictions_*.jsonl")):
+            rows = read_jsonl(f)
+            if [r.get("id") for r in rows] == ref_ids:
+                systems[f.stem.removeprefix("predictions_")] = f
+            else:  # another split's or another --limit's answers: not comparable
+                print(f"> skipped {f}: its questions are not these references'")
         report = evaluate(scored_refs, systems, out, opts)
         print_summary(report)
         for f in [f"baseline_{b}.jsonl" for b in opts.baselines] + list(REPORT_FILES):

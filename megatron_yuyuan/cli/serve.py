@@ -125,6 +125,8 @@ def serve(generator, args) -> int:
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C stops a stuck shutdown
+            signal.signal(sig, signal.SIG_DFL)
         eng.shutdown()  # the followers leave their loop
     print("> server stopped", flush=True)
     return 0

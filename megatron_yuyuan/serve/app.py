@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from megatron_yuyuan.generation import SamplingConfig
 from megatron_yuyuan.prompts import format_prompt
-from megatron_yuyuan.serve.batcher import Batcher, QueueFull, Request
+from megatron_yuyuan.serve.batcher import Batcher, Request
 
 
 @dataclass
@@ -42,6 +42,11 @@ class ServedModel:
     """Its parallel layout, for /health and the page."""
 
 
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed's range
+MAX_PROMPT_CHARS = 100_000
+MAX_BODY_BYTES = 2_000_000
+
+
 # ------------------------------------------------------------------------------------ schemas
 class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
@@ -54,7 +59,7 @@ class AnswerRequest(_Strict):
     """0: greedy (as ``generate`` without --do-sample); > 0: sampling at this temperature."""
     top_k: int = Field(0, ge=0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int = 1234
+    seed: int = Field(1234, ge=0, le=MAX_SEED)
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
     no_repeat_ngram_size: int = Field(0, ge=0)
     stream: bool = False
@@ -70,15 +75,51 @@ class AnswerRequest(_Strict):
 class CompletionRequest(_Strict):
     model: Optional[str] = None
     prompt: Union[str, list[str]]
-    max_tokens: int = Field(16, ge=1)
+    max_tokens: Optional[int] = Field(16, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=1)
     stream: bool = False
     stop: Optional[Union[str, list[str]]] = None
-    seed: int = 1234
+    seed: Optional[int] = Field(None, ge=0, le=MAX_SEED)
     echo: bool = False
     user: Optional[str] = None
+    # OpenAI fields that clients send with their neutral values: accepted at those values only
+    stream_options: Optional[dict] = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: Optional[int] = None
+    best_of: Optional[int] = None
+    logit_bias: Optional[dict] = None
+    suffix: Optional[str] = None
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def zero_only(cls, v: float) -> float:
+        if v != 0:
+            raise ValueError("not supported by this server; send 0 or leave it out")
+        return v
+
+    @field_validator("logprobs", "suffix")
+    @classmethod
+    def null_only(cls, v):
+        if v is not None:
+            raise ValueError("not supported by this server; send null or leave it out")
+        return v
+
+    @field_validator("best_of")
+    @classmethod
+    def one_only(cls, v):
+        if v not in (None, 1):
+            raise ValueError("only 1 is supported")
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def empty_only(cls, v):
+        if v:
+            raise ValueError("not supported by this server; send {} or leave it out")
+        return v
 
     @field_validator("prompt")
     @classmethod
@@ -88,6 +129,8 @@ class CompletionRequest(_Strict):
             raise ValueError("must be a non-empty string or a non-empty list of them")
         if len(items) > 16:
             raise ValueError("at most 16 prompts per request")
+        if any(len(p) > MAX_PROMPT_CHARS for p in items):
+            raise ValueError(f"at most {MAX_PROMPT_CHARS} characters per prompt")
         return v
 
     @field_validator("stop")
@@ -100,6 +143,8 @@ class CompletionRequest(_Strict):
 
 
 def sampling(temperature: float, top_p: float, top_k: int, seed: int, budget: int, **extra):
+    """Greedy at temperature 0: then the seed and the sampling knobs take neutral values, so
+    greedy requests batch together whatever their seeds."""
     greedy = temperature == 0.0
     return SamplingConfig(
         max_new_tokens=budget,
@@ -107,12 +152,16 @@ def sampling(temperature: float, top_p: float, top_k: int, seed: int, budget: in
         temperature=1.0 if greedy else temperature,
         top_k=0 if greedy else top_k,
         top_p=1.0 if greedy else top_p,
-        seed=seed,
+        seed=1234 if greedy else seed,
         **extra,
     )
 
 
 # ------------------------------------------------------------------------------------ errors
+class GenerationFailed(Exception):
+    """The engine failed on a batch (a server fault, not the client's)."""
+
+
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: Optional[str] = None, headers=None):
         self.status, self.message, self.param, self.headers = status, message, param, headers
@@ -128,9 +177,11 @@ async def parse_body(http: HTTPRequest, schema: type[BaseModel]):
     """The request body as ``schema``, whatever its Content-Type (curl's ``-d`` sends
     form-encoded): 400 for malformed JSON, 422 for a body the schema refuses."""
     raw = await http.body()
+    if len(raw) > MAX_BODY_BYTES:
+        raise APIError(413, f"the body has {len(raw)} bytes; at most {MAX_BODY_BYTES}")
     try:
         data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise APIError(400, f"malformed JSON body ({exc}); send one JSON object") from None
     if not isinstance(data, dict):
         raise APIError(422, "body: must be a JSON object ({...})", "body")
@@ -144,7 +195,7 @@ def validation_error(exc: RequestValidationError) -> JSONResponse:
     errors = exc.errors()
     e = errors[0]
     loc = [str(x) for x in e.get("loc", ()) if x != "body"]
-    field_name = ".".join(loc) or "body"
+    field_name = loc[0] if loc else "body"  # not "prompt.str": pydantic names union members
     msg = e.get("msg", "invalid value")
     if e.get("type") == "extra_forbidden":
         msg = "unknown or unsupported field"
@@ -221,31 +272,37 @@ def create_app(batcher: Batcher, tokenizer, model: ServedModel) -> FastAPI:
                 field_name,
             )
 
-    def submit(prompt: list[int], cfg: SamplingConfig) -> Request:
-        request = Request(prompt, cfg)
-        try:
-            batcher.submit(request)
-        except QueueFull:
+    def submit(jobs: list[tuple[list[int], SamplingConfig]]) -> list[Request]:
+        """Queue every prompt of one HTTP request, or none of them (503 when there is no room)."""
+        if batcher.room() < len(jobs):
             raise APIError(
                 503,
                 "the server is busy: too many requests waiting; retry shortly",
                 headers={"Retry-After": "1"},
-            ) from None
-        return request
+            )
+        requests = [Request(prompt, cfg) for prompt, cfg in jobs]
+        for request in requests:
+            batcher.submit(request)
+        return requests
 
     async def run(
         request: Request, stream: TextStream, http: HTTPRequest
     ) -> AsyncIterator[tuple[str, Optional[list[int]]]]:
-        """(text delta, None) per token, then ("", ids) when done; cancels on stop strings."""
+        """(text delta, None) per token, then ("", ids) when done. A stop string, an error or a
+        client that went away (checked twice a second, tokens arriving or not) cancels the
+        request, so its row stops costing compute at the next step."""
+        loop = asyncio.get_running_loop()
+        next_check = loop.time() + 0.5
         try:
             while True:
                 try:
                     kind, value = await asyncio.wait_for(request.events.get(), timeout=0.5)
                 except asyncio.TimeoutError:
+                    kind, value = None, None
+                if loop.time() >= next_check:
+                    next_check = loop.time() + 0.5
                     if await http.is_disconnected():
-                        request.cancel()
                         return
-                    continue
                 if kind == "token":
                     if stream.stopped:
                         continue
@@ -257,13 +314,17 @@ def create_app(batcher: Batcher, tokenizer, model: ServedModel) -> FastAPI:
                 elif kind == "done":
                     yield stream.rest(), value
                     return
-                else:
-                    raise APIError(500, f"generation failed: {value}")
-        finally:  # the client went away mid-stream (or we are done): stop costing compute
+                elif kind == "error":
+                    raise GenerationFailed(value)
+        finally:
             request.cancel()
 
     def finish(ids: list[int], budget: int, stream: TextStream) -> str:
         return "stop" if stream.stopped else ("length" if len(ids) >= budget else "eos")
+
+    def sse_error(exc: GenerationFailed) -> str:
+        # headers are gone already: the error travels as an event (the page shows it)
+        return sse({"error": {"message": f"generation failed: {exc}", "type": "server_error"}})
 
     @app.post("/api/answer")
     async def answer(http: HTTPRequest):
@@ -279,7 +340,7 @@ def create_app(batcher: Batcher, tokenizer, model: ServedModel) -> FastAPI:
             repetition_penalty=body.repetition_penalty,
             no_repeat_ngram_size=body.no_repeat_ngram_size,
         )
-        request = submit(prompt, cfg)
+        (request,) = submit([(prompt, cfg)])
         stream = TextStream(tokenizer, [])
 
         def result(ids: list[int]) -> dict:
@@ -294,19 +355,23 @@ def create_app(batcher: Batcher, tokenizer, model: ServedModel) -> FastAPI:
         if body.stream:
 
             async def events():
-                async for delta, ids in run(request, stream, http):
-                    if ids is None:
-                        yield sse({"text": delta})
-                    else:
+                try:
+                    async for delta, ids in run(request, stream, http):
                         if delta:
                             yield sse({"text": delta})
-                        yield sse({"done": True, **result(ids)})
+                        if ids is not None:
+                            yield sse({"done": True, **result(ids)})
+                except GenerationFailed as exc:
+                    yield sse_error(exc)
 
             return StreamingResponse(events(), media_type="text/event-stream")
-        async for _, ids in run(request, stream, http):
-            if ids is not None:
-                return result(ids)
-        return JSONResponse({}, status_code=499)  # client closed the request
+        try:
+            async for _, ids in run(request, stream, http):
+                if ids is not None:
+                    return result(ids)
+        except GenerationFailed as exc:
+            raise APIError(500, f"generation failed: {exc}") from None
+        return JSONResponse({}, status_code=499)  # the client closed the request
 
     @app.post("/v1/completions")
     async def completions(http: HTTPRequest):
@@ -317,11 +382,13 @@ def create_app(batcher: Batcher, tokenizer, model: ServedModel) -> FastAPI:
             )
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         stops = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
+        budget = body.max_tokens if body.max_tokens is not None else 16  # OpenAI's default
         encoded = [tokenizer.encode(p) for p in prompts]
         for ids in encoded:
-            check_budget(ids, body.max_tokens, "max_tokens")
-        cfg = sampling(body.temperature, body.top_p, 0, body.seed, body.max_tokens)
-        requests = [submit(ids, cfg) for ids in encoded]
+            check_budget(ids, budget, "max_tokens")
+        seed = body.seed if body.seed is not None else 1234
+        cfg = sampling(body.temperature, body.top_p, 0, seed, budget)
+        requests = submit([(ids, cfg) for ids in encoded])
         streams = [TextStream(tokenizer, stops) for _ in prompts]
         rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
@@ -337,38 +404,52 @@ def create_app(batcher: Batcher, tokenizer, model: ServedModel) -> FastAPI:
             }
 
         def reason_of(ids, stream):
-            r = finish(ids, body.max_tokens, stream)
+            r = finish(ids, budget, stream)
             return "stop" if r == "eos" else r
+
+        def cancel_all():  # one prompt failed or the client left: the others stop too
+            for r in requests:
+                r.cancel()
 
         if body.stream:
 
             async def events():
-                for i, (req, stream) in enumerate(zip(requests, streams)):
-                    if body.echo:
-                        yield sse(chunk(i, prompts[i], None))
-                    async for delta, ids in run(req, stream, http):
-                        if delta:
-                            yield sse(chunk(i, delta, None))
-                        if ids is not None:
-                            yield sse(chunk(i, "", reason_of(ids, stream)))
-                yield sse("[DONE]")
+                try:
+                    for i, (req, stream) in enumerate(zip(requests, streams)):
+                        if body.echo:
+                            yield sse(chunk(i, prompts[i], None))
+                        async for delta, ids in run(req, stream, http):
+                            if delta:
+                                yield sse(chunk(i, delta, None))
+                            if ids is not None:
+                                yield sse(chunk(i, "", reason_of(ids, stream)))
+                    yield sse("[DONE]")
+                except GenerationFailed as exc:
+                    yield sse_error(exc)
+                finally:
+                    cancel_all()
 
             return StreamingResponse(events(), media_type="text/event-stream")
         choices, completion_tokens = [], 0
-        for i, (req, stream) in enumerate(zip(requests, streams)):
-            text = prompts[i] if body.echo else ""
-            async for delta, ids in run(req, stream, http):
-                text += delta
-                if ids is not None:
-                    completion_tokens += len(ids)
-                    choices.append(
-                        {
-                            "text": text,
-                            "index": i,
-                            "logprobs": None,
-                            "finish_reason": reason_of(ids, stream),
-                        }
-                    )
+        try:
+            for i, (req, stream) in enumerate(zip(requests, streams)):
+                text = prompts[i] if body.echo else ""
+                async for delta, ids in run(req, stream, http):
+                    text += delta
+                    if ids is not None:
+                        completion_tokens += len(ids)
+                        choices.append(
+                            {
+                                "text": text,
+                                "index": i,
+                                "logprobs": None,
+                                "finish_reason": reason_of(ids, stream),
+                            }
+                        )
+        except GenerationFailed as exc:
+            raise APIError(500, f"generation failed: {exc}") from None
+        finally:
+            cancel_all()
         if len(choices) < len(prompts):
             return JSONResponse({}, status_code=499)
         prompt_tokens = sum(map(len, encoded))
@@ -387,13 +468,15 @@ def create_app(batcher: Batcher, tokenizer, model: ServedModel) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {
-            "status": "ok",
+        alive = batcher.task is not None and not batcher.task.done()
+        body = {
+            "status": "ok" if alive else "error: the batch loop stopped",
             "model": model.name,
             "layout": model.layout,
-            "queued": batcher.queue.qsize(),
+            "queued": batcher.waiting(),
             "batches": batcher.batches,
         }
+        return JSONResponse(body, status_code=200 if alive else 503)
 
     @app.get("/v1/models")
     async def models():

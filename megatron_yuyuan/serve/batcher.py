@@ -39,9 +39,16 @@ class Request:
         self.cancelled.set()
 
 
-def batch_key(cfg: SamplingConfig) -> tuple:
-    """Requests batch together when these agree."""
-    return dataclasses.astuple(dataclasses.replace(cfg, max_new_tokens=1))
+def batch_key(request: Request) -> tuple:
+    """Requests batch together when these agree: the sampling settings but the budget; and, with
+    a repetition penalty or n-gram ban (whose history includes the left padding, as in
+    transformers), the prompt length, so that no row is padded and the answer is the one the
+    request would get alone."""
+    cfg = request.sampling
+    key = dataclasses.astuple(dataclasses.replace(cfg, max_new_tokens=1))
+    if cfg.repetition_penalty != 1.0 or cfg.no_repeat_ngram_size > 0:
+        key += (len(request.prompt),)
+    return key
 
 
 class Batcher:
@@ -51,29 +58,41 @@ class Batcher:
         self.engine = engine
         self.max_batch_size = max_batch_size
         self.wait_s = wait_ms / 1000.0
-        self.queue: asyncio.Queue = asyncio.Queue(maxsize=max_queue)
+        self.queue: asyncio.Queue = asyncio.Queue()  # bounded by room(): queue + pending
         self.pending: list[Request] = []  # taken from the queue, not yet run (other settings)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
         self.task: Optional[asyncio.Task] = None
+        self.max_queue = max_queue
         self.batches = 0  # batches run, for /health
+        self.running: list[Request] = []
 
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._loop())
 
     async def stop(self) -> None:
+        """Cancel everything in flight; wait (off the event loop) for the running batch."""
+        for r in self.running + self.pending:
+            r.cancel()
         if self.task is not None:
             self.task.cancel()
             try:
                 await self.task
             except asyncio.CancelledError:
                 pass
-        self.executor.shutdown(wait=True)
+        await asyncio.get_running_loop().run_in_executor(None, self.executor.shutdown, True)
+
+    def waiting(self) -> int:
+        """Requests accepted and not yet running."""
+        return self.queue.qsize() + len(self.pending)
+
+    def room(self) -> int:
+        """How many more requests may wait."""
+        return max(self.max_queue - self.waiting(), 0)
 
     def submit(self, request: Request) -> None:
-        try:
-            self.queue.put_nowait(request)
-        except asyncio.QueueFull:
-            raise QueueFull from None
+        if self.room() < 1:
+            raise QueueFull
+        self.queue.put_nowait(request)
 
     async def _gather(self) -> list[Request]:
         """Up to max_batch_size requests with the first one's settings."""
@@ -91,8 +110,21 @@ class Batcher:
                 break
         while len(self.pending) < 4 * self.max_batch_size and not self.queue.empty():
             self.pending.append(self.queue.get_nowait())  # look further for same-key requests
-        key = batch_key(self.pending[0].sampling)
-        batch = [r for r in self.pending if batch_key(r.sampling) == key][: self.max_batch_size]
+        # Same settings, and room for every row: a batch runs to its longest prompt plus its
+        # largest budget, which must fit the model's positions (each request alone does).
+        key = batch_key(self.pending[0])
+        batch: list[Request] = []
+        longest = budget = 0
+        for r in self.pending:
+            if len(batch) == self.max_batch_size:
+                break
+            if batch_key(r) != key:
+                continue
+            fits = max(longest, len(r.prompt)) + max(budget, r.sampling.max_new_tokens)
+            if batch and fits > self.engine.max_positions:
+                continue
+            batch.append(r)
+            longest, budget = max(longest, len(r.prompt)), max(budget, r.sampling.max_new_tokens)
         self.pending = [r for r in self.pending if r not in batch]
         return [r for r in batch if not r.cancelled.is_set()]
 
@@ -111,12 +143,15 @@ class Batcher:
                 return push
 
             jobs = [Job(r.prompt, r.sampling, on_token(r)) for r in batch]
+            self.running = batch
             try:
                 results = await loop.run_in_executor(self.executor, self.engine.run, jobs)
             except Exception as exc:  # a failed batch fails its requests, not the server
                 for r in batch:
                     r.events.put_nowait(("error", f"{type(exc).__name__}: {exc}"))
                 continue
+            finally:
+                self.running = []
             self.batches += 1
             for r, ids in zip(batch, results):
                 r.events.put_nowait(("done", ids))

@@ -76,4 +76,7 @@ def follow(generator) -> None:
         if message[0][0] == "stop":
             return
         _, prompts, cfg, budgets = message[0]
-        generator.generate_ids(prompts, cfg, budgets=budgets, sync_stops=True)
+        try:
+            generator.generate_ids(prompts, cfg, budgets=budgets, sync_stops=True)
+        except Exception as exc:  # rank 0 fails the same batch and answers its clients
+            print(f"rank {dist.get_rank()}: batch failed: {exc}", flush=True)
