@@ -213,3 +213,75 @@ def test_cli_baselines_and_their_errors(files, tmp_path, capsys):
     ]
     assert main(clash) == 2
     assert "taken by a baseline" in capsys.readouterr().err
+
+
+def test_inputs_that_used_to_crash_or_mislead(files, tmp_path, capsys):
+    refs, train, systems = files
+    out = tmp_path / "odd"
+    rows = [json.loads(x) for x in refs.read_text().splitlines()]
+    rows[0]["qtype"], rows[1]["qtype"] = "$\\bogus$", None  # math text, mixed types: plotted
+    odd = tmp_path / "odd_refs.jsonl"
+    odd.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["--references", str(odd), "--predictions", f"ours={systems['ours']}", "--out", str(out)]
+    assert main(args + ["--bootstrap", "100"]) == 0
+    assert (out / "bleu_by_qtype.png").is_file()
+    with pytest.raises(SystemExit) as exc:
+        main(args + ["--bootstrap-seed", "-1"])
+    assert exc.value.code == 2 and "--bootstrap-seed" in capsys.readouterr().err
+    # a baseline must never overwrite an input file
+    mine = out / "baseline_echo.jsonl"
+    mine.write_bytes(systems["ours"].read_bytes())
+    before = mine.read_bytes()
+    assert (
+        main(
+            [
+                "--references",
+                str(refs),
+                "--predictions",
+                f"old={mine}",
+                "--out",
+                str(out),
+                "--baselines",
+                "echo",
+            ]
+        )
+        == 2
+    )
+    assert "would be overwritten" in capsys.readouterr().err and mine.read_bytes() == before
+    # ids on some rows only: refused instead of matching by position
+    partial = tmp_path / "partial.jsonl"
+    partial.write_text('{"prediction": "a"}\n' * 5 + '{"id": "q5", "prediction": "b"}\n')
+    assert (
+        main(["--references", str(refs), "--predictions", f"p={partial}", "--out", str(out)]) == 2
+    )
+    assert "rows have an 'id'" in capsys.readouterr().err
+    # answers too long to score: one line, not minutes of ROUGE-L
+    long = tmp_path / "long.jsonl"
+    long.write_text(
+        "".join(json.dumps({"id": f"q{i}", "prediction": "word " * 30000}) + "\n" for i in range(6))
+    )
+    huge_refs = tmp_path / "huge_refs.jsonl"
+    huge_refs.write_text("".join(json.dumps({**r, "answer": "term " * 1000}) + "\n" for r in rows))
+    assert (
+        main(["--references", str(huge_refs), "--predictions", f"l={long}", "--out", str(out)]) == 2
+    )
+    assert "too long to score" in capsys.readouterr().err
+    tiny = tmp_path / "one.jsonl"  # one question: no intervals, and the report says why
+    tiny.write_text(refs.read_text().splitlines()[0] + "\n")
+    one = tmp_path / "one"
+    assert (
+        main(
+            [
+                "--references",
+                str(tiny),
+                "--predictions",
+                f"ours={systems['ours']}",
+                "--out",
+                str(one),
+            ]
+        )
+        == 0
+    )
+    report = json.loads((one / "report.json").read_text())
+    assert "skipped" in report["bootstrap"] and "ci" not in report["systems"]["ours"]
+    assert "No intervals: 1 questions" in (one / "report.md").read_text()

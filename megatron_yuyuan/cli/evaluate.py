@@ -16,7 +16,7 @@ import argparse
 from pathlib import Path
 from typing import Optional, Sequence
 
-from megatron_yuyuan.cli import ArgumentParser, check_writable_dir, run_cli
+from megatron_yuyuan.cli import ArgumentParser, check_writable_dir, non_negative_int, run_cli
 from megatron_yuyuan.errors import UserError
 
 
@@ -29,6 +29,8 @@ def parse_systems(specs: Sequence[str]) -> dict[str, Path]:
             raise UserError(f"--predictions {spec!r}: expected NAME=FILE.jsonl")
         if name in systems:
             raise UserError(f"--predictions: system name {name!r} given twice")
+        if Path(path).is_dir():
+            raise UserError(f"--predictions {name}: {path} is a directory; give a JSONL file")
         if not Path(path).is_file():
             raise UserError(f"--predictions {name}: {path} does not exist")
         systems[name] = Path(path)
@@ -49,14 +51,23 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
         "retrieval,echo with --train-data, none without; 'none' for none",
     )
     g.add_argument(
-        "--bootstrap", type=int, default=1000, help="paired bootstrap resamples (0: no intervals)"
+        "--bootstrap",
+        type=non_negative_int,
+        default=1000,
+        help="paired bootstrap resamples (0: no intervals)",
     )
     g.add_argument(
-        "--bootstrap-seed", type=int, default=0, help="seed of the bootstrap and of examples.md"
+        "--bootstrap-seed",
+        type=non_negative_int,
+        default=0,
+        help="seed of the bootstrap and of examples.md",
     )
     g.add_argument("--rouge-stem", action="store_true", help="Porter-stem words before ROUGE")
     g.add_argument(
-        "--examples", type=int, default=20, help="questions shown side by side in examples.md"
+        "--examples",
+        type=non_negative_int,
+        default=20,
+        help="questions shown side by side in examples.md",
     )
 
 
@@ -68,7 +79,9 @@ def eval_options_from_args(args: argparse.Namespace):
     elif args.baselines.strip() == "none":
         baselines = []
     else:
-        baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
+        baselines = list(dict.fromkeys(b.strip() for b in args.baselines.split(",") if b.strip()))
+        if not baselines:
+            raise UserError("--baselines '': name retrieval and/or echo, or 'none'")
     opts = EvalOptions(
         smoothing=args.smoothing,
         rouge_stem=args.rouge_stem,

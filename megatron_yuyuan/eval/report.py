@@ -65,7 +65,9 @@ def markdown(report: dict) -> str:
         f"smoothed = nltk `SmoothingFunction().{sm}`, unsmoothed = `method0`.",
         "",
     ]
-    if boot["resamples"]:
+    if boot.get("skipped"):
+        out += [f"No intervals: {boot['skipped']}.", ""]
+    elif boot["resamples"]:
         out += [
             f"Each cell: value (95% paired-bootstrap interval over questions, "
             f"{boot['resamples']} resamples, seed {boot['seed']})."
@@ -157,6 +159,12 @@ def plot_by_qtype(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # question types and system names are data, not LaTeX: "$x$" must not be parsed as math
+    with matplotlib.rc_context({"text.parse_math": False}):
+        _plot(report, path, plt)
+
+
+def _plot(report: dict, path: Path, plt) -> None:
     names = list(report["systems"])
     qtypes = sorted({q for e in report["systems"].values() for q in e["by_qtype"]})
     width = 0.8 / max(len(names), 1)

@@ -24,6 +24,8 @@ from megatron_yuyuan.files import read_jsonl, write_jsonl, write_text_atomic
 from megatron_yuyuan.prompts import extract_answer
 
 REPORT_FILES = ("report.md", "report.json", "examples.md", "bleu_by_qtype.png")
+MIN_BOOTSTRAP_QUESTIONS = 5  # fewer: every resample is nearly the same few answers
+MAX_ROUGE_CELLS = 20_000_000  # ROUGE-L's LCS table is words(ref) x words(answer) Python ints
 
 
 @dataclass
@@ -56,10 +58,17 @@ class EvalOptions:
                 "--baselines retrieval needs --train-data PREFIX_train.jsonl (the training split "
                 "whose answers it retrieves)"
             )
+        if self.train_data is not None and Path(self.train_data).is_dir():
+            raise UserError(f"--train-data {self.train_data}: is a directory; give the JSONL file")
         if self.train_data is not None and not Path(self.train_data).is_file():
             raise UserError(f"--train-data {self.train_data}: no such file")
-        if self.bootstrap < 0 or self.examples < 0:
-            raise UserError("--bootstrap and --examples must be >= 0")
+        for name, flag in (
+            ("bootstrap", "--bootstrap"),
+            ("examples", "--examples"),
+            ("seed", "--bootstrap-seed"),
+        ):
+            if getattr(self, name) < 0:
+                raise UserError(f"{flag}: must be >= 0, got {getattr(self, name)}")
         if 0 < self.bootstrap < 100:
             raise UserError(f"--bootstrap {self.bootstrap}: use 0 (off) or at least 100 resamples")
 
@@ -78,7 +87,15 @@ def prediction_text(row: dict, path: Path) -> str:
 
 
 def align(references: list[dict], predictions: list[dict], path: Path) -> list[dict]:
-    """The prediction row of each reference, matched by ``id`` (or by position without ids)."""
+    """The prediction row of each reference, matched by ``id`` (or by position when neither file
+    has ids)."""
+    for rows, where in ((references, "references"), (predictions, str(path))):
+        with_id = sum("id" in r for r in rows)
+        if 0 < with_id < len(rows):
+            raise DataError(
+                f"{where}: {with_id} of {len(rows)} rows have an 'id'; give every row an id "
+                f"(or none, to match by position)"
+            )
     if all("id" in r for r in references) and all("id" in p for p in predictions):
         for rows, where in ((references, "references"), (predictions, str(path))):
             ids = [r["id"] for r in rows]
@@ -92,12 +109,29 @@ def align(references: list[dict], predictions: list[dict], path: Path) -> list[d
                 f"{path}: no prediction for {len(missing)} reference id(s), e.g. {missing[:3]}"
             )
         return [by_id[r["id"]] for r in references]
+    if any("id" in r for r in references + predictions):
+        raise DataError(
+            f"{path}: rows have no 'id' but the references do (or the other way round); "
+            f"give both files ids to match rows by id"
+        )
     if len(predictions) != len(references):
         raise DataError(
             f"{path}: {len(predictions)} predictions for {len(references)} references "
             f"and no ids to match them"
         )
     return predictions
+
+
+def check_lengths(refs: list[str], hyps: list[str], path: Path) -> None:
+    """Refuse pairs whose ROUGE-L table would take minutes and gigabytes (not real answers)."""
+    for i, (r, h) in enumerate(zip(refs, hyps), 1):
+        cells = len(r.split()) * len(h.split())
+        if cells > MAX_ROUGE_CELLS:
+            raise DataError(
+                f"{path}: row {i}: {len(h.split())} answer words against {len(r.split())} "
+                f"reference words is too long to score (ROUGE-L compares every pair of words); "
+                f"generate shorter answers (--max-new-tokens)"
+            )
 
 
 def finished_at_eos(rows: list[dict]) -> Optional[list[bool]]:
@@ -108,7 +142,12 @@ def finished_at_eos(rows: list[dict]) -> Optional[list[bool]]:
 
 
 def write_baselines(
-    refs: list[dict], references_path: Path, opts: EvalOptions, out_dir: Path, taken: Sequence[str]
+    refs: list[dict],
+    references_path: Path,
+    opts: EvalOptions,
+    out_dir: Path,
+    taken: Sequence[str],
+    inputs: Sequence[Path],
 ) -> dict[str, Path]:
     """Answer the references with each baseline; write ``baseline_NAME.jsonl``; {name: path}."""
     if not opts.baselines:
@@ -116,8 +155,12 @@ def write_baselines(
     clash = [b for b in opts.baselines if b in taken]
     if clash:
         raise UserError(f"system name {clash[0]!r} is taken by a baseline; rename the system")
-    if any(not isinstance(r.get("question"), str) for r in refs):
-        raise DataError(f"{references_path}: the baselines need a 'question' string in every row")
+    for i, r in enumerate(refs, 1):
+        if not isinstance(r.get("question"), str):
+            raise DataError(
+                f"{references_path}:{i}: the baselines need a 'question' string in every row "
+                f"(or pass --baselines none)"
+            )
     train = (
         read_jsonl(Path(opts.train_data), required=("question", "answer"))
         if opts.train_data
@@ -126,6 +169,14 @@ def write_baselines(
     if opts.train_data and not train:
         raise DataError(f"--train-data {opts.train_data}: no rows")
     questions = [r["question"] for r in refs]
+    inputs = {Path(p).resolve() for p in inputs}
+    for name in opts.baselines:
+        target = (out_dir / f"baseline_{name}.jsonl").resolve()
+        if target in inputs:
+            raise UserError(
+                f"{target} is one of the inputs and would be overwritten by the {name} baseline; "
+                f"choose another --out"
+            )
     paths = {}
     for name in opts.baselines:
         answers = baseline_answers(name, questions, train)
@@ -157,14 +208,15 @@ def evaluate(
         raise DataError(f"{references_path}: no references")
     predictions = {name: align(refs, read_jsonl(path), path) for name, path in systems.items()}
     out_dir.mkdir(parents=True, exist_ok=True)
-    baselines = write_baselines(refs, references_path, opts, out_dir, list(systems))
+    inputs = [references_path, *systems.values()] + ([opts.train_data] if opts.train_data else [])
+    baselines = write_baselines(refs, references_path, opts, out_dir, list(systems), inputs)
     for name, path in baselines.items():
         predictions[name] = read_jsonl(path)
     paths = {**systems, **baselines}
 
     ref_text = [r["answer"] for r in refs]
     ref_tok = [tokenize(t) for t in ref_text]
-    qtypes = [r.get("qtype", "all") for r in refs]
+    qtypes = [str(r.get("qtype", "all")) for r in refs]
     groups = defaultdict(list)
     for i, q in enumerate(qtypes):
         groups[q].append(i)
@@ -182,6 +234,7 @@ def evaluate(
     answers = {}
     for name, rows in predictions.items():
         hyps = [prediction_text(r, paths[name]) for r in rows]
+        check_lengths(ref_text, hyps, paths[name])
         answers[name] = hyps
         hyp_tok = [tokenize(h) for h in hyps]
         stats = answer_statistics(
@@ -212,7 +265,11 @@ def evaluate(
                 "rougeL": sum(rouge_l[i] for i in idx) / len(idx),
             }
         report["systems"][name] = entry
-    if opts.bootstrap:
+    if opts.bootstrap and len(refs) < MIN_BOOTSTRAP_QUESTIONS:
+        report["bootstrap"]["skipped"] = (
+            f"{len(refs)} questions: intervals need at least {MIN_BOOTSTRAP_QUESTIONS}"
+        )
+    elif opts.bootstrap:
         ci, versus = paired_bootstrap(statistics, opts.bootstrap, opts.seed, report["baseline"])
         for name, entry in report["systems"].items():
             entry["ci"] = ci[name]
