@@ -193,21 +193,34 @@ def print_rank_0(*args, **kwargs) -> None:
 
 
 def use_plain_linear_for_inference(model: torch.nn.Module) -> None:
-    """Make megatron's column/row-parallel linears compute ``F.linear`` under
+    """Make megatron's column/row-parallel linears compute plain matmuls under
     ``torch.inference_mode`` (generation).
 
     Their forward goes through a custom ``autograd.Function`` (saving tensors for a backward that
     never comes) and adds the bias in a separate op; during decoding, with a handful of tokens per
     step, that bookkeeping costs as much as the matmul. ``F.linear`` is one fused ``addmm``, as in
-    ``transformers``. The tensor-parallel communication around the local matmul is unchanged, and
-    outside inference mode (training, validation) the original path runs.
+    ``transformers``. On a CPU the vocabulary projection (the costliest matmul of a small model)
+    multiplies by a cached contiguous ``[h, V]`` copy of the tied embedding instead: BLAS runs the
+    skinny ``[b, h] @ [h, V]`` product about 25% faster than with the ``[V, h]`` layout. The
+    tensor-parallel communication around the local matmul is unchanged, and outside inference
+    mode (training, validation) the original path runs.
     """
+    output_layer = getattr(model, "output_layer", None)
 
-    def plain(original):
+    def plain(original, transposed_cache: bool):
+        cache: dict = {}
+
         def forward_impl(input, weight, *args, **kwargs):
             if not torch.is_inference_mode_enabled() or kwargs.get("sequence_parallel"):
                 return original(input, weight, *args, **kwargs)
-            return torch.nn.functional.linear(input, weight, kwargs.get("bias"))
+            bias = kwargs.get("bias")
+            if not transposed_cache or weight.device.type != "cpu":
+                return torch.nn.functional.linear(input, weight, bias)
+            key = (weight.data_ptr(), weight._version, weight.shape)
+            if cache.get("key") != key:  # weights changed (or first call): refresh the copy
+                cache["key"], cache["t"] = key, weight.t().contiguous()  # [h, V]
+            out = input @ cache["t"]
+            return out if bias is None else out + bias
 
         return forward_impl
 
@@ -215,5 +228,5 @@ def use_plain_linear_for_inference(model: torch.nn.Module) -> None:
         if isinstance(
             module, (tensor_parallel.ColumnParallelLinear, tensor_parallel.RowParallelLinear)
         ) and not getattr(module, "_plain_inference_linear", False):
-            module._forward_impl = plain(module._forward_impl)
+            module._forward_impl = plain(module._forward_impl, module is output_layer)
             module._plain_inference_linear = True

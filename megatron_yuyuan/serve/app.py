@@ -272,7 +272,7 @@ def create_app(batcher: Batcher, tokenizer, model: ServedModel) -> FastAPI:
                 field_name,
             )
 
-    def submit(jobs: list[tuple[list[int], SamplingConfig]]) -> list[Request]:
+    def submit(jobs: list[tuple[list[int], SamplingConfig]], tokens: bool = True) -> list[Request]:
         """Queue every prompt of one HTTP request, or none of them (503 when there is no room)."""
         if batcher.room() < len(jobs):
             raise APIError(
@@ -280,7 +280,7 @@ def create_app(batcher: Batcher, tokenizer, model: ServedModel) -> FastAPI:
                 "the server is busy: too many requests waiting; retry shortly",
                 headers={"Retry-After": "1"},
             )
-        requests = [Request(prompt, cfg) for prompt, cfg in jobs]
+        requests = [Request(prompt, cfg, tokens) for prompt, cfg in jobs]
         for request in requests:
             batcher.submit(request)
         return requests
@@ -312,6 +312,8 @@ def create_app(batcher: Batcher, tokenizer, model: ServedModel) -> FastAPI:
                     if delta:
                         yield delta, None
                 elif kind == "done":
+                    if not request.tokens:  # no token events came: the text is all new
+                        stream.ids = list(value)
                     yield stream.rest(), value
                     return
                 elif kind == "error":
@@ -340,7 +342,7 @@ def create_app(batcher: Batcher, tokenizer, model: ServedModel) -> FastAPI:
             repetition_penalty=body.repetition_penalty,
             no_repeat_ngram_size=body.no_repeat_ngram_size,
         )
-        (request,) = submit([(prompt, cfg)])
+        (request,) = submit([(prompt, cfg)], tokens=body.stream)
         stream = TextStream(tokenizer, [])
 
         def result(ids: list[int]) -> dict:
@@ -388,7 +390,7 @@ def create_app(batcher: Batcher, tokenizer, model: ServedModel) -> FastAPI:
             check_budget(ids, budget, "max_tokens")
         seed = body.seed if body.seed is not None else 1234
         cfg = sampling(body.temperature, body.top_p, 0, seed, budget)
-        requests = submit([(ids, cfg) for ids in encoded])
+        requests = submit([(ids, cfg) for ids in encoded], tokens=body.stream or bool(stops))
         streams = [TextStream(tokenizer, stops) for _ in prompts]
         rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 

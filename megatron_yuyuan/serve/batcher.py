@@ -26,11 +26,14 @@ class QueueFull(Exception):
 
 @dataclass
 class Request:
-    """One client request in flight: its events are ``("token", id)`` then ``("done", ids)``
-    (or ``("error", message)``)."""
+    """One client request in flight: its events are ``("token", id)`` (only with ``tokens``)
+    then ``("done", ids)`` (or ``("error", message)``)."""
 
     prompt: list[int]
     sampling: SamplingConfig
+    tokens: bool = True
+    """Deliver every token as it comes (streams, stop strings); otherwise only the result,
+    which keeps the event loop (and the GIL) free for the generation thread."""
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -137,7 +140,8 @@ class Batcher:
 
             def on_token(request: Request):
                 def push(token: int) -> bool:
-                    loop.call_soon_threadsafe(request.events.put_nowait, ("token", token))
+                    if request.tokens:
+                        loop.call_soon_threadsafe(request.events.put_nowait, ("token", token))
                     return not request.cancelled.is_set()
 
                 return push
