@@ -405,7 +405,7 @@ def test_validation_loss_and_end_of_run_bleu(sample_dataset, tmp_path):
         "--eval-iters",
         "1",
         "--eval-bleu-samples",
-        "3",
+        "5",
         "--eval-max-new-tokens",
         "4",
         "--eval-no-repeat-ngram-size",
@@ -419,13 +419,13 @@ def test_validation_loss_and_end_of_run_bleu(sample_dataset, tmp_path):
     valid = [m for m in read_metrics(tmp_path / "m.jsonl") if "valid_loss" in m]
     assert [m["iteration"] for m in valid] == [2, 4] and all(m["valid_loss"] > 0 for m in valid)
     report = json.loads((tmp_path / "ckpt" / "eval" / "report.json").read_text())
-    assert report["questions"] == 3
+    assert report["questions"] == 5
     assert list(report["systems"]) == ["finetuned", "retrieval", "echo"]  # baselines from train
     assert set(report["systems"]["finetuned"]["ci"]) >= {"bleu4", "rougeL", "chrf", "eos_rate"}
     preds = (tmp_path / "ckpt" / "eval" / "predictions_valid.jsonl").read_text().splitlines()
     preds = [json.loads(p) for p in preds]
-    assert len(preds) == 3 and all(p["new_tokens"] <= 4 for p in preds)
+    assert len(preds) == 5 and all(p["new_tokens"] <= 4 for p in preds)
     assert all((p["finish_reason"] == "eos") == (p["new_tokens"] < 4) for p in preds)
-    eos_share = sum(p["finish_reason"] == "eos" for p in preds) / 3
+    eos_share = sum(p["finish_reason"] == "eos" for p in preds) / 5
     assert report["systems"]["finetuned"]["metrics"]["eos_rate"] == pytest.approx(eos_share)
     assert (tmp_path / "ckpt" / "loss_curve.png").is_file()
