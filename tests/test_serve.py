@@ -334,9 +334,10 @@ def test_cli_refuses_bad_setups(models, tmp_path, capsys):
     assert "choose another --port" in capsys.readouterr().err
     assert main(["--hf-dir", str(tmp_path), "--port", str(free_port())]) == 2
     assert "no config.json" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as exc:
-        main(["--hf-dir", str(models / "hf"), "--port", "70000"])
-    assert exc.value.code == 2
+    for bad in (["--port", "70000"], ["--batch-wait-ms", "inf"], ["--log-level", "loud"]):
+        with pytest.raises(SystemExit) as exc:
+            main(["--hf-dir", str(models / "hf"), *bad])
+        assert exc.value.code == 2 and capsys.readouterr().err.startswith("error:")
 
 
 class SlowEngine:
@@ -440,3 +441,40 @@ def test_batches_fit_the_positions_and_penalties_do_not_mix_lengths():
     assert asyncio.run(batches(penal)) == [[0, 2], [1]]
     seeds = [Request([1] * 5, greedy(max_new_tokens=4, seed=s)) for s in (1, 2)]
     assert asyncio.run(batches(seeds)) == [[0], [1]]  # the server neutralises greedy seeds
+
+
+def test_prompt_limits_name_the_prompt_and_streams_start_stripped():
+    """A prompt that alone fills the positions names the prompt (and its list index); the
+    streamed answer starts like the stripped answer."""
+    from fastapi.testclient import TestClient
+
+    from megatron_yuyuan.serve.app import ServedModel, create_app
+    from megatron_yuyuan.serve.batcher import Batcher
+
+    engine = SlowEngine()
+    engine.max_positions = 16
+    app = create_app(Batcher(engine, wait_ms=0), WordTokenizer(), ServedModel("fake", "x"))
+    with TestClient(app) as client:
+        r = client.post("/api/answer", json={"question": "w " * 20, "max_new_tokens": 2})
+        assert r.status_code == 422 and r.json()["error"]["param"] == "question"
+        assert "at most 16 positions" in r.json()["error"]["message"]
+        r = client.post("/v1/completions", json={"prompt": ["hi", "w " * 20], "max_tokens": 2})
+        assert r.status_code == 422 and "prompt[1]" in r.json()["error"]["message"]
+        r = client.post("/v1/completions", json={"prompt": "hi", "stop": [""]})
+        assert r.status_code == 422 and "non-empty" in r.json()["error"]["message"]
+        with client.stream(
+            "POST", "/api/answer", json={"question": "a b", "max_new_tokens": 3, "stream": True}
+        ) as r:
+            events = [json.loads(x[6:]) for x in r.iter_lines() if x.startswith("data: ")]
+        assert events[0]["text"] == "x" and events[-1]["answer"] == "x x x x x x x x x x"
+        r = client.post(
+            "/v1/completions",
+            json={
+                "prompt": "hi",
+                "max_tokens": 3,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            },
+        )
+        chunks = [x[6:] for x in r.text.splitlines() if x.startswith("data: ")]
+        assert chunks[-1] == "[DONE]" and json.loads(chunks[-2])["usage"]["completion_tokens"] == 10

@@ -83,6 +83,10 @@ def generator_from_args(args):
     from megatron_yuyuan.generation import build_generator
 
     cpu_compat.apply_if_no_cuda()
+    if args.tokenizer:  # a bad tokenizer fails now, not after the weights are loaded
+        from megatron_yuyuan.tokenizer import load_tokenizer
+
+        load_tokenizer(args.tokenizer)
     dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
     if args.fp16 and not torch.cuda.is_available():
         raise UserError("--fp16 needs a CUDA GPU (CPUs lack fp16 matmuls); use --bf16 or fp32")

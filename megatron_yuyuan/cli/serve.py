@@ -11,6 +11,7 @@ or SIGTERM stops every rank. The API is described in :mod:`megatron_yuyuan.serve
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import socket
@@ -61,12 +62,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         default=256,
         help="requests waiting at most; more get 503 with Retry-After",
     )
-    p.add_argument("--log-level", default="warning", help="uvicorn log level")
+    p.add_argument(
+        "--log-level",
+        default="warning",
+        choices=["critical", "error", "warning", "info", "debug", "trace"],
+        help="uvicorn log level",
+    )
     args = p.parse_args(argv)
     if not 0 < args.port < 65536:
         p.error(f"--port {args.port}: use 1..65535")
-    if args.batch_wait_ms < 0:
-        p.error("--batch-wait-ms must be >= 0")
+    if not math.isfinite(args.batch_wait_ms) or args.batch_wait_ms < 0:
+        p.error(f"--batch-wait-ms {args.batch_wait_ms}: must be a finite number >= 0")
 
     def body() -> int:
         world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -104,7 +110,12 @@ def serve(generator, args) -> int:
     from megatron_yuyuan.serve.engine import Engine
 
     source = args.load or args.hf_dir
-    name = args.served_model_name or Path(source).resolve().name
+    path = Path(source).resolve()
+    if path.name.startswith("iter_"):  # name the run, not its folders
+        path = path.parent
+    if path.name == "checkpoints":
+        path = path.parent
+    name = args.served_model_name or path.name
     eng = Engine(generator)
     batcher = Batcher(
         eng,

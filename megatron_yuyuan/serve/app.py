@@ -137,8 +137,10 @@ class CompletionRequest(_Strict):
     @classmethod
     def stops(cls, v):
         items = [v] if isinstance(v, str) else (v or [])
-        if len(items) > 4 or any(not s for s in items):
-            raise ValueError("at most 4 non-empty stop strings")
+        if len(items) > 4:
+            raise ValueError(f"at most 4 stop strings, got {len(items)}")
+        if any(not s for s in items):
+            raise ValueError("stop strings must be non-empty")
         return v
 
 
@@ -261,7 +263,14 @@ def create_app(batcher: Batcher, tokenizer, model: ServedModel) -> FastAPI:
         APIError, lambda r, e: error_response(e.status, e.message, e.param, e.headers)
     )
 
-    def check_budget(prompt: list[int], budget: int, field_name: str) -> None:
+    def check_budget(prompt: list[int], budget: int, field_name: str, prompt_field: str) -> None:
+        if len(prompt) >= max_positions:
+            raise APIError(
+                422,
+                f"{prompt_field}: the prompt has {len(prompt)} tokens but the model takes at most "
+                f"{max_positions} positions, one of which the answer needs: shorten it",
+                prompt_field.split("[")[0],
+            )
         if len(prompt) + budget > max_positions:
             raise APIError(
                 422,
@@ -332,7 +341,7 @@ def create_app(batcher: Batcher, tokenizer, model: ServedModel) -> FastAPI:
     async def answer(http: HTTPRequest):
         body = await parse_body(http, AnswerRequest)
         prompt = tokenizer.encode(format_prompt(body.question))
-        check_budget(prompt, body.max_new_tokens, "max_new_tokens")
+        check_budget(prompt, body.max_new_tokens, "max_new_tokens", "question")
         cfg = sampling(
             body.temperature,
             body.top_p,
@@ -357,8 +366,12 @@ def create_app(batcher: Batcher, tokenizer, model: ServedModel) -> FastAPI:
         if body.stream:
 
             async def events():
+                started = False  # the answer is stripped: so is the start of its stream
                 try:
                     async for delta, ids in run(request, stream, http):
+                        if not started:
+                            delta = delta.lstrip()
+                            started = bool(delta)
                         if delta:
                             yield sse({"text": delta})
                         if ids is not None:
@@ -386,8 +399,9 @@ def create_app(batcher: Batcher, tokenizer, model: ServedModel) -> FastAPI:
         stops = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
         budget = body.max_tokens if body.max_tokens is not None else 16  # OpenAI's default
         encoded = [tokenizer.encode(p) for p in prompts]
-        for ids in encoded:
-            check_budget(ids, budget, "max_tokens")
+        for i, ids in enumerate(encoded):
+            where = "prompt" if isinstance(body.prompt, str) else f"prompt[{i}]"
+            check_budget(ids, budget, "max_tokens", where)
         seed = body.seed if body.seed is not None else 1234
         cfg = sampling(body.temperature, body.top_p, 0, seed, budget)
         requests = submit([(ids, cfg) for ids in encoded], tokens=body.stream or bool(stops))
@@ -414,6 +428,7 @@ def create_app(batcher: Batcher, tokenizer, model: ServedModel) -> FastAPI:
                 r.cancel()
 
         if body.stream:
+            usage = [0]  # completion tokens, for stream_options.include_usage
 
             async def events():
                 try:
@@ -425,6 +440,23 @@ def create_app(batcher: Batcher, tokenizer, model: ServedModel) -> FastAPI:
                                 yield sse(chunk(i, delta, None))
                             if ids is not None:
                                 yield sse(chunk(i, "", reason_of(ids, stream)))
+                                usage[0] += len(ids)
+                    if (body.stream_options or {}).get("include_usage"):
+                        prompt_tokens = sum(map(len, encoded))
+                        yield sse(
+                            {
+                                "id": rid,
+                                "object": "text_completion",
+                                "created": created,
+                                "model": model.name,
+                                "choices": [],
+                                "usage": {
+                                    "prompt_tokens": prompt_tokens,
+                                    "completion_tokens": usage[0],
+                                    "total_tokens": prompt_tokens + usage[0],
+                                },
+                            }
+                        )
                     yield sse("[DONE]")
                 except GenerationFailed as exc:
                     yield sse_error(exc)
