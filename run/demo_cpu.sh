@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README demo, end to end on CPU: embedded MedQuAD sample -> indexed dataset -> TP=2 finetune
-# on 2 CPU processes -> HF export (with logit check) -> generation -> BLEU table, side by side for
-# the megatron-core checkpoint (TP=2) and its HF export.
+# on 2 CPU processes -> HF export (with logit check) -> generation -> the report, side by side for
+# the megatron-core checkpoint (TP=2), its HF export and the retrieval and echo baselines.
 #   bash run/demo_cpu.sh         # DEMO_ITERS=120 by default; DEMO_OUT=runs/demo
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,7 +36,8 @@ echo "== 3/4 export to Hugging Face format and check logits"
 echo "== 4/4 answer the test questions and score them (megatron-core at TP=2, and the HF export)"
 "$PYTHON" -m torch.distributed.run --nproc-per-node 2 --master-port "$(( ${MASTER_PORT:-29517} + 1 ))" \
   -m megatron_yuyuan.eval_qa --load "$OUT/checkpoints" --tensor-model-parallel-size 2 \
-  --references "$OUT/data/medquad_test.jsonl" --out "$OUT/eval" --name megatron-tp2 --max-new-tokens "$NEW_TOKENS"
+  --references "$OUT/data/medquad_test.jsonl" --out "$OUT/eval" --name megatron-tp2 --max-new-tokens "$NEW_TOKENS" \
+  --train-data "$OUT/data/medquad_train.jsonl"
 "$PYTHON" -m megatron_yuyuan.eval_qa --hf-dir "$OUT/hf" --references "$OUT/data/medquad_test.jsonl" \
-  --out "$OUT/eval" --name hf-export --max-new-tokens "$NEW_TOKENS"
+  --out "$OUT/eval" --name hf-export --max-new-tokens "$NEW_TOKENS" --train-data "$OUT/data/medquad_train.jsonl"
 echo "== report: $OUT/eval/report.md (loss curve: $OUT/checkpoints/loss_curve.png)"
