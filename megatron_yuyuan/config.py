@@ -228,7 +228,8 @@ class TrainConfig:
     eval_iters: int = 4
     """Global batches of the validation split per validation."""
     eval_bleu_samples: int = 0
-    """After training, answer this many validation questions and print their BLEU table."""
+    """After training, answer this many validation questions and score them next to the retrieval
+    and echo baselines (report in SAVE/eval/)."""
     eval_max_new_tokens: int = 64
     """Generation length for --eval-bleu-samples."""
     eval_repetition_penalty: float = 1.0
