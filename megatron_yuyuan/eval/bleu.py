@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from typing import Sequence
+from typing import Optional, Sequence
 
 from megatron_yuyuan.errors import UserError
 
@@ -61,14 +61,23 @@ def sentence_bleus(
         }
 
 
-def bleu_scores(refs: Sequence[list[str]], hyps: Sequence[list[str]], smoothing: str) -> dict:
-    """{level: {kind: {n: score}}}: sentence averages and corpus BLEU, cumulative and individual."""
+def bleu_scores(
+    refs: Sequence[list[str]],
+    hyps: Sequence[list[str]],
+    smoothing: str,
+    cumulative: Optional[dict[int, list[float]]] = None,
+) -> dict:
+    """{level: {kind: {n: score}}}: sentence averages and corpus BLEU, cumulative and individual.
+    ``cumulative``: the per-pair cumulative sentence BLEU when already computed (not redone)."""
     from nltk.translate.bleu_score import corpus_bleu
 
     fn = smoothing_function(smoothing)
     out: dict = {level: {kind: {} for kind in KINDS} for level in LEVELS}
     for kind in KINDS:
-        per_pair = sentence_bleus(refs, hyps, smoothing, kind)
+        if kind == "cumulative" and cumulative is not None:
+            per_pair = cumulative
+        else:
+            per_pair = sentence_bleus(refs, hyps, smoothing, kind)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             for n in NS:

@@ -44,6 +44,14 @@ class Statistic:
     def value(self) -> float:
         return float(self.reduce(self.stats.sum(axis=0)))
 
+    def subset(self, rows: Sequence[int]) -> float:
+        """The metric over these questions only (e.g. one question type)."""
+        return float(self.reduce(self.stats[list(rows)].sum(axis=0)))
+
+    def per_question(self) -> list[float]:
+        """Each question's value, for a metric that is a plain mean (weights all 1)."""
+        return (self.stats[:, 0] / self.stats[:, 1]).tolist()
+
 
 def _ratio(sums: np.ndarray) -> np.ndarray:
     num, den = sums[..., 0], sums[..., 1]

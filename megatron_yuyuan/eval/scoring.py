@@ -17,9 +17,9 @@ from typing import Optional, Sequence
 from megatron_yuyuan.errors import DataError, UserError
 from megatron_yuyuan.eval import report as render
 from megatron_yuyuan.eval.baselines import BASELINES, baseline_answers
-from megatron_yuyuan.eval.bleu import bleu_scores, smoothing_function, tokenize
+from megatron_yuyuan.eval.bleu import NS, bleu_scores, smoothing_function, tokenize
 from megatron_yuyuan.eval.bootstrap import paired_bootstrap
-from megatron_yuyuan.eval.metrics import answer_statistics, rouge_f1s
+from megatron_yuyuan.eval.metrics import answer_statistics
 from megatron_yuyuan.files import read_jsonl, write_jsonl, write_text_atomic
 from megatron_yuyuan.prompts import extract_answer
 
@@ -247,22 +247,28 @@ def evaluate(
             opts.rouge_stem,
         )
         statistics[name] = stats
-        rouge_l = rouge_f1s(ref_text, hyps, opts.rouge_stem)["rougeL"]
         entry = {
             "predictions": str(paths[name]),
             "baseline": name in baselines,
             "metrics": {m: (None if s is None else s.value()) for m, s in stats.items()},
-            "unsmoothed": bleu_scores(ref_tok, hyp_tok, "method0"),
-            "smoothed": bleu_scores(ref_tok, hyp_tok, opts.smoothing),
+            # the cumulative sentence BLEU of the metrics above, not computed again
+            "unsmoothed": bleu_scores(
+                ref_tok,
+                hyp_tok,
+                "method0",
+                {n: stats[f"bleu{n}_unsmoothed"].per_question() for n in NS},
+            ),
+            "smoothed": bleu_scores(
+                ref_tok, hyp_tok, opts.smoothing, {n: stats[f"bleu{n}"].per_question() for n in NS}
+            ),
             "sacrebleu": sacrebleu.corpus_bleu(hyps, [ref_text]).score / 100.0,
             "by_qtype": {},
         }
         for q, idx in sorted(groups.items()):
-            bleu4 = stats["bleu4"].stats[idx]
             entry["by_qtype"][q] = {
                 "n": len(idx),
-                "bleu4": float(bleu4[:, 0].sum() / len(idx)),
-                "rougeL": sum(rouge_l[i] for i in idx) / len(idx),
+                "bleu4": stats["bleu4"].subset(idx),
+                "rougeL": stats["rougeL"].subset(idx),
             }
         report["systems"][name] = entry
     if opts.bootstrap and len(refs) < MIN_BOOTSTRAP_QUESTIONS:
