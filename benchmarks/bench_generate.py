@@ -45,6 +45,11 @@ def make_models(root: Path, preset: str) -> tuple[Path, Path]:
     return root / "hf", root / "mc"
 
 
+def device_label(threads: int) -> str:
+    """What the numbers were measured on, for the benchmark tables."""
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {threads} threads"
+
+
 def time_it(fn, repeats: int) -> tuple[float, object]:
     out, times = None, []
     for _ in range(repeats):
@@ -83,11 +88,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         nocache_s, _ = time_it(lambda: ours.generate_ids(prompts, cfg, use_cache=False), 1)
     new = sum(len(x) for x in our_out)
     same = our_out == hf_out
-    where = (
-        torch.cuda.get_device_name()
-        if torch.cuda.is_available()
-        else f"CPU, {args.threads} threads"
-    )
+    where = device_label(args.threads)
     print(
         f"\ngreedy generation, {args.preset} preset, batch {args.batch_size}, up to "
         f"{args.max_new_tokens} new tokens, fp32, {where}; "

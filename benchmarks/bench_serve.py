@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from benchmarks.bench_generate import make_models
+from benchmarks.bench_generate import device_label, make_models
 from megatron_yuyuan import cpu_compat
 from megatron_yuyuan.data.medquad import parse_medquad
 from megatron_yuyuan.data.sample import SAMPLE_DIR
@@ -141,11 +141,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         finally:
             server.send_signal(signal.SIGTERM)
             server.wait(timeout=60)
-    where = (
-        torch.cuda.get_device_name()
-        if torch.cuda.is_available()
-        else f"CPU, {args.threads} threads"
-    )
+    where = device_label(args.threads)
     print(
         f"\nserving, {args.preset} preset (megatron-core, TP=1), greedy, {args.max_new_tokens} new "
         f"tokens per request, fp32, {where}; baseline: offline batched generate, batch {biggest}, "

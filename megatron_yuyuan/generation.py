@@ -133,6 +133,12 @@ generating (a finished row's token is filler); returns the rows to stop now (e.g
 matched, or the client went away)."""
 
 
+def finish_reason(new_tokens: int, budget: int) -> str:
+    """``"eos"`` or ``"length"``: generated ids stop before EOS, so an answer shorter than its
+    budget ended at EOS."""
+    return "eos" if new_tokens < budget else "length"
+
+
 def row_budgets(
     prompts: Sequence[Sequence[int]], cfg: SamplingConfig, budgets: Optional[Sequence[int]]
 ) -> torch.Tensor:
@@ -441,8 +447,7 @@ def answer_questions(
                     "prediction": answer_from_continuation(text),
                     "generation": text,
                     "new_tokens": len(new),
-                    # the ids stop before EOS: fewer than the budget means it ended at EOS
-                    "finish_reason": "eos" if len(new) < budget else "length",
+                    "finish_reason": finish_reason(len(new), budget),
                 }
             )
     return out

@@ -15,6 +15,7 @@ import html
 import json
 import time
 import uuid
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
 from typing import AsyncIterator, Optional, Union
@@ -25,7 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from megatron_yuyuan.generation import SamplingConfig
+from megatron_yuyuan.generation import SamplingConfig, finish_reason
 from megatron_yuyuan.prompts import format_prompt
 from megatron_yuyuan.serve.batcher import Batcher, Request
 
@@ -252,12 +253,13 @@ def create_app(batcher: Batcher, tokenizer, model: ServedModel) -> FastAPI:
     """The FastAPI application over a running batcher (its loop starts with the app)."""
     max_positions = batcher.engine.max_positions
 
+    @asynccontextmanager
     async def lifespan(app: FastAPI):
         batcher.start()
         yield
         await batcher.stop()
 
-    app = FastAPI(title="megatron_yuyuan QA server", lifespan=_wrap(lifespan))
+    app = FastAPI(title="megatron_yuyuan QA server", lifespan=lifespan)
     app.add_exception_handler(RequestValidationError, lambda r, e: validation_error(e))
     app.add_exception_handler(
         APIError, lambda r, e: error_response(e.status, e.message, e.param, e.headers)
@@ -331,7 +333,7 @@ def create_app(batcher: Batcher, tokenizer, model: ServedModel) -> FastAPI:
             request.cancel()
 
     def finish(ids: list[int], budget: int, stream: TextStream) -> str:
-        return "stop" if stream.stopped else ("length" if len(ids) >= budget else "eos")
+        return "stop" if stream.stopped else finish_reason(len(ids), budget)
 
     def sse_error(exc: GenerationFailed) -> str:
         # headers are gone already: the error travels as an event (the page shows it)
@@ -537,9 +539,3 @@ def create_app(batcher: Batcher, tokenizer, model: ServedModel) -> FastAPI:
         return page
 
     return app
-
-
-def _wrap(lifespan):
-    from contextlib import asynccontextmanager
-
-    return asynccontextmanager(lifespan)

@@ -24,7 +24,7 @@ class QueueFull(Exception):
     """The request queue is at its limit."""
 
 
-@dataclass
+@dataclass(eq=False)  # each request is itself: batches are formed and removed by identity
 class Request:
     """One client request in flight: its events are ``("token", id)`` (only with ``tokens``)
     then ``("done", ids)`` (or ``("error", message)``)."""
