@@ -201,6 +201,13 @@ class TrainConfig:
     """fp16: overflows tolerated before the loss scale shrinks."""
     min_loss_scale: float = 1.0
     """fp16: smallest loss scale."""
+    gradient_accumulation_fusion: Optional[bool] = None
+    """Accumulate each weight gradient straight into the fp32 ``main_grad`` inside its GEMM
+    (Megatron-LM's flag) instead of a bf16 gradient plus an add per micro-batch. None: on with
+    CUDA, through Apex/TE's kernel when installed, else one cuBLAS GEMM with fp32 output."""
+    fused_adam: Optional[bool] = None
+    """Update all parameters in one fused AdamW kernel (torch's; Megatron uses Apex/TE's
+    FusedAdam) instead of a chain of multi-tensor ops. None: on with CUDA."""
     recompute_granularity: Optional[Literal["full", "selective"]] = None
     """Activation recompute: 'full' recomputes whole layers, 'selective' only core attention."""
     recompute_num_layers: int = 1
@@ -306,11 +313,20 @@ class DataConfig:
     --no-packing pads each micro-batch to its longest pair instead."""
     train_on_prompt: bool = False
     """Also train on the question tokens (upstream behaviour); default is answer-only loss."""
+    packed_format: Literal["auto", "thd", "mask"] = "auto"
+    """How packed micro-batches reach attention: 'thd' lays them end to end with pair boundaries
+    (megatron's THD format, flash varlen kernel on CUDA: no cross-pair work), 'mask' keeps
+    ``[b, s]`` with a dense block-diagonal ``[b, 1, s, s]`` mask. 'auto': thd with --bf16/--fp16
+    on an sm80+ GPU, mask elsewhere (on CPU thd is exact but slower)."""
 
     def __post_init__(self) -> None:
         check_field_types(self, "data")
         if self.seq_length is not None and self.seq_length < 1:
             raise ConfigError(f"data.seq_length must be >= 1, got {self.seq_length}")
+        if self.packed_format not in ("auto", "thd", "mask"):
+            raise ConfigError(
+                f"data.packed_format must be auto|thd|mask, got {self.packed_format!r}"
+            )
 
 
 PRESETS: dict[str, ModelConfig] = {

@@ -15,6 +15,7 @@ across pairs, so answers would differ from the HF export), and its fused layer-n
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import zlib
 from typing import Optional
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
@@ -93,8 +95,10 @@ def to_transformer_config(
         fp16=t.fp16,
         attention_softmax_in_fp32=True,
         apply_query_key_layer_scaling=False,
-        # Needs Apex or TE's fused wgrad kernel (fused_weight_gradient_mlp_cuda): on when present.
-        gradient_accumulation_fusion=on_gpu and have_fused_wgrad(),
+        # main_grad += x^T dy inside the GEMM (megatron's layers; our kernel when no Apex/TE).
+        gradient_accumulation_fusion=on_gpu
+        and t.gradient_accumulation_fusion is not False
+        and parallel.enable_wgrad_accumulation_fusion(),
         bias_activation_fusion=fuse_bias_gelu,
         masked_softmax_fusion=on_gpu,
         bias_dropout_fusion=on_gpu,
@@ -117,6 +121,13 @@ class SDPAttention(DotProductAttention):
     Same constructor, parameters (none) and checkpoint layout as ``DotProductAttention``; the
     fused kernel replaces baddbmm + masked softmax + bmm (fewer passes and copies: faster on CPU,
     flash/memory-efficient kernels on GPU). Masks follow megatron's convention (True = masked).
+
+    Packed sequences in megatron's THD format (``packed_seq_params.qkv_format == "thd"``: the
+    micro-batch flattened to ``[t, 1, h]``, pair boundaries in ``cu_seqlens``) run through the
+    flash-attention *varlen* kernel on CUDA: each pair attends causally to itself only, and no
+    ``[s, s]`` mask or cross-pair score is ever computed. Elsewhere (CPU, fp32, or a GPU the
+    kernel does not support) the same block-diagonal causal attention runs through SDPA with a
+    dense mask built from ``cu_seqlens``, so both paths compute the same function.
     """
 
     def forward(
@@ -129,7 +140,11 @@ class SDPAttention(DotProductAttention):
         attention_bias=None,
         packed_seq_params=None,
     ):
-        assert packed_seq_params is None and attention_bias is None, "not supported by SDPAttention"
+        assert attention_bias is None, "not supported by SDPAttention"
+        p = self.attention_dropout.p if self.training else 0.0
+        if packed_seq_params is not None:
+            assert packed_seq_params.qkv_format == "thd", "SDPAttention packs THD only"
+            return self._forward_thd(query, key, value, packed_seq_params, p)
         q, k, v = (
             t.permute(1, 2, 0, 3) for t in (query, key, value)
         )  # [s, b, np, hn] -> [b, np, s, hn]
@@ -138,27 +153,73 @@ class SDPAttention(DotProductAttention):
             mask, causal = None, mask_type == AttnMaskType.causal and q.size(2) > 1
         else:
             mask, causal = ~attention_mask, False  # SDPA's boolean mask is True = attend
-        p = self.attention_dropout.p if self.training else 0.0
-        if p > 0:  # dropout in a TP region draws from the model-parallel RNG stream, as upstream
-            with parallel.get_cuda_rng_tracker().fork():
-                ctx = F.scaled_dot_product_attention(
-                    q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal, scale=self.softmax_scale
-                )
-        else:
-            ctx = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=causal, scale=self.softmax_scale
-            )
+        ctx = self._sdpa(q, k, v, mask, causal, p)  # [b, np, s, hn]
         b, heads, s, hn = ctx.shape
         return ctx.permute(2, 0, 1, 3).reshape(s, b, heads * hn)  # [s, b, hp]
 
+    def _sdpa(self, q, k, v, mask, causal: bool, p: float) -> torch.Tensor:
+        if p > 0:  # dropout in a TP region draws from the model-parallel RNG stream, as upstream
+            with parallel.get_cuda_rng_tracker().fork():
+                return F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal, scale=self.softmax_scale
+                )
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, scale=self.softmax_scale
+        )
 
-def have_fused_wgrad() -> bool:
-    """Whether the fused weight-gradient accumulation kernel megatron needs is importable."""
-    try:
-        import fused_weight_gradient_mlp_cuda  # noqa: F401  (Apex or TE builds provide it)
-    except ImportError:
-        return False
-    return True
+    def _forward_thd(self, query, key, value, params, p: float) -> torch.Tensor:
+        """query/key/value ``[t, np, hn]`` (megatron squeezed the batch of one) -> ``[t, hp]``."""
+        t, heads, hn = query.shape
+        cu = params.cu_seqlens_q  # [n + 1] int32: pair i is rows cu[i]:cu[i + 1]
+        if varlen_attention_supported(query):
+            # The kernel torch's own nested-tensor SDPA calls; it is differentiable and takes
+            # dropout, which the public torch.nn.attention.varlen wrapper does not.
+            with parallel.get_cuda_rng_tracker().fork() if p > 0 else contextlib.nullcontext():
+                ctx = torch.ops.aten._flash_attention_forward(
+                    query,
+                    key,
+                    value,
+                    cu,
+                    params.cu_seqlens_kv,
+                    params.max_seqlen_q,
+                    params.max_seqlen_kv,
+                    p,
+                    True,  # causal within each pair
+                    False,
+                    scale=self.softmax_scale,
+                )[0]  # [t, np, hn]
+            return ctx.reshape(t, heads * hn)
+        segment = torch.zeros(t, dtype=torch.int64, device=query.device)  # [t] pair index
+        segment[cu[1:-1].long()] = 1
+        segment = segment.cumsum(0)
+        allowed = (segment[:, None] == segment[None, :]).tril()  # [t, t]
+        q, k, v = (x.permute(1, 0, 2).unsqueeze(0) for x in (query, key, value))  # [1, np, t, hn]
+        ctx = self._sdpa(q, k, v, allowed, False, p)  # [1, np, t, hn]
+        return ctx[0].permute(1, 0, 2).reshape(t, heads * hn)
+
+
+def thd_params(cu_seqlens: torch.Tensor, max_seqlen: int) -> PackedSeqParams:
+    """megatron's description of a THD micro-batch (see ``data.sft_dataset.to_thd``): the same
+    runs for queries and keys/values."""
+    return PackedSeqParams(
+        qkv_format="thd",
+        cu_seqlens_q=cu_seqlens,
+        cu_seqlens_kv=cu_seqlens,
+        max_seqlen_q=max_seqlen,
+        max_seqlen_kv=max_seqlen,
+    )
+
+
+def varlen_attention_supported(x: torch.Tensor) -> bool:
+    """Whether the flash varlen kernel runs for ``x`` (CUDA, fp16/bf16, sm80+, head dim <= 256)."""
+    return (
+        x.is_cuda
+        and x.dtype in (torch.float16, torch.bfloat16)
+        and x.shape[-1] % 8 == 0
+        and x.shape[-1] <= 256
+        and torch.cuda.get_device_capability(x.device) >= (8, 0)
+        and hasattr(torch.ops.aten, "_flash_attention_forward")
+    )
 
 
 def layer_spec():

@@ -230,3 +230,65 @@ def use_plain_linear_for_inference(model: torch.nn.Module) -> None:
         ) and not getattr(module, "_plain_inference_linear", False):
             module._forward_impl = plain(module._forward_impl, module is output_layer)
             module._plain_inference_linear = True
+
+
+class _TorchWgradAccumulation:
+    """Stand-in for Apex/TE's ``fused_weight_gradient_mlp_cuda`` with megatron's call signature:
+    ``main_grad += grad_output^T @ input`` as one cuBLAS GEMM with beta = 1, reading bf16/fp16
+    operands and accumulating in the fp32 ``main_grad`` (``addmm`` with ``out_dtype``), instead
+    of a half-precision weight gradient, its allocation and a separate add per micro-batch."""
+
+    @staticmethod
+    def wgrad_gemm_accum_fp32(
+        total_input: torch.Tensor, grad_output: torch.Tensor, main_grad: torch.Tensor
+    ) -> None:
+        x = total_input.reshape(-1, total_input.shape[-1])  # [tokens, in]
+        dy = grad_output.reshape(-1, grad_output.shape[-1])  # [tokens, out]
+        if x.dtype == main_grad.dtype:
+            main_grad.addmm_(dy.t(), x)  # [out, in]
+        else:
+            torch.addmm(main_grad, dy.t(), x, out_dtype=main_grad.dtype, out=main_grad)
+
+    @staticmethod
+    def wgrad_gemm_accum_fp16(
+        total_input: torch.Tensor, grad_output: torch.Tensor, main_grad: torch.Tensor
+    ) -> None:
+        x = total_input.reshape(-1, total_input.shape[-1])  # [tokens, in]
+        dy = grad_output.reshape(-1, grad_output.shape[-1])  # [tokens, out]
+        main_grad.addmm_(dy.t(), x)  # [out, in]
+
+
+def _torch_wgrad_accumulation_works() -> bool:
+    """Probe the fp32-output GEMM on this GPU once (it needs a recent torch and CUDA)."""
+    try:
+        g = torch.Generator(device="cuda").manual_seed(0)
+        x = torch.randn(64, 32, device="cuda", dtype=torch.bfloat16, generator=g)
+        dy = torch.randn(64, 48, device="cuda", dtype=torch.bfloat16, generator=g)
+        acc = torch.ones(48, 32, device="cuda")
+        _TorchWgradAccumulation.wgrad_gemm_accum_fp32(x, dy, acc)
+        want = 1 + dy.float().t() @ x.float()
+        return bool(torch.allclose(acc, want, rtol=1e-3, atol=1e-3))
+    except (RuntimeError, TypeError):
+        return False
+
+
+_WGRAD_FUSION: dict[str, bool] = {}
+
+
+def enable_wgrad_accumulation_fusion() -> bool:
+    """Make megatron's ``gradient_accumulation_fusion`` usable on this CUDA machine.
+
+    Apex/TE's compiled kernel is used when importable; otherwise megatron's linear layers are
+    given :class:`_TorchWgradAccumulation` (probed once). Returns False where neither works, and
+    the config then leaves the fusion off.
+    """
+    if "ok" not in _WGRAD_FUSION:
+        from megatron.core.tensor_parallel import layers
+
+        ok = layers._grad_accum_fusion_available
+        if not ok and torch.cuda.is_available() and _torch_wgrad_accumulation_works():
+            layers.fused_weight_gradient_mlp_cuda = _TorchWgradAccumulation
+            layers._grad_accum_fusion_available = True
+            ok = True
+        _WGRAD_FUSION["ok"] = ok
+    return _WGRAD_FUSION["ok"]

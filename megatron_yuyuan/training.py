@@ -38,8 +38,8 @@ from megatron_yuyuan.logging_utils import (
     gpu_peak_flops,
     plot_loss_curve,
 )
-from megatron_yuyuan.model import build_model, training_flops_per_token, wrap_float16
-from megatron_yuyuan.optim import build_optimizer, build_scheduler, seed_main_params
+from megatron_yuyuan.model import build_model, thd_params, training_flops_per_token, wrap_float16
+from megatron_yuyuan.optim import build_optimizer, build_scheduler, seed_main_params, use_fused_adam
 from megatron_yuyuan.parallel import Layout
 from megatron_yuyuan.training_checkpoint import load_training_checkpoint, save_training_checkpoint
 
@@ -63,18 +63,29 @@ def loss_func(loss_mask: torch.Tensor, losses: torch.Tensor):
     loss_sum = (losses.float() * mask).sum()
     num_tokens = mask.sum()
     # The schedule scales the returned loss in place; report a detached copy.
-    positions = torch.tensor(float(mask.numel()), device=mask.device)
+    # torch.full, not torch.tensor: a host-to-device copy would wait for the GPU every micro-batch
+    positions = torch.full((), float(mask.numel()), device=mask.device)
     report = torch.stack([loss_sum.detach().clone(), num_tokens.detach(), positions])
     return loss_sum, num_tokens.to(torch.int), {"lm loss": report}
 
 
 def forward_step(data_iterator: Iterator[dict], model: torch.nn.Module, *, device: torch.device):
     """One micro-batch through this pipeline stage (megatron's forward_step_func contract)."""
-    batch = {k: v.to(device, non_blocking=True) for k, v in next(data_iterator).items()}
-    # No attention_mask: plain causal attention. Packed batches carry a block-diagonal one.
+    batch = next(data_iterator)
+    max_seqlen = batch.pop("max_seqlen", None)  # THD batches; a CPU tensor: no GPU sync
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    # No attention_mask: plain causal attention. Packed batches carry a block-diagonal one, or
+    # come flattened to [1, b * s] with pair boundaries (THD).
+    packed = None
+    if "cu_seqlens" in batch:
+        packed = thd_params(batch.pop("cu_seqlens"), int(max_seqlen))
     # The last stage returns per-token losses [b, s].
     output = model(
-        batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"]
+        batch["tokens"],
+        batch["position_ids"],
+        batch.get("attention_mask"),
+        labels=batch["labels"],
+        packed_seq_params=packed,
     )
     return output, partial(loss_func, batch["loss_mask"])
 
@@ -159,7 +170,29 @@ def setup(cfg: RunConfig) -> TrainState:
                 else "weights only, starting at iteration 0"
             )
         )
+    if fused_adam(cfg):
+        use_fused_adam(optimizer)
     return state
+
+
+def fused_adam(cfg: RunConfig) -> bool:
+    """Resolve --fused-adam (None: on with CUDA)."""
+    flag = cfg.train.fused_adam
+    return torch.cuda.is_available() if flag is None else flag
+
+
+def packed_thd(cfg: RunConfig) -> bool:
+    """Whether packed micro-batches use the THD layout (resolves --packed-format auto)."""
+    d, t = cfg.data, cfg.train
+    if not (d.packing and d.data_prefix) or d.packed_format == "mask":
+        return False
+    if d.packed_format == "thd":
+        return True
+    return (
+        (t.bf16 or t.fp16)
+        and torch.cuda.is_available()
+        and torch.cuda.get_device_capability() >= (8, 0)
+    )
 
 
 def overlap_grad_reduce(cfg: RunConfig) -> bool:
@@ -236,15 +269,16 @@ def build_data_iterator(
         seed = cfg.train.seed + (0 if split == "train" else 1)  # validation: other samples
         return _pinned(mock_batch(idx, d.seq_length, cfg.model.vocab_size, seed) for idx in indices)
     dataset = open_split(cfg, split)
+    thd = packed_thd(cfg)
     if split != "train":
-        return _pinned(dataset.micro_batch(idx) for idx in indices)
+        return _pinned(dataset.micro_batch(idx, thd=thd) for idx in indices)
+    kind = f"packed sequences ({'THD' if thd else 'masks'})" if d.packing else "samples"
     parallel.print_rank_0(
         f"> {d.data_prefix}_train: {len(dataset.pairs)} pairs, "
-        f"{dataset.samples_per_epoch()} {'packed sequences' if d.packing else 'samples'} per epoch "
-        f"of <= {d.seq_length} tokens, {dataset.truncated} pair(s) truncated at the answer's end, "
+        f"{dataset.samples_per_epoch()} {kind} per epoch of <= {d.seq_length} tokens, {dataset.truncated} pair(s) truncated at the answer's end, "
         f"loss on {'prompt and answer' if d.train_on_prompt else 'answers only'}"
     )
-    return _pinned(dataset.micro_batch(idx) for idx in indices)
+    return _pinned(dataset.micro_batch(idx, thd=thd) for idx in indices)
 
 
 def _pinned(batches: Iterator[dict]) -> Iterator[dict]:
@@ -258,8 +292,8 @@ def _reduce_loss(losses: list[dict], layout: Layout) -> tuple[float, int]:
     """Token-weighted mean loss and the positions processed, summed over micro-batches, DP ranks
     and (from the last stage) known on every pipeline stage."""
     total = torch.zeros(3, dtype=torch.float64)  # loss sum, loss tokens, positions
-    for item in losses:  # non-empty on the last stage only
-        total += item["lm loss"].to(torch.float64).cpu()
+    if losses:  # on the last stage only; one device-to-host copy for all micro-batches
+        total += torch.stack([item["lm loss"] for item in losses]).to(torch.float64).sum(0).cpu()
     if layout.dp > 1 or layout.pp > 1:  # collectives on one-rank groups only cost time
         if dist.get_backend() == "nccl":
             total = total.cuda()
@@ -273,13 +307,16 @@ def _run_schedule(
 ) -> list[dict]:
     """One global batch through megatron's schedule; the last stage's per-micro-batch reports."""
     cfg = state.cfg
+    thd = packed_thd(cfg)
     return forward_backward(
         forward_step_func=partial(forward_step, device=device()),
         data_iterator=data_iterator,
         model=[state.model],
         num_microbatches=state.num_microbatches,
-        seq_length=cfg.data.seq_length,
-        micro_batch_size=cfg.train.micro_batch_size,
+        # THD micro-batches are one sequence of mbs * s positions: pipeline stages exchange
+        # [mbs * s, 1, h] activations.
+        seq_length=cfg.data.seq_length * (cfg.train.micro_batch_size if thd else 1),
+        micro_batch_size=1 if thd else cfg.train.micro_batch_size,
         forward_only=forward_only,
     )
 
@@ -375,6 +412,8 @@ def train(cfg: RunConfig) -> TrainResult:
         f"{layout.world_size} process(es): TP={layout.tp} PP={layout.pp} DP={layout.dp}, "
         f"{state.num_microbatches} micro-batch(es) of {t.micro_batch_size} x {cfg.data.seq_length} "
         f"tokens per step, backend {dist.get_backend()}"
+        + (", weight-gradient fusion" if state.model.config.gradient_accumulation_fusion else "")
+        + (", fused AdamW" if fused_adam(cfg) else "")
         + (f", MFU against {peak[1] / 1e12:.0f} TFLOP/s bf16 ({peak[0]})" if peak else "")
     )
     data = build_data_iterator(state)

@@ -141,3 +141,54 @@ def test_bf16_finetune_from_fp16_weights_keeps_their_precision(tmp_path, distopt
         assert torch.isin(got, want.cpu()).all()
     finally:
         destroy_distributed()
+
+
+@pytest.mark.cuda
+def test_weight_gradient_fusion_and_fused_adam_match_the_plain_path(tmp_path):
+    """Megatron's gradient-accumulation fusion through our cuBLAS fp32-output GEMM and torch's
+    fused AdamW train as the unfused path does (bf16 rounding apart); a checkpoint written by
+    multi-tensor Adam (step counters on the CPU) resumes under the fused kernel."""
+    from megatron_yuyuan import parallel
+
+    assert parallel.enable_wgrad_accumulation_fusion()
+    x = torch.randn(3, 5, 32, device="cuda", dtype=torch.bfloat16)  # [s, b, in]
+    dy = torch.randn(3, 5, 48, device="cuda", dtype=torch.bfloat16)  # [s, b, out]
+    acc = torch.full((48, 32), 0.5, device="cuda")
+    parallel._TorchWgradAccumulation.wgrad_gemm_accum_fp32(x, dy, acc)
+    want = 0.5 + dy.reshape(15, 48).float().t() @ x.reshape(15, 32).float()
+    torch.testing.assert_close(acc, want, rtol=1e-5, atol=1e-4)
+
+    def run(name, *extra):
+        metrics = tmp_path / f"{name}.jsonl"
+        args = [*TINY, "--bf16", "--train-iters", "4", "--metrics-file", str(metrics), *extra]
+        assert finetune(args) == 0
+        return [m["loss"] for m in read_metrics(metrics)]
+
+    plain = run("plain", "--no-gradient-accumulation-fusion", "--no-fused-adam")
+    fused = run("fused")
+    assert fused == pytest.approx(plain, rel=5e-3)
+    ckpt = str(tmp_path / "ckpt")
+    run("first", "--no-fused-adam", "--train-iters", "2", "--save", ckpt)
+    resumed = run("resumed", "--load", ckpt)  # fused AdamW from iteration 3
+    assert resumed == pytest.approx(plain[2:], rel=5e-3)
+
+
+@pytest.mark.cuda
+def test_thd_packing_uses_the_varlen_kernel_and_matches_masks(sample_dataset, tmp_path):
+    from megatron_yuyuan.model import varlen_attention_supported
+
+    assert varlen_attention_supported(torch.zeros(4, 2, 16, device="cuda", dtype=torch.bfloat16))
+    base = ["--config", "tiny", "--vocab-size", "50257", "--data-prefix", sample_dataset]
+    base += ["--seq-length", "256", "--micro-batch-size", "2", "--global-batch-size", "4"]
+    base += ["--train-iters", "3", "--lr", "1e-3", "--bf16"]
+
+    def run(name, *extra):
+        metrics = tmp_path / f"{name}.jsonl"
+        assert finetune([*base, "--metrics-file", str(metrics), *extra]) == 0
+        return [m["loss"] for m in read_metrics(metrics)]
+
+    mask = run("mask", "--packed-format", "mask")
+    thd = run("thd")  # auto: THD on this GPU with --bf16
+    assert thd == pytest.approx(mask, rel=1e-2)
+    dropout = run("dropout", "--attention-dropout", "0.1")  # the kernel's own dropout
+    assert all(0 < x < 20 for x in dropout) and dropout != thd

@@ -127,8 +127,10 @@ QA = [
             2,
             ["--pipeline-model-parallel-size", "2", "--no-packing"],
         ),  # variable-length micro-batches
+        # THD: each micro-batch one [1, b * s] sequence; the stages exchange [b * s, 1, h]
+        (2, ["--pipeline-model-parallel-size", "2", "--packed-format", "thd"]),
     ],
-    ids=["tp2-packed", "pp2-padded"],
+    ids=["tp2-packed", "pp2-padded", "pp2-thd"],
 )
 def test_medquad_training_matches_across_layouts(sample_dataset, tmp_path, nproc, extra):
     data = ["--data-prefix", sample_dataset, *[f for f in extra if f == "--no-packing"]]

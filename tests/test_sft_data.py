@@ -9,7 +9,7 @@ import torch
 
 from megatron_yuyuan.config import DataConfig, RunConfig, get_preset
 from megatron_yuyuan.data.sft_dataset import QADataset, pack_first_fit
-from megatron_yuyuan.model import build_model
+from megatron_yuyuan.model import build_model, thd_params
 from megatron_yuyuan.training import loss_func
 
 SEQ = 256
@@ -26,6 +26,9 @@ def gpt2_tiny(single_process_group):
 def logits_and_grad(model, batch):
     """Forward with labels through the real loss path; returns logits [b, s, V] and d loss / d logits."""
     captured = {}
+    packed = None
+    if "cu_seqlens" in batch:
+        packed = thd_params(batch["cu_seqlens"], int(batch["max_seqlen"]))
 
     def keep(_module, _inputs, output):
         logits = output[0]  # [s, b, V]
@@ -34,7 +37,11 @@ def logits_and_grad(model, batch):
 
     handle = model.output_layer.register_forward_hook(keep)
     losses = model(
-        batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"]
+        batch["tokens"],
+        batch["position_ids"],
+        batch.get("attention_mask"),
+        labels=batch["labels"],
+        packed_seq_params=packed,
     )  # [b, s]
     handle.remove()
     loss_sum, _, _ = loss_func(batch["loss_mask"], losses)
@@ -88,6 +95,26 @@ def test_packed_pairs_match_pairs_run_alone(gpt2_tiny, sample_dataset):
             pos += n
             checked += 1
     assert checked >= 4
+
+
+def test_thd_layout_gives_the_masked_batch_its_logits_and_gradients(gpt2_tiny, sample_dataset):
+    ds = QADataset(f"{sample_dataset}_train", SEQ, packing=True, seed=0)
+    rows = [i for i in range(ds.samples_per_epoch()) if len(ds.sample_pairs(i)) >= 2][:3]
+    masked = ds.micro_batch(rows)
+    thd = ds.micro_batch(rows, thd=True)
+    assert thd["tokens"].shape == (1, 3 * SEQ) and "attention_mask" not in thd
+    cu = thd["cu_seqlens"].tolist()
+    # one run per pair, plus each row's padding tail; every row starts a run
+    pairs = sum(len(ds.sample_pairs(i)) for i in rows)
+    assert pairs <= len(cu) - 1 <= pairs + 3 and {0, SEQ, 2 * SEQ} <= set(cu) and cu[-1] == 3 * SEQ
+    assert int(thd["max_seqlen"]) == max(b - a for a, b in zip(cu, cu[1:]))
+    for key in ("tokens", "labels", "loss_mask", "position_ids"):
+        assert torch.equal(thd[key].view(3, SEQ), masked[key])
+    logits_m, grad_m = logits_and_grad(gpt2_tiny, masked)
+    gpt2_tiny.zero_grad()
+    logits_t, grad_t = logits_and_grad(gpt2_tiny, thd)
+    torch.testing.assert_close(logits_t.reshape(3, SEQ, -1), logits_m, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad_t.reshape(3, SEQ, -1), grad_m, rtol=1e-5, atol=1e-7)
 
 
 def test_packing_is_dense_and_deterministic(sample_dataset):

@@ -163,8 +163,10 @@ class QADataset:
             "segment_ids": torch.from_numpy(segment),
         }
 
-    def micro_batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
-        """Collate samples ``indices`` into one micro-batch."""
+    def micro_batch(self, indices: Sequence[int], thd: bool = False) -> dict[str, torch.Tensor]:
+        """Collate samples ``indices`` into one micro-batch ``[b, s]``; packed samples carry a
+        block-diagonal ``attention_mask``, or with ``thd`` come in megatron's THD layout
+        (:func:`to_thd`)."""
         groups = [self.sample_pairs(i) for i in indices]
         if self.packing:
             length = self.seq_length
@@ -174,9 +176,32 @@ class QADataset:
         samples = [self.build_sample(g, length) for g in groups]
         batch = {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
         segments = batch.pop("segment_ids")  # [b, s]
+        if self.packing and thd:
+            return to_thd(batch, segments)
         if self.packing:
             batch["attention_mask"] = block_causal_mask(segments)
         return batch
+
+
+def to_thd(batch: dict[str, torch.Tensor], segment_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A packed micro-batch in megatron's THD layout, for variable-length attention kernels.
+
+    The ``b`` rows of ``s`` positions are laid end to end as one sequence ``[1, b * s]``;
+    ``cu_seqlens`` ``[n + 1]`` (int32) holds where each of the ``n`` runs starts (a pair, or a
+    row's padding tail) and the total, and ``max_seqlen`` (a 0-d CPU tensor, so reading it never
+    waits for the GPU) the longest run. Attention within each run is causal, as with
+    :func:`block_causal_mask`, at no ``[s, s]`` cost.
+    """
+    b, s = segment_ids.shape
+    flat = segment_ids.reshape(-1)  # [b * s]
+    starts = torch.ones_like(flat, dtype=torch.bool)
+    starts[1:] = flat[1:] != flat[:-1]
+    starts[::s] = True  # a row's first pair never continues the previous row's last one
+    cu = torch.cat([starts.nonzero().flatten(), torch.tensor([b * s])]).to(torch.int32)  # [n + 1]
+    out = {k: v.reshape(1, b * s) for k, v in batch.items()}
+    out["cu_seqlens"] = cu
+    out["max_seqlen"] = (cu[1:] - cu[:-1]).max().to(torch.int64)
+    return out
 
 
 def block_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
