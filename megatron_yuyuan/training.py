@@ -285,7 +285,7 @@ def _pinned(batches: Iterator[dict]) -> Iterator[dict]:
     """On CUDA, page-locked batches, so forward_step's non_blocking copies really are async."""
     if not torch.cuda.is_available():
         return batches
-    return ({k: v.pin_memory() for k, v in b.items()} for b in batches)
+    return ({k: v.contiguous().pin_memory() for k, v in b.items()} for b in batches)
 
 
 def _reduce_loss(losses: list[dict], layout: Layout) -> tuple[float, int]:

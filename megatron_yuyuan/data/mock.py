@@ -28,5 +28,5 @@ def mock_batch(
         "tokens": ids[:, :-1].contiguous(),  # [b, s]
         "labels": ids[:, 1:].contiguous(),  # [b, s]
         "loss_mask": torch.ones(len(indices), seq_length),  # [b, s]
-        "position_ids": torch.arange(seq_length).expand(len(indices), -1),  # [b, s]
+        "position_ids": torch.arange(seq_length).repeat(len(indices), 1),  # [b, s], own memory
     }
