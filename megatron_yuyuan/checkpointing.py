@@ -114,6 +114,8 @@ class CheckpointInfo:
     """Optimizer, LR schedule and RNG states are saved too (a resumable training checkpoint)."""
     layout: tuple[int, int, int] = (1, 1, 1)
     """(TP, PP, DP) it was saved at."""
+    lora: Optional[dict] = None
+    """A LoRA checkpoint (adapters only): its settings, base checkpoint and base fingerprint."""
 
 
 def read_info(ckpt_dir: Path) -> CheckpointInfo:
@@ -127,6 +129,7 @@ def read_info(ckpt_dir: Path) -> CheckpointInfo:
             iteration=int(raw["iteration"]),
             training_state=bool(raw.get("training_state", False)),
             layout=tuple(raw.get("layout", (1, 1, 1))),
+            lora=raw.get("lora"),
         )
     except FileNotFoundError as exc:
         raise CheckpointError(f"{path} not found: {ckpt_dir} is not a checkpoint") from exc
@@ -146,6 +149,7 @@ def _write_info(ckpt_dir: Path, info: CheckpointInfo) -> None:
                 "iteration": info.iteration,
                 "training_state": info.training_state,
                 "layout": list(info.layout),
+                **({"lora": info.lora} if info.lora else {}),
             },
             sort_keys=False,
         )
@@ -163,6 +167,7 @@ def save_sharded(
     layout: tuple[int, int, int] = (1, 1, 1),
     run_config: Optional[dict] = None,
     extra_files: Optional[Callable[[Path], None]] = None,
+    lora: Optional[dict] = None,
 ) -> Path:
     """Save a sharded state dict as checkpoint ``iteration`` under ``save``.
 
@@ -181,7 +186,9 @@ def save_sharded(
     if rank0:
         _write_info(
             tmp,
-            CheckpointInfo(model_cfg, dtype, padded_vocab_size, iteration, training_state, layout),
+            CheckpointInfo(
+                model_cfg, dtype, padded_vocab_size, iteration, training_state, layout, lora
+            ),
         )
         if extra_files is not None:  # e.g. tokenizer files: inside before the rename, too
             extra_files(tmp)
@@ -251,12 +258,18 @@ def check_compatible(saved: ModelConfig, model_cfg: ModelConfig, where: Path) ->
 
 
 def load_model(
-    load: str | Path, model: torch.nn.Module, model_cfg: ModelConfig, layout: parallel.Layout
+    load: str | Path,
+    model: torch.nn.Module,
+    model_cfg: ModelConfig,
+    layout: parallel.Layout,
+    only: Optional[Callable[[str], bool]] = None,
 ) -> tuple[CheckpointInfo, dict[str, torch.Tensor]]:
     """Load weights into this rank's ``model`` at any TP/PP (every rank calls it).
 
     Returns the checkpoint's info and this rank's tensors *in the checkpoint's dtype* (an fp16 or
     fp32 checkpoint loaded into a bf16 model keeps its precision there, for the fp32 main weights).
+    ``only`` restricts loading to the state-dict keys it accepts (LoRA: base weights from one
+    checkpoint, adapters from another).
     """
     ckpt = resolve(load)
     info = read_info(ckpt)
@@ -265,6 +278,8 @@ def load_model(
     # has another row count: megatron marks those tensors allow_shape_mismatch and copies the
     # overlapping rows (the pad rows beyond the real vocabulary are zeros either way).
     request = model.sharded_state_dict()
+    if only is not None:
+        request = {k: v for k, v in request.items() if only(k)}
     for sh in request.values():
         if isinstance(sh, ShardedTensor) and sh.data.dtype != info.dtype:
             sh.data = torch.empty(sh.local_shape, dtype=info.dtype, device=sh.data.device)
@@ -272,26 +287,26 @@ def load_model(
     # The result also carries the checkpoint's common (non-tensor) state, e.g. the optimizer's.
     state = {k: loaded[k] for k in request if not k.endswith("_extra_state")}
     missing, unexpected = model.load_state_dict(state, strict=False)  # casts to the model dtype
-    missing = [k for k in missing if not k.endswith("_extra_state")]
+    missing = [k for k in missing if not k.endswith("_extra_state") and (only is None or only(k))]
     if missing or unexpected:
         raise CheckpointError(f"{ckpt}: missing keys {missing}, unexpected keys {unexpected}")
     return info, state
 
 
 def load_full_state(
-    load: str | Path, template: torch.nn.Module
+    load: str | Path, template: torch.nn.Module, only: Optional[Callable[[str], bool]] = None
 ) -> tuple[dict[str, torch.Tensor], CheckpointInfo]:
     """Every weight of a checkpoint as full tensors, named as in ``template``'s state dict.
 
     ``template`` is a model built (on the meta device is enough) at TP=1, PP=1 with the
-    checkpoint's padded vocabulary; only its sharded-state-dict keys are used, so memory is one copy
-    of the weights in the checkpoint's dtype.
+    checkpoint's padded vocabulary; only its sharded-state-dict keys are used (those ``only``
+    accepts), so memory is one copy of the weights in the checkpoint's dtype.
     """
     ckpt = resolve(load)
     info = read_info(ckpt)
     sharded = {}
     for name, sh in template.sharded_state_dict().items():
-        if isinstance(sh, ShardedTensor):
+        if isinstance(sh, ShardedTensor) and (only is None or only(name)):
             sh.data = torch.empty(sh.local_shape, dtype=info.dtype)
             sharded[name] = sh
     loaded = dist_checkpointing.load(sharded, str(ckpt))

@@ -329,6 +329,57 @@ class DataConfig:
             )
 
 
+LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+
+
+@dataclass(kw_only=True)
+class LoraConfig:
+    """Low-rank adapters (LoRA): train y = W x + (alpha / r) B A x with W frozen."""
+
+    lora_rank: int = 0
+    """Adapter rank r; 0 trains the whole model instead. With r > 0 every base parameter
+    (embeddings and layer norms included) is frozen and only the adapters train."""
+    lora_alpha: float = 16.0
+    """Adapter scale numerator: the update is (alpha / r) B A x."""
+    lora_dropout: float = 0.0
+    """Dropout on the adapters' input (the base path is not affected)."""
+    lora_target_modules: str = ",".join(LORA_TARGETS)
+    """Comma-separated layers that get adapters: any of linear_qkv, linear_proj, linear_fc1,
+    linear_fc2 (HF GPT-2: c_attn, attn.c_proj, c_fc, mlp.c_proj)."""
+
+    def __post_init__(self) -> None:
+        check_field_types(self, "lora")
+        if self.lora_rank < 0:
+            raise ConfigError(f"lora.lora_rank must be >= 0 (0: off), got {self.lora_rank}")
+        if not self.lora_alpha > 0:
+            raise ConfigError(f"lora.lora_alpha must be > 0, got {self.lora_alpha}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"lora.lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        targets = self.targets
+        unknown = [t for t in targets if t not in LORA_TARGETS]
+        if unknown or not targets:
+            raise ConfigError(
+                f"lora.lora_target_modules: {', '.join(unknown) or 'empty'} is not a LoRA target;"
+                f" use a comma-separated subset of {','.join(LORA_TARGETS)}"
+            )
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """The target layer names, in the canonical order."""
+        given = {t.strip() for t in self.lora_target_modules.split(",") if t.strip()}
+        return tuple(t for t in LORA_TARGETS if t in given) + tuple(
+            sorted(given - set(LORA_TARGETS))
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return self.lora_rank > 0
+
+    @property
+    def scale(self) -> float:
+        return self.lora_alpha / self.lora_rank
+
+
 PRESETS: dict[str, ModelConfig] = {
     # Tests. vocab 1100 is not a multiple of 128 * TP, so TP=1 and TP=2 pad differently
     # (1152 vs 1280 rows) and every TP-equivalence test also checks the pad-row masking.
@@ -373,6 +424,8 @@ class RunConfig:
     """Optimisation and logging."""
     data: DataConfig = field(default_factory=DataConfig)
     """Training data."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """Low-rank adapters (off unless lora_rank > 0)."""
 
     def __post_init__(self) -> None:
         if self.data.seq_length is None:
@@ -420,7 +473,7 @@ class RunConfig:
         except ConfigError as exc:
             raise ConfigError(f"{source}: {exc}") from exc
         sections = {"model": _build(ModelConfig, {**base, **model_raw}, f"{source}: model")}
-        for name in ("parallel", "train", "data"):
+        for name in ("parallel", "train", "data", "lora"):
             sections[name] = _build(SECTIONS[name], raw.get(name) or {}, f"{source}: {name}")
         return cls(**sections)
 
@@ -445,6 +498,7 @@ SECTIONS: dict[str, type] = {
     "parallel": ParallelConfig,
     "train": TrainConfig,
     "data": DataConfig,
+    "lora": LoraConfig,
 }
 
 

@@ -198,15 +198,12 @@ class MegatronGenerator:
     ) -> MegatronGenerator:
         """Load a checkpoint (saved at any TP/PP) at this layout (launch tp * pp * dp processes).
         The tokenizer defaults to the checkpoint's own files, else GPT-2."""
-        from megatron_yuyuan import checkpointing
-        from megatron_yuyuan.config import RunConfig
-        from megatron_yuyuan.model import build_model
+        from megatron_yuyuan import checkpointing, lora
 
         ckpt = checkpointing.resolve(load)
-        info = checkpointing.read_info(ckpt)
         layout = parallel.init_distributed(tp, pp)
-        model = build_model(RunConfig(model=info.model), layout, params_dtype=dtype)
-        checkpointing.load_model(ckpt, model, info.model, layout)
+        # a LoRA checkpoint: its base plus the adapters, merged into the weights
+        model, info = lora.load_checkpoint_model(ckpt, layout, dtype)
         if torch.cuda.is_available():
             model = model.cuda()
         tok_dir = ckpt / "tokenizer"

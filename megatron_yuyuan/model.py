@@ -30,7 +30,7 @@ from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import Float16Module
 
-from megatron_yuyuan import parallel
+from megatron_yuyuan import lora, parallel
 from megatron_yuyuan.config import ModelConfig, RunConfig
 from megatron_yuyuan.parallel import Layout
 
@@ -351,6 +351,10 @@ def build_model(
         model = model.cuda(torch.cuda.current_device())
     if seed is not None:
         initialize_weights(model, cfg.model, layout, seed)
+    if cfg.lora.enabled:  # after the base init: adapters have their own
+        lora.attach(model, cfg.lora)
+        if seed is not None:
+            lora.init_adapters(model, layout, seed)
     return model
 
 

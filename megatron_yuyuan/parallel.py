@@ -17,9 +17,12 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
-from megatron.core.tensor_parallel import (  # noqa: F401 (re-exported for the model)
+from megatron.core.tensor_parallel import (  # noqa: F401 (re-exported for the model, LoRA)
+    copy_to_tensor_model_parallel_region,
     gather_from_tensor_model_parallel_region,
     get_cuda_rng_tracker,
+    reduce_from_tensor_model_parallel_region,
+    set_tensor_model_parallel_attributes,
     vocab_parallel_cross_entropy,
 )
 
@@ -176,6 +179,16 @@ def broadcast_from_last_stage(tensor: torch.Tensor) -> torch.Tensor:
     if ps.get_pipeline_model_parallel_world_size() > 1:
         dist.broadcast(tensor, src=pp_last_rank(), group=pp_group())
     return tensor
+
+
+def all_reduce_model_parallel(tensor: torch.Tensor) -> None:
+    """Sum ``tensor`` (a CPU tensor) over this rank's tensor x pipeline model-parallel group."""
+    group = ps.get_model_parallel_group() if dist.is_initialized() else None
+    if group is None or dist.get_world_size(group) == 1:
+        return
+    moved = tensor.cuda() if dist.get_backend() == "nccl" else tensor
+    dist.all_reduce(moved, group=group)
+    tensor.copy_(moved.cpu())
 
 
 def is_rank_0() -> bool:

@@ -24,7 +24,7 @@ from megatron.core.distributed import (
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from tqdm import tqdm
 
-from megatron_yuyuan import checkpointing, parallel
+from megatron_yuyuan import checkpointing, lora, parallel
 from megatron_yuyuan.config import RunConfig
 from megatron_yuyuan.data.batching import micro_batch_indices
 from megatron_yuyuan.data.indexed import verify_split
@@ -104,6 +104,8 @@ class TrainState:
     """Training samples read so far: where the data stream continues."""
     skipped_in_a_row: int = 0
     """fp16 steps skipped for overflow since the last good one."""
+    lora_record: Optional[dict] = None
+    """LoRA runs (rank 0): the adapters' settings and base checkpoint, saved with them."""
 
 
 def device() -> torch.device:
@@ -123,6 +125,17 @@ def setup(cfg: RunConfig) -> TrainState:
     t = cfg.train
     source = start_checkpoint(cfg)
     gpt = build_model(cfg, layout, seed=None if source else t.seed)
+    resuming_lora = False
+    if cfg.lora.enabled:
+        # The frozen base comes from its own checkpoint; the adapters start from the seed, or
+        # come back (with their optimizer state) from the LoRA checkpoint being resumed.
+        info = checkpointing.read_info(checkpointing.resolve(source))
+        resuming_lora = info.lora is not None and not t.finetune
+        base = lora.check_base(info, Path(source), t.pretrained_checkpoint) if info.lora else source
+        checkpointing.load_model(
+            base, gpt, cfg.model, layout, only=lambda k: not lora.is_adapter(k)
+        )
+        lora.init_adapters(gpt, layout, t.seed)
     model = wrap_float16(gpt.to(device()), cfg)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
@@ -148,7 +161,17 @@ def setup(cfg: RunConfig) -> TrainState:
         num_microbatches=gbs // (t.micro_batch_size * layout.dp),
         global_batch_size=gbs,
     )
-    if source:
+    if cfg.lora.enabled:
+        trainable, total = lora.parameter_counts(gpt, layout)
+        parallel.print_rank_0(
+            f"> LoRA rank {cfg.lora.lora_rank}, alpha {cfg.lora.lora_alpha:g} on "
+            f"{','.join(cfg.lora.targets)}: {trainable:,} trainable of {total:,} parameters "
+            f"({100 * trainable / total:.2f}%), base {base}"
+        )
+        state.lora_record = lora.checkpoint_record(cfg.lora, base) if parallel.is_rank_0() else None
+    if cfg.lora.enabled and not resuming_lora:
+        parallel.print_rank_0(f"> loaded base weights {base}; adapters initialised from the seed")
+    elif source:
         resumed = load_training_checkpoint(
             source,
             gpt,
@@ -158,6 +181,7 @@ def setup(cfg: RunConfig) -> TrainState:
             layout,
             finetune=t.finetune or source != t.load,
             global_batch_size=gbs,
+            adapters_only=cfg.lora.enabled,
         )
         state.iteration, state.consumed_samples = resumed.iteration, resumed.consumed_samples
         if resumed.weights is not None:  # weights only: seed the fp32 main weights from them
@@ -381,6 +405,8 @@ def save(state: TrainState) -> None:
         state.consumed_samples,
         state.cfg,
         state.layout,
+        adapters_only=state.cfg.lora.enabled,
+        lora=state.lora_record,
     )
     parallel.print_rank_0(f"> saved checkpoint {path}")
 

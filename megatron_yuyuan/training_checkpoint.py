@@ -16,6 +16,7 @@ import torch
 from megatron_yuyuan import checkpointing, parallel
 from megatron_yuyuan.checkpointing import CheckpointError
 from megatron_yuyuan.config import ModelConfig
+from megatron_yuyuan.lora import is_adapter
 
 _OPT_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
@@ -55,9 +56,16 @@ def _set_rng_state(state: dict) -> None:
 
 
 def _training_sharded_dict(
-    model, optimizer, layout: parallel.Layout, loading: bool, rng: Optional[dict] = None
+    model,
+    optimizer,
+    layout: parallel.Layout,
+    loading: bool,
+    rng: Optional[dict] = None,
+    adapters_only: bool = False,
 ) -> dict:
     model_sd = model.sharded_state_dict()
+    if adapters_only:  # LoRA: the frozen base stays in its own checkpoint
+        model_sd = {k: v for k, v in model_sd.items() if is_adapter(k)}
     return {
         "model": model_sd,
         "optimizer": optimizer.sharded_state_dict(
@@ -76,9 +84,15 @@ def save_training_checkpoint(
     consumed_samples: int,
     run_config,
     layout: parallel.Layout,
+    adapters_only: bool = False,
+    lora: Optional[dict] = None,
 ) -> Path:
-    """Model, optimizer, LR schedule, RNG states and the data position."""
-    sharded = _training_sharded_dict(model, optimizer, layout, loading=False, rng=_rng_state())
+    """Model, optimizer, LR schedule, RNG states and the data position. A LoRA run saves only
+    the model's adapters (``adapters_only``, every rank) and rank 0 records ``lora`` (see
+    ``lora.checkpoint_record``) beside them."""
+    sharded = _training_sharded_dict(
+        model, optimizer, layout, loading=False, rng=_rng_state(), adapters_only=adapters_only
+    )
     sharded["scheduler"] = scheduler.state_dict()
     sharded["iteration"] = iteration
     sharded["consumed_samples"] = consumed_samples
@@ -93,6 +107,7 @@ def save_training_checkpoint(
         training_state=True,
         layout=(layout.tp, layout.pp, layout.dp),
         run_config=run_config.to_dict(),
+        lora=lora,
     )
 
 
@@ -105,6 +120,7 @@ def load_training_checkpoint(
     layout: parallel.Layout,
     finetune: bool = False,
     global_batch_size: Optional[int] = None,
+    adapters_only: bool = False,
 ) -> Resumed:
     """Restore a run; returns where it continues.
 
@@ -116,14 +132,19 @@ def load_training_checkpoint(
     ckpt = checkpointing.resolve(load)
     info = checkpointing.read_info(ckpt)
     checkpointing.check_compatible(info.model, model_cfg, ckpt)
+    if adapters_only and not info.lora:
+        raise CheckpointError(f"{ckpt}: holds no LoRA adapters to resume")
     if finetune or not info.training_state:
-        _, weights = checkpointing.load_model(ckpt, model, model_cfg, layout)
+        only = is_adapter if adapters_only else None
+        _, weights = checkpointing.load_model(ckpt, model, model_cfg, layout, only=only)
         return Resumed(iteration=0, consumed_samples=0, weights=weights)
     same_layout = tuple(info.layout) == (layout.tp, layout.pp, layout.dp)
     from megatron_yuyuan.optim import finish_optimizer_loading, prepare_optimizer_for_loading
 
     prepare_optimizer_for_loading(optimizer)
-    sharded = _training_sharded_dict(model, optimizer, layout, loading=True)
+    sharded = _training_sharded_dict(
+        model, optimizer, layout, loading=True, adapters_only=adapters_only
+    )
     if not same_layout:
         sharded.pop("rng_state")
     for key in ("scheduler", "iteration", "consumed_samples"):
@@ -131,7 +152,11 @@ def load_training_checkpoint(
     loaded = checkpointing.load_sharded(sharded, ckpt)
     model_state = {k: v for k, v in loaded["model"].items() if not k.endswith("_extra_state")}
     missing, unexpected = model.load_state_dict(model_state, strict=False)
-    missing = [k for k in missing if not k.endswith("_extra_state")]
+    missing = [
+        k
+        for k in missing
+        if not k.endswith("_extra_state") and (is_adapter(k) or not adapters_only)
+    ]
     if missing or unexpected:
         raise CheckpointError(f"{ckpt}: missing keys {missing}, unexpected keys {unexpected}")
     optimizer.load_state_dict(loaded["optimizer"])

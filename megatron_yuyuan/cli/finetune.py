@@ -59,6 +59,7 @@ def check_config(cfg: RunConfig, world_size: int) -> None:
             check_compatible(read_info(ckpt).model, cfg.model, ckpt)
         elif path and path == t.pretrained_checkpoint:
             raise ConfigError(f"--pretrained-checkpoint {path}: no checkpoint there")
+    check_lora(cfg)
     # Outputs: found unwritable now, not after hours of training, and never over another run.
     resuming = bool(t.load and has_checkpoint(t.load) and not t.finetune)
     if t.save:
@@ -74,6 +75,38 @@ def check_config(cfg: RunConfig, world_size: int) -> None:
         check_metrics_file(Path(t.metrics_file), resuming)
     if t.tensorboard_dir:
         check_writable_dir(t.tensorboard_dir, "--tensorboard-dir")
+
+
+def check_lora(cfg: RunConfig) -> None:
+    """LoRA needs a base checkpoint, and a LoRA checkpoint is continued with its own settings."""
+    from megatron_yuyuan.checkpointing import has_checkpoint, read_info, resolve
+    from megatron_yuyuan.lora import config_of
+
+    t, want = cfg.train, cfg.lora
+    flags = {"--load": t.load, "--pretrained-checkpoint": t.pretrained_checkpoint}
+    found = {f: read_info(resolve(p)) for f, p in flags.items() if p and has_checkpoint(p)}
+    for flag, info in found.items():
+        if not info.lora:
+            continue
+        saved = config_of(info)
+        what = f"LoRA adapters of rank {saved.lora_rank} on {','.join(saved.targets)}"
+        if not want.enabled:
+            raise ConfigError(
+                f"{flag} {flags[flag]}: holds {what}; continue them with --lora-rank "
+                f"{saved.lora_rank} --lora-target-modules {','.join(saved.targets)}, or export "
+                f"a merged model with python -m checkpoints_convert.to_hf"
+            )
+        if (saved.lora_rank, saved.targets) != (want.lora_rank, want.targets):
+            raise ConfigError(
+                f"{flag} {flags[flag]}: holds {what}, but this run asks for rank "
+                f"{want.lora_rank} on {','.join(want.targets)}; use the saved settings"
+            )
+    if want.enabled and not found:
+        raise ConfigError(
+            "--lora-rank trains adapters on a base model's weights: give "
+            "--pretrained-checkpoint BASE (e.g. HF weights converted with "
+            "python -m checkpoints_convert.to_megatron)"
+        )
 
 
 def same_run(load: Optional[str], save: Optional[str]) -> bool:

@@ -3,7 +3,10 @@
     python -m checkpoints_convert.to_hf --load ckpt/yuyuan --out hf/yuyuan-qa --verify
 
 Writes config.json, safetensors (sharded above 2 GB), tokenizer files and generation_config.json;
-``transformers.AutoModelForCausalLM`` / ``AutoTokenizer`` load the result. ``--out`` must be a new
+``transformers.AutoModelForCausalLM`` / ``AutoTokenizer`` load the result. A LoRA checkpoint
+exports merged into its base (one GPT2LMHeadModel), or with ``--adapter-only`` as a PEFT adapter
+folder: ``PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(HF_BASE), OUT)``, where
+HF_BASE is the base checkpoint exported by this command. ``--out`` must be a new
 or empty directory, or an earlier export of this tool (replaced; files you added are kept);
 anything else is refused and nothing is deleted.
 """
@@ -27,11 +30,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         help="copy tokenizer files from this directory (default: the checkpoint's, "
         "else GPT-2's when the vocabulary is GPT-2's)",
     )
+    p.add_argument(
+        "--adapter-only",
+        action="store_true",
+        help="LoRA checkpoint: write a PEFT adapter folder (adapter_config.json + "
+        "adapter_model.safetensors) instead of the merged model",
+    )
     p.add_argument("--verify", action="store_true", help="compare logits of both models")
     p.add_argument(
         "--tolerance", type=positive_float, default=1e-3, help="max |logit diff| for --verify"
     )
     args = p.parse_args(argv)
+    if args.adapter_only and args.verify:
+        p.error(
+            "--verify compares a merged export with the checkpoint; export without "
+            "--adapter-only to verify (the adapter folder needs the HF base model to run)"
+        )
 
     def body() -> int:
         from megatron_yuyuan import cpu_compat
@@ -40,7 +54,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from megatron_yuyuan.convert.api import convert_megatron_to_hf
         from megatron_yuyuan.convert.verify import report_verify
 
-        files = convert_megatron_to_hf(args.load, args.out, args.tokenizer)
+        files = convert_megatron_to_hf(args.load, args.out, args.tokenizer, args.adapter_only)
         for f in files:
             print(f"> wrote {f}")
         return report_verify(args.out, args.load, args.tolerance) if args.verify else 0

@@ -7,6 +7,7 @@ to any layout. Weights stay in the source dtype and are moved one tensor at a ti
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -232,27 +233,59 @@ def _publish_export(tmp: Path, out: Path) -> None:
     tmp.rmdir()
 
 
+PEFT_TARGETS = {
+    "linear_qkv": "c_attn",
+    "linear_proj": "attn.c_proj",
+    "linear_fc1": "c_fc",
+    "linear_fc2": "mlp.c_proj",
+}
+"""megatron LoRA target -> the PEFT target_modules entry for GPT-2 (PEFT matches name suffixes;
+``c_proj`` alone would match both projections)."""
+
+
 def convert_megatron_to_hf(
-    load: str | Path, out: str | Path, tokenizer_dir: Optional[str | Path] = None
+    load: str | Path,
+    out: str | Path,
+    tokenizer_dir: Optional[str | Path] = None,
+    adapter_only: bool = False,
 ) -> list[Path]:
     """megatron-core checkpoint (any TP/PP) -> HF directory; returns the files written.
 
+    A LoRA checkpoint exports merged (its base's weights + (alpha / r) B A, one GPT2LMHeadModel)
+    or, with ``adapter_only``, as a PEFT adapter folder for ``PeftModel.from_pretrained``.
     Written into a temporary directory beside ``out`` and moved to ``out`` when complete.
     ``out`` must be new, empty or an earlier export (see :func:`check_hf_out_dir`).
     """
+    from megatron_yuyuan import lora
+
     out = Path(out)
     check_hf_out_dir(out, Path(load))
     ckpt = checkpointing.resolve(load)
     info = checkpointing.read_info(ckpt)
+    if adapter_only and not info.lora:
+        raise checkpointing.CheckpointError(
+            f"--adapter-only: {ckpt} holds no LoRA adapters (a full model); drop --adapter-only"
+        )
     layout = parallel.init_distributed(1, 1)
+    adapters = lora.config_of(info) if info.lora else None
     with torch.device("meta"):  # a template for the keys only: no second copy of the weights
         template = build_model(
-            RunConfig(model=info.model),
+            RunConfig(model=info.model, **({"lora": adapters} if adapters else {})),
             layout,
             padded_vocab_size=info.padded_vocab_size,
             params_dtype=info.dtype,
         )
-    state, _ = checkpointing.load_full_state(ckpt, template)
+    if adapters is None:
+        state, _ = checkpointing.load_full_state(ckpt, template)
+    else:
+        state, _ = checkpointing.load_full_state(ckpt, template, only=lora.is_adapter)
+        if not adapter_only:
+            base = lora.check_base(info, ckpt)
+            weights, base_info = checkpointing.load_full_state(
+                base, template, only=lambda k: not lora.is_adapter(k)
+            )
+            state = lora.merged_weights({**weights, **state}, adapters.scale)
+            info = dataclasses.replace(info, dtype=base_info.dtype)  # merged into the base's
     m = info.model
     shapes = Shapes(m.hidden_size, m.num_attention_heads, m.vocab_size, info.padded_vocab_size)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -261,24 +294,10 @@ def convert_megatron_to_hf(
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide the export from other users
     try:
-        writer = ShardedSafetensorsWriter(tmp)
-        for name in list(state):
-            mapped = mcore_to_hf(name, state.pop(name), shapes)
-            if mapped is not None:
-                writer.add(*mapped)
-        files = writer.close()
-        (tmp / "config.json").write_text(json.dumps(hf_config_dict(m, info.dtype), indent=1))
-        tok_src = (
-            Path(tokenizer_dir)
-            if tokenizer_dir
-            else (ckpt / TOKENIZER_SUBDIR if (ckpt / TOKENIZER_SUBDIR).is_dir() else None)
-        )
-        if not write_tokenizer_files(tmp, m.vocab_size, tok_src):
-            print(
-                f"> note: vocab_size {m.vocab_size} is not GPT-2's and no --tokenizer was given: "
-                f"no tokenizer files written"
-            )
-        write_generation_config(tmp, m.vocab_size)
+        if adapter_only:
+            files = [_write_peft_adapter(tmp, state, shapes, adapters, info)]
+        else:
+            files = _write_hf_model(tmp, state, shapes, info, ckpt, tokenizer_dir)
         (tmp / EXPORT_MARKER).write_text(
             json.dumps(
                 {
@@ -300,3 +319,54 @@ def convert_megatron_to_hf(
         for p in out.iterdir()
         if p.suffix == ".json" and p.name not in ("model.safetensors.index.json", EXPORT_MARKER)
     )
+
+
+def _write_hf_model(tmp: Path, state, shapes: Shapes, info, ckpt: Path, tokenizer_dir):
+    """A GPT2LMHeadModel directory in ``tmp``; returns the weight files."""
+    m = info.model
+    writer = ShardedSafetensorsWriter(tmp)
+    for name in list(state):
+        mapped = mcore_to_hf(name, state.pop(name), shapes)
+        if mapped is not None:
+            writer.add(*mapped)
+    files = writer.close()
+    (tmp / "config.json").write_text(json.dumps(hf_config_dict(m, info.dtype), indent=1))
+    tok_src = (
+        Path(tokenizer_dir)
+        if tokenizer_dir
+        else (ckpt / TOKENIZER_SUBDIR if (ckpt / TOKENIZER_SUBDIR).is_dir() else None)
+    )
+    if not write_tokenizer_files(tmp, m.vocab_size, tok_src):
+        print(
+            f"> note: vocab_size {m.vocab_size} is not GPT-2's and no --tokenizer was given: "
+            f"no tokenizer files written"
+        )
+    write_generation_config(tmp, m.vocab_size)
+    return files
+
+
+def _write_peft_adapter(tmp: Path, state, shapes: Shapes, adapters, info) -> Path:
+    """``adapter_model.safetensors`` + ``adapter_config.json`` of a PEFT LoRA adapter for
+    GPT2LMHeadModel in ``tmp``; returns the weights file."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for name in list(state):
+        hname, tensor = mcore_to_hf(name, state.pop(name), shapes)
+        tensors[f"base_model.model.{hname}"] = tensor.contiguous()
+    path = tmp / "adapter_model.safetensors"
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": adapters.lora_rank,
+        "lora_alpha": adapters.lora_alpha,
+        "lora_dropout": adapters.lora_dropout,
+        "target_modules": [PEFT_TARGETS[t] for t in adapters.targets],
+        "fan_in_fan_out": True,  # GPT-2's Conv1D stores weights [in, out]
+        "bias": "none",
+        "inference_mode": True,
+        "base_model_name_or_path": None,  # the HF export of info.lora["base"] (to_hf --load BASE)
+    }
+    (tmp / "adapter_config.json").write_text(json.dumps(config, indent=1))
+    return path

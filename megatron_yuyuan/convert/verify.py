@@ -7,9 +7,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_yuyuan import checkpointing, parallel
-from megatron_yuyuan.config import RunConfig
-from megatron_yuyuan.model import build_model
+from megatron_yuyuan import checkpointing, lora, parallel
 from megatron_yuyuan.tokenizer import load_tokenizer
 
 SAMPLE_TEXT = (
@@ -41,10 +39,9 @@ def sample_ids(vocab_size: int, max_len: int) -> torch.Tensor:
 def megatron_logits(load: str | Path, ids: torch.Tensor, tp: int = 1) -> torch.Tensor:
     """fp32 logits ``[b, s, V]`` of a megatron-core checkpoint at tensor-parallel size ``tp``
     (launch ``tp`` processes with torchrun for tp > 1)."""
-    info = checkpointing.read_info(checkpointing.resolve(load))
     layout = parallel.init_distributed(tp, 1)
-    model = build_model(RunConfig(model=info.model), layout, params_dtype=torch.float32)
-    checkpointing.load_model(load, model, info.model, layout)
+    # a LoRA checkpoint: the model as trained, base plus unmerged adapters
+    model, info = lora.load_checkpoint_model(load, layout, torch.float32, merge_adapters=False)
     model.eval()
     device = next(model.parameters()).device  # megatron builds on the GPU when there is one
     with torch.no_grad():

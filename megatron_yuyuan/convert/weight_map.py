@@ -45,6 +45,35 @@ HF_TO_MCORE: dict[str, tuple[str, str]] = {
     "transformer.h.{}.mlp.c_proj.bias": ("decoder.layers.{}.mlp.linear_fc2.bias", "copy"),
     "transformer.ln_f.weight": ("decoder.final_layernorm.weight", "copy"),
     "transformer.ln_f.bias": ("decoder.final_layernorm.bias", "copy"),
+    # LoRA adapters (megatron_yuyuan.lora) as named in a PEFT adapter for GPT2LMHeadModel (PEFT
+    # prefixes "base_model.model."). A is [r, in] and B [out, r] on both sides, even for GPT-2's
+    # Conv1D; only c_attn's B rows need megatron's per-head QKV interleave undone.
+    "transformer.h.{}.attn.c_attn.lora_A.weight": (
+        "decoder.layers.{}.self_attention.linear_qkv.lora_A",
+        "copy",
+    ),
+    "transformer.h.{}.attn.c_attn.lora_B.weight": (
+        "decoder.layers.{}.self_attention.linear_qkv.lora_B",
+        "qkv_rows",
+    ),
+    "transformer.h.{}.attn.c_proj.lora_A.weight": (
+        "decoder.layers.{}.self_attention.linear_proj.lora_A",
+        "copy",
+    ),
+    "transformer.h.{}.attn.c_proj.lora_B.weight": (
+        "decoder.layers.{}.self_attention.linear_proj.lora_B",
+        "copy",
+    ),
+    "transformer.h.{}.mlp.c_fc.lora_A.weight": ("decoder.layers.{}.mlp.linear_fc1.lora_A", "copy"),
+    "transformer.h.{}.mlp.c_fc.lora_B.weight": ("decoder.layers.{}.mlp.linear_fc1.lora_B", "copy"),
+    "transformer.h.{}.mlp.c_proj.lora_A.weight": (
+        "decoder.layers.{}.mlp.linear_fc2.lora_A",
+        "copy",
+    ),
+    "transformer.h.{}.mlp.c_proj.lora_B.weight": (
+        "decoder.layers.{}.mlp.linear_fc2.lora_B",
+        "copy",
+    ),
 }
 MCORE_TO_HF: dict[str, tuple[str, str]] = {m: (h, t) for h, (m, t) in HF_TO_MCORE.items()}
 
@@ -104,6 +133,17 @@ def _qkv_bias_to_hf(b: torch.Tensor, s: Shapes) -> torch.Tensor:
     return b.reshape(n, 3, h // n).transpose(0, 1).reshape(3 * h).contiguous()
 
 
+def _qkv_rows_to_mcore(t: torch.Tensor, s: Shapes) -> torch.Tensor:
+    """Rows in HF's [Q; K; V] order ``[3H, k]`` -> megatron's per-head [q; k; v] rows."""
+    h, n = s.hidden_size, s.num_heads
+    return torch.stack([x.reshape(n, h // n, -1) for x in t.split(h)], dim=1).reshape(3 * h, -1)
+
+
+def _qkv_rows_to_hf(t: torch.Tensor, s: Shapes) -> torch.Tensor:
+    h, n = s.hidden_size, s.num_heads
+    return t.reshape(n, 3, h // n, -1).transpose(0, 1).reshape(3 * h, -1).contiguous()
+
+
 def _pad_vocab(w: torch.Tensor, s: Shapes) -> torch.Tensor:
     """Zero rows up to the padded vocabulary (the loss masks them out)."""
     if w.shape[0] != s.vocab_size:
@@ -125,6 +165,7 @@ TRANSFORMS: dict[str, tuple[Callable, Callable]] = {
     "transpose": (lambda t, s: t.t().contiguous(), lambda t, s: t.t().contiguous()),
     "qkv_weight": (_qkv_to_mcore, _qkv_to_hf),
     "qkv_bias": (_qkv_bias_to_mcore, _qkv_bias_to_hf),
+    "qkv_rows": (_qkv_rows_to_mcore, _qkv_rows_to_hf),
     "pad_vocab": (_pad_vocab, _unpad_vocab),
 }
 
@@ -163,6 +204,16 @@ def mcore_to_hf(
     return hname.format(layer), TRANSFORMS[transform][1](tensor, shapes)
 
 
+def is_lora_name(name: str) -> bool:
+    """Whether a (HF or megatron) name is a LoRA adapter's."""
+    return ".lora_A" in name or ".lora_B" in name
+
+
 def expected_mcore_names(num_layers: int) -> set[str]:
-    """Every megatron-core weight name a full (PP=1) model has."""
-    return {m.format(i) for m, _ in HF_TO_MCORE.values() for i in range(num_layers)}
+    """Every megatron-core weight name a full (PP=1) model without adapters has."""
+    return {
+        m.format(i)
+        for m, _ in HF_TO_MCORE.values()
+        for i in range(num_layers)
+        if not is_lora_name(m)
+    }
