@@ -87,16 +87,27 @@ def attach(model: torch.nn.Module, lora: LoraConfig) -> None:
 def _adapted_forward(module, base_forward, column: bool):
     def forward(input_, *args, **kwargs):  # input_: [s, b, in] (column) or [s, b, in / tp] (row)
         out, bias = base_forward(input_, *args, **kwargs)  # out: [s, b, out(/tp)]
-        x = module.lora_dropout(input_)
-        if column:
-            # dropout of a replicated activation: the same mask on every TP rank (default RNG)
-            h = parallel.copy_to_tensor_model_parallel_region(F.linear(x, module.lora_A))
-        else:
-            if module.training and module.lora_dropout.p > 0:
+        x = input_
+        if module.training and module.lora_dropout.p > 0:
+            if column:  # a replicated activation: the same mask on every TP rank (default RNG)
+                x = module.lora_dropout(input_)
+            else:
                 with parallel.get_cuda_rng_tracker().fork():  # a split activation: own masks
                     x = module.lora_dropout(input_)
-            h = parallel.reduce_from_tensor_model_parallel_region(F.linear(x, module.lora_A))
-        return out + F.linear(h, module.lora_B) * module.lora_scale, bias  # h: [s, b, r]
+        h = F.linear(x, module.lora_A)  # [s, b, r]
+        if column:
+            h = parallel.copy_to_tensor_model_parallel_region(h)
+        else:
+            h = parallel.reduce_from_tensor_model_parallel_region(h)
+        # out + scale * h B^T as one GEMM accumulating into a copy of out: no [s, b, out]
+        # temporaries for the product and its scaling
+        updated = torch.addmm(
+            out.reshape(-1, out.shape[-1]),
+            h.reshape(-1, h.shape[-1]),
+            module.lora_B.t(),
+            alpha=module.lora_scale,
+        )
+        return updated.view(out.shape), bias
 
     return forward
 
