@@ -160,6 +160,7 @@ def test_cli_rejects_bad_config_before_any_work(flags, message, capsys):
         ("demo_cpu.yaml", 2, 1),
         ("yuyuan_3.5b_medquad.yaml", 8, 8),  # one node: TP=1 PP=1, DP over its 8 GPUs
         ("yuyuan_3.5b_medquad_tp2pp2.yaml", 16, 4),
+        ("yuyuan_3.5b_medquad_lora.yaml", 1, 1),  # LoRA on one GPU
     ],
 )
 def test_run_configs_fit_their_documented_layout(monkeypatch, name, world_size, dp):
