@@ -195,6 +195,7 @@ class MegatronGenerator:
         pp: int = 1,
         tokenizer: Optional[str] = None,
         dtype: torch.dtype = torch.float32,
+        lora_base: Optional[str] = None,
     ) -> MegatronGenerator:
         """Load a checkpoint (saved at any TP/PP) at this layout (launch tp * pp * dp processes).
         The tokenizer defaults to the checkpoint's own files, else GPT-2."""
@@ -203,7 +204,7 @@ class MegatronGenerator:
         ckpt = checkpointing.resolve(load)
         layout = parallel.init_distributed(tp, pp)
         # a LoRA checkpoint: its base plus the adapters, merged into the weights
-        model, info = lora.load_checkpoint_model(ckpt, layout, dtype)
+        model, info = lora.load_checkpoint_model(ckpt, layout, dtype, base=lora_base)
         if torch.cuda.is_available():
             model = model.cuda()
         tok_dir = ckpt / "tokenizer"
@@ -504,8 +505,12 @@ def build_generator(
     pp: int = 1,
     tokenizer: Optional[str] = None,
     dtype: torch.dtype = torch.float32,
+    lora_base: Optional[str] = None,
 ):
-    """A generator over a megatron-core checkpoint (``load``) or a transformers dir (``hf_dir``)."""
+    """A generator over a megatron-core checkpoint (``load``; a LoRA one with its base, from the
+    recorded path or ``lora_base``) or a transformers dir (``hf_dir``)."""
     if hf_dir:
         return HFGenerator(hf_dir, tokenizer, dtype=dtype)
-    return MegatronGenerator.from_checkpoint(load, tp, pp, tokenizer, dtype=dtype)
+    return MegatronGenerator.from_checkpoint(
+        load, tp, pp, tokenizer, dtype=dtype, lora_base=lora_base
+    )

@@ -63,6 +63,11 @@ def attach(model: torch.nn.Module, lora: LoraConfig) -> None:
     """Freeze every parameter of ``model`` and add (uninitialised) adapters to the targets."""
     for p in model.parameters():
         p.requires_grad_(False)
+    if getattr(model, "embedding", None) is not None:
+        # With the embedding frozen its output needs no gradient, and megatron's activation
+        # recompute (a reentrant checkpoint) would then cut the adapters off from the loss: make
+        # the first stage's input differentiable, as transformers' enable_input_require_grads.
+        model._lora_input_grads = model.embedding.register_forward_hook(_require_grad)
     r = lora.lora_rank
     for name, module in list(model.named_modules()):
         kind = name.rsplit(".", 1)[-1]
@@ -82,6 +87,10 @@ def attach(model: torch.nn.Module, lora: LoraConfig) -> None:
         module.sharded_state_dict = _adapted_sharded_state_dict(
             module, module.sharded_state_dict, "lora_B" if kind in _COLUMN else "lora_A", dim
         )
+
+
+def _require_grad(_module, _inputs, output: torch.Tensor) -> torch.Tensor:
+    return output.requires_grad_(True) if torch.is_grad_enabled() else output
 
 
 def _adapted_forward(module, base_forward, column: bool):
@@ -149,9 +158,14 @@ def merge(model: torch.nn.Module) -> None:
     the model then runs at the base model's speed (generation, serving)."""
     for _, module in list(adapted_layers(model)):
         delta = module.lora_B.float() @ module.lora_A.float()  # [out(/tp), in(/tp)]
-        module.weight.add_((delta * module.lora_scale).to(module.weight.dtype))
+        # one rounding to the weight's dtype, as merged_weights (the HF export)
+        module.weight.copy_(module.weight.float() + module.lora_scale * delta)
         del module.lora_A, module.lora_B, module.lora_dropout, module.lora_scale
         del module.forward, module.sharded_state_dict  # back to the class's methods
+    hook = getattr(model, "_lora_input_grads", None)
+    if hook is not None:
+        hook.remove()
+        del model._lora_input_grads
 
 
 def merged_weights(state: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
@@ -234,7 +248,8 @@ def check_base(info: CheckpointInfo, where: Path, base: Optional[str | Path] = N
     except CheckpointError as exc:
         raise CheckpointError(
             f"{where}: the LoRA adapters' base checkpoint {path} cannot be read ({exc}); "
-            f"restore it there or give its new place"
+            f"restore it there or give its new place with --lora-base (training: "
+            f"--pretrained-checkpoint)"
         ) from exc
     if fingerprint(ckpt) != info.lora["base_fingerprint"]:
         raise CheckpointError(
@@ -254,11 +269,13 @@ def load_checkpoint_model(
     layout: Layout,
     params_dtype: torch.dtype,
     merge_adapters: bool = True,
+    base: Optional[str | Path] = None,
 ) -> tuple[torch.nn.Module, CheckpointInfo]:
     """The model a checkpoint describes, with its weights, at this process's layout.
 
-    For a LoRA checkpoint: the base checkpoint's weights (fingerprint checked) plus the adapters,
-    folded into the weights when ``merge_adapters`` (inference), else kept as adapters.
+    For a LoRA checkpoint: the base checkpoint's weights (the recorded path, or ``base`` where it
+    has moved; fingerprint checked) plus the adapters, folded into the weights when
+    ``merge_adapters`` (inference), else kept as adapters.
     """
     from megatron_yuyuan.config import RunConfig
     from megatron_yuyuan.model import build_model
@@ -270,7 +287,7 @@ def load_checkpoint_model(
     if not info.lora:
         checkpointing.load_model(ckpt, model, info.model, layout)
         return model, info
-    base = check_base(info, ckpt)
+    base = check_base(info, ckpt, base)
     checkpointing.load_model(base, model, info.model, layout, only=lambda k: not is_adapter(k))
     load_adapters(ckpt, model, info.model, layout)
     if merge_adapters:

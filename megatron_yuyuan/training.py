@@ -125,13 +125,17 @@ def setup(cfg: RunConfig) -> TrainState:
     t = cfg.train
     source = start_checkpoint(cfg)
     gpt = build_model(cfg, layout, seed=None if source else t.seed)
-    resuming_lora = False
+    adapters_saved = False
     if cfg.lora.enabled:
         # The frozen base comes from its own checkpoint; the adapters start from the seed, or
         # come back (with their optimizer state) from the LoRA checkpoint being resumed.
         info = checkpointing.read_info(checkpointing.resolve(source))
-        resuming_lora = info.lora is not None and not t.finetune
-        base = lora.check_base(info, Path(source), t.pretrained_checkpoint) if info.lora else source
+        adapters_saved = info.lora is not None  # resumed, or (--finetune) their weights only
+        base = (
+            lora.check_base(info, Path(source), base_override(cfg, source))
+            if adapters_saved
+            else source
+        )
         checkpointing.load_model(
             base, gpt, cfg.model, layout, only=lambda k: not lora.is_adapter(k)
         )
@@ -169,7 +173,7 @@ def setup(cfg: RunConfig) -> TrainState:
             f"({100 * trainable / total:.2f}%), base {base}"
         )
         state.lora_record = lora.checkpoint_record(cfg.lora, base) if parallel.is_rank_0() else None
-    if cfg.lora.enabled and not resuming_lora:
+    if cfg.lora.enabled and not adapters_saved:
         parallel.print_rank_0(f"> loaded base weights {base}; adapters initialised from the seed")
     elif source:
         resumed = load_training_checkpoint(
@@ -197,6 +201,17 @@ def setup(cfg: RunConfig) -> TrainState:
     if fused_adam(cfg):
         use_fused_adam(optimizer)
     return state
+
+
+def base_override(cfg: RunConfig, source: str) -> Optional[str]:
+    """--pretrained-checkpoint as the base of the LoRA checkpoint ``source`` (a moved base), unless
+    it is that checkpoint or another LoRA one (then the recorded base is used)."""
+    pretrained = cfg.train.pretrained_checkpoint
+    if not pretrained or Path(pretrained).resolve() == Path(source).resolve():
+        return None
+    if checkpointing.read_info(checkpointing.resolve(pretrained)).lora:
+        return None
+    return pretrained
 
 
 def fused_adam(cfg: RunConfig) -> bool:

@@ -190,6 +190,10 @@ def test_a_lora_checkpoint_refuses_another_base(runs, base, tmp_path, capsys):
     assert to_hf(["--load", str(moved), "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert "fingerprint mismatch" in err and not (tmp_path / "x").exists(), err
+    # the base it was trained on, given where it is now: accepted
+    assert (
+        to_hf(["--load", str(moved), "--out", str(tmp_path / "x"), "--lora-base", str(base)]) == 0
+    )
     # resuming it with another --pretrained-checkpoint: refused the same way
     code = finetune([*RUN, *LORA, "--pretrained-checkpoint", str(other), "--load",
                      str(runs["ckpt_tp1"]), "--train-iters", "5"])  # fmt: skip
@@ -210,10 +214,33 @@ def test_bad_lora_flags_get_one_error_line(args, words, capsys):
     assert len(err) == 1 and err[0].startswith("error:") and words in err[0], err
 
 
-def test_a_lora_checkpoint_needs_lora_flags_to_continue(runs, tmp_path, capsys):
+def test_a_lora_checkpoint_needs_its_lora_flags_to_continue(runs, tmp_path, capsys):
     code = finetune([*RUN, "--load", str(runs["ckpt_tp1"]), "--train-iters", "5"])
     err = capsys.readouterr().err
-    assert code == 2 and "--lora-rank 4" in err, err
+    assert code == 2 and "--lora-rank 4 --lora-alpha 8" in err, err
+    other_alpha = ["--lora-rank", "4", "--lora-alpha", "16"]  # would rescale the update mid-run
+    code = finetune([*RUN, *other_alpha, "--load", str(runs["ckpt_tp1"]), "--train-iters", "5"])
+    err = capsys.readouterr().err
+    assert code == 2 and "alpha 8" in err, err
+
+
+def test_lora_with_full_recompute_trains_as_without(runs, base, tmp_path):
+    metrics = tmp_path / "m.jsonl"
+    args = [*RUN, *LORA, "--pretrained-checkpoint", str(base), "--train-iters", "4"]
+    args += ["--recompute-granularity", "full", "--metrics-file", str(metrics)]
+    assert finetune(args) == 0
+    got = [m["loss"] for m in read_metrics(metrics)]
+    assert got == pytest.approx([m["loss"] for m in runs["tp1"]], rel=1e-6)
+
+
+def test_finetune_from_lora_adapters_keeps_them(runs, base, tmp_path):
+    """--finetune --load LORA: a new run (iteration 0) that starts from the trained adapters."""
+    metrics = tmp_path / "m.jsonl"
+    args = [*RUN, *LORA, "--load", str(runs["ckpt_tp1"]), "--finetune", "--train-iters", "1"]
+    assert finetune([*args, "--metrics-file", str(metrics)]) == 0
+    (first,) = read_metrics(metrics)
+    assert first["iteration"] == 1
+    assert first["loss"] < runs["tp1"][0]["loss"] - 0.05  # same batch, trained adapters
 
 
 def test_peft_adapter_config_names_gpt2_modules(runs, tmp_path):

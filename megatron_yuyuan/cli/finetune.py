@@ -89,17 +89,26 @@ def check_lora(cfg: RunConfig) -> None:
         if not info.lora:
             continue
         saved = config_of(info)
-        what = f"LoRA adapters of rank {saved.lora_rank} on {','.join(saved.targets)}"
+        what = (
+            f"LoRA adapters of rank {saved.lora_rank}, alpha {saved.lora_alpha:g} on "
+            f"{','.join(saved.targets)}"
+        )
+        same = f"--lora-rank {saved.lora_rank} --lora-alpha {saved.lora_alpha:g} "
+        same += f"--lora-target-modules {','.join(saved.targets)}"
         if not want.enabled:
             raise ConfigError(
-                f"{flag} {flags[flag]}: holds {what}; continue them with --lora-rank "
-                f"{saved.lora_rank} --lora-target-modules {','.join(saved.targets)}, or export "
-                f"a merged model with python -m checkpoints_convert.to_hf"
+                f"{flag} {flags[flag]}: holds {what}; continue them with {same}, or export a "
+                f"merged model with python -m checkpoints_convert.to_hf"
             )
-        if (saved.lora_rank, saved.targets) != (want.lora_rank, want.targets):
+        if (saved.lora_rank, saved.lora_alpha, saved.targets) != (
+            want.lora_rank,
+            want.lora_alpha,
+            want.targets,
+        ):
             raise ConfigError(
                 f"{flag} {flags[flag]}: holds {what}, but this run asks for rank "
-                f"{want.lora_rank} on {','.join(want.targets)}; use the saved settings"
+                f"{want.lora_rank}, alpha {want.lora_alpha:g} on {','.join(want.targets)}; "
+                f"continue with {same}"
             )
     if want.enabled and not found:
         raise ConfigError(

@@ -32,6 +32,12 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--hf-dir", help="transformers model directory")
     p.add_argument("--tensor-model-parallel-size", type=positive_int, default=1)
     p.add_argument("--pipeline-model-parallel-size", type=positive_int, default=1)
+    p.add_argument(
+        "--lora-base",
+        default=None,
+        help="--load of a LoRA checkpoint: its base checkpoint, where it has moved since training "
+        "(default: the recorded path; the fingerprint is checked either way)",
+    )
     p.add_argument("--tokenizer", default=None, help="tokenizer spec (default: the model's own)")
     p.add_argument("--batch-size", type=positive_int, default=8, help="prompts generated together")
     prec = p.add_mutually_exclusive_group()
@@ -97,6 +103,7 @@ def generator_from_args(args):
         pp=args.pipeline_model_parallel_size,
         tokenizer=args.tokenizer,
         dtype=dtype,
+        lora_base=args.lora_base,
     )
 
 

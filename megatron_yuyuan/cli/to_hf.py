@@ -36,6 +36,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         help="LoRA checkpoint: write a PEFT adapter folder (adapter_config.json + "
         "adapter_model.safetensors) instead of the merged model",
     )
+    p.add_argument(
+        "--lora-base",
+        default=None,
+        help="LoRA checkpoint: its base checkpoint, where it has moved since training (default: "
+        "the recorded path; the fingerprint is checked either way)",
+    )
     p.add_argument("--verify", action="store_true", help="compare logits of both models")
     p.add_argument(
         "--tolerance", type=positive_float, default=1e-3, help="max |logit diff| for --verify"
@@ -54,9 +60,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from megatron_yuyuan.convert.api import convert_megatron_to_hf
         from megatron_yuyuan.convert.verify import report_verify
 
-        files = convert_megatron_to_hf(args.load, args.out, args.tokenizer, args.adapter_only)
+        files = convert_megatron_to_hf(
+            args.load, args.out, args.tokenizer, args.adapter_only, args.lora_base
+        )
         for f in files:
             print(f"> wrote {f}")
-        return report_verify(args.out, args.load, args.tolerance) if args.verify else 0
+        if not args.verify:
+            return 0
+        return report_verify(args.out, args.load, args.tolerance, args.lora_base)
 
     return run_cli(body)

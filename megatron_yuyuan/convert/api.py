@@ -248,6 +248,7 @@ def convert_megatron_to_hf(
     out: str | Path,
     tokenizer_dir: Optional[str | Path] = None,
     adapter_only: bool = False,
+    lora_base: Optional[str | Path] = None,
 ) -> list[Path]:
     """megatron-core checkpoint (any TP/PP) -> HF directory; returns the files written.
 
@@ -280,7 +281,7 @@ def convert_megatron_to_hf(
     else:
         state, _ = checkpointing.load_full_state(ckpt, template, only=lora.is_adapter)
         if not adapter_only:
-            base = lora.check_base(info, ckpt)
+            base = lora.check_base(info, ckpt, lora_base)
             weights, base_info = checkpointing.load_full_state(
                 base, template, only=lambda k: not lora.is_adapter(k)
             )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -36,12 +37,16 @@ def sample_ids(vocab_size: int, max_len: int) -> torch.Tensor:
     return ids[:max_len].unsqueeze(0)  # [1, s]
 
 
-def megatron_logits(load: str | Path, ids: torch.Tensor, tp: int = 1) -> torch.Tensor:
+def megatron_logits(
+    load: str | Path, ids: torch.Tensor, tp: int = 1, lora_base: Optional[str | Path] = None
+) -> torch.Tensor:
     """fp32 logits ``[b, s, V]`` of a megatron-core checkpoint at tensor-parallel size ``tp``
     (launch ``tp`` processes with torchrun for tp > 1)."""
     layout = parallel.init_distributed(tp, 1)
     # a LoRA checkpoint: the model as trained, base plus unmerged adapters
-    model, info = lora.load_checkpoint_model(load, layout, torch.float32, merge_adapters=False)
+    model, info = lora.load_checkpoint_model(
+        load, layout, torch.float32, merge_adapters=False, base=lora_base
+    )
     model.eval()
     device = next(model.parameters()).device  # megatron builds on the GPU when there is one
     with torch.no_grad():
@@ -69,18 +74,24 @@ def compare(a: torch.Tensor, b: torch.Tensor) -> Parity:
 
 
 def verify(
-    hf_dir: str | Path, load: str | Path, tolerance: float, tp: int = 1
+    hf_dir: str | Path,
+    load: str | Path,
+    tolerance: float,
+    tp: int = 1,
+    lora_base: Optional[str | Path] = None,
 ) -> tuple[Parity, bool]:
     """Parity between an HF directory and a megatron-core checkpoint of the same weights."""
     info = checkpointing.read_info(checkpointing.resolve(load))
     ids = sample_ids(info.model.vocab_size, min(64, info.model.max_position_embeddings))
-    parity = compare(hf_logits(hf_dir, ids), megatron_logits(load, ids, tp))
+    parity = compare(hf_logits(hf_dir, ids), megatron_logits(load, ids, tp, lora_base))
     return parity, parity.max_abs_diff <= tolerance and parity.top1_agreement == 1.0
 
 
-def report_verify(hf_dir: str | Path, load: str | Path, tolerance: float) -> int:
+def report_verify(
+    hf_dir: str | Path, load: str | Path, tolerance: float, lora_base: Optional[str] = None
+) -> int:
     """Run :func:`verify`, print its line, and return the CLI's exit status (1 on a mismatch)."""
-    parity, ok = verify(hf_dir, load, tolerance)
+    parity, ok = verify(hf_dir, load, tolerance, lora_base=lora_base)
     print(f"> {parity.line()} [{'OK' if ok else 'FAIL'}, tolerance {tolerance:g}]")
     return 0 if ok else 1
 
