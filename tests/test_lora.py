@@ -224,6 +224,19 @@ def test_a_lora_checkpoint_needs_its_lora_flags_to_continue(runs, tmp_path, caps
     assert code == 2 and "alpha 8" in err, err
 
 
+def test_a_tp2_lora_checkpoint_resumes_at_tp1(runs, tmp_path):
+    """Adapters and their optimizer state reshard: TP=2's step 5 at TP=1 = TP=1's own step 5."""
+    losses = []
+    for which in ("ckpt_tp1", "ckpt_tp2"):
+        metrics = tmp_path / f"{which}.jsonl"
+        args = [*RUN, *LORA, "--load", str(runs[which]), "--save", str(tmp_path / which)]
+        assert finetune([*args, "--train-iters", "5", "--metrics-file", str(metrics)]) == 0
+        (row,) = read_metrics(metrics)
+        assert row["iteration"] == 5
+        losses.append(row["loss"])
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+
+
 def test_lora_with_full_recompute_trains_as_without(runs, base, tmp_path):
     metrics = tmp_path / "m.jsonl"
     args = [*RUN, *LORA, "--pretrained-checkpoint", str(base), "--train-iters", "4"]
