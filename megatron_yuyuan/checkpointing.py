@@ -26,6 +26,7 @@ from typing import Callable, Optional
 import torch
 import yaml
 from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.core import CheckpointingException
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 
 from megatron_yuyuan import parallel
@@ -118,18 +119,44 @@ class CheckpointInfo:
     """A LoRA checkpoint (adapters only): its settings, base checkpoint and base fingerprint."""
 
 
+LORA_KEYS = {"lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules", "base"}
+LORA_KEYS |= {"base_fingerprint"}
+
+
+def _check_lora_record(record, path: Path) -> Optional[dict]:
+    """A LoRA checkpoint's ``lora`` block, checked for what the loaders rely on."""
+    from megatron_yuyuan.config import ConfigError, LoraConfig
+
+    problem = None
+    if not isinstance(record, dict) or set(record) != LORA_KEYS:
+        problem = f"needs exactly the fields {sorted(LORA_KEYS)}"
+    elif not all(isinstance(record[k], str) and record[k] for k in ("base", "base_fingerprint")):
+        problem = "base and base_fingerprint must be non-empty strings"
+    else:
+        try:
+            settings = LoraConfig(**{k: v for k, v in record.items() if k.startswith("lora_")})
+            if not settings.enabled:
+                problem = "lora_rank must be >= 1"
+        except (ConfigError, TypeError) as exc:
+            problem = str(exc)
+    if problem:
+        raise CheckpointError(
+            f"{path}: its lora block is damaged ({problem}); use another checkpoint"
+        )
+    return record
+
+
 def read_info(ckpt_dir: Path) -> CheckpointInfo:
     path = Path(ckpt_dir) / MODEL_CONFIG
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-        return CheckpointInfo(
+        info = CheckpointInfo(
             model=ModelConfig(**raw["model"]),
             dtype=_DTYPES[raw["dtype"]],
             padded_vocab_size=int(raw["padded_vocab_size"]),
             iteration=int(raw["iteration"]),
             training_state=bool(raw.get("training_state", False)),
             layout=tuple(raw.get("layout", (1, 1, 1))),
-            lora=raw.get("lora"),
         )
     except FileNotFoundError as exc:
         raise CheckpointError(f"{path} not found: {ckpt_dir} is not a checkpoint") from exc
@@ -137,6 +164,9 @@ def read_info(ckpt_dir: Path) -> CheckpointInfo:
         raise CheckpointError(
             f"{path} is corrupt ({type(exc).__name__}: {exc}); use another checkpoint"
         ) from exc
+    if "lora" in raw:
+        info.lora = _check_lora_record(raw["lora"], path)
+    return info
 
 
 def _write_info(ckpt_dir: Path, info: CheckpointInfo) -> None:
@@ -218,9 +248,28 @@ def check_new_save_dir(save: Path, flag: str = "--save") -> None:
         )
 
 
+def _load(sharded: dict, ckpt: Path) -> dict:
+    """``dist_checkpointing.load``; a checkpoint whose tensors do not fit the request (shapes,
+    missing keys) is one CheckpointError, not megatron's traceback."""
+    try:
+        return dist_checkpointing.load(sharded, str(ckpt))
+    except CheckpointingException as exc:
+        first = " ".join(str(exc).split())[:300]
+        raise CheckpointError(
+            f"{ckpt}: its tensors do not fit the model its model_config.yaml describes ({first}); "
+            f"the checkpoint is damaged or incomplete: use another one"
+        ) from exc
+
+
 def load_sharded(sharded: dict, ckpt: Path) -> dict:
     """megatron's ``dist_checkpointing.load`` of a sharded state dict from ``ckpt``."""
-    return dist_checkpointing.load(sharded, str(ckpt))
+    return _load(sharded, ckpt)
+
+
+def stored_tensor_shapes(ckpt: Path) -> dict[str, tuple[int, ...]]:
+    """Global shape of every tensor a checkpoint holds, by key (metadata only, nothing loaded)."""
+    meta = dist_checkpointing.load_tensors_metadata(str(ckpt))
+    return {k: tuple(v.global_shape) for k, v in meta.items() if isinstance(v, ShardedTensor)}
 
 
 def rank_object(key: str, data, layout: parallel.Layout) -> ShardedObject:
@@ -283,7 +332,7 @@ def load_model(
     for sh in request.values():
         if isinstance(sh, ShardedTensor) and sh.data.dtype != info.dtype:
             sh.data = torch.empty(sh.local_shape, dtype=info.dtype, device=sh.data.device)
-    loaded = dist_checkpointing.load(request, str(ckpt))
+    loaded = _load(request, ckpt)
     # The result also carries the checkpoint's common (non-tensor) state, e.g. the optimizer's.
     state = {k: loaded[k] for k in request if not k.endswith("_extra_state")}
     missing, unexpected = model.load_state_dict(state, strict=False)  # casts to the model dtype
@@ -309,5 +358,5 @@ def load_full_state(
         if isinstance(sh, ShardedTensor) and (only is None or only(name)):
             sh.data = torch.empty(sh.local_shape, dtype=info.dtype)
             sharded[name] = sh
-    loaded = dist_checkpointing.load(sharded, str(ckpt))
+    loaded = _load(sharded, ckpt)
     return {name: loaded[name] for name in sharded}, info

@@ -19,6 +19,7 @@ import ast
 import dataclasses
 import functools
 import inspect
+import math
 import textwrap
 import typing
 from dataclasses import dataclass, field
@@ -351,8 +352,8 @@ class LoraConfig:
         check_field_types(self, "lora")
         if self.lora_rank < 0:
             raise ConfigError(f"lora.lora_rank must be >= 0 (0: off), got {self.lora_rank}")
-        if not self.lora_alpha > 0:
-            raise ConfigError(f"lora.lora_alpha must be > 0, got {self.lora_alpha}")
+        if not (self.lora_alpha > 0 and math.isfinite(self.lora_alpha)):
+            raise ConfigError(f"lora.lora_alpha must be a finite number > 0, got {self.lora_alpha}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"lora.lora_dropout must be in [0, 1), got {self.lora_dropout}")
         targets = self.targets

@@ -208,12 +208,14 @@ class MegatronGenerator:
         if torch.cuda.is_available():
             model = model.cuda()
         tok_dir = ckpt / "tokenizer"
-        return cls(
-            model,
-            layout,
-            info.model,
-            load_tokenizer(tokenizer or (str(tok_dir) if tok_dir.is_dir() else "gpt2")),
-        )
+        spec = tokenizer or (str(tok_dir) if tok_dir.is_dir() else "gpt2")
+        tok = load_tokenizer(spec)
+        if tok.vocab_size > info.model.vocab_size:
+            raise UserError(
+                f"--load {load}: the model has {info.model.vocab_size} token ids but the tokenizer "
+                f"({spec}) has {tok.vocab_size}; give the model's own --tokenizer"
+            )
+        return cls(model, layout, info.model, tok)
 
     def _forward(self, tokens, positions, mask, context) -> Optional[torch.Tensor]:
         """One pass through this pipeline stage; full-vocab logits ``[b, q, V]`` on the last stage."""

@@ -246,10 +246,11 @@ def check_base(info: CheckpointInfo, where: Path, base: Optional[str | Path] = N
     try:
         ckpt = checkpointing.resolve(path)
     except CheckpointError as exc:
+        if base:
+            raise CheckpointError(f"--lora-base {base}: no checkpoint there") from exc
         raise CheckpointError(
-            f"{where}: the LoRA adapters' base checkpoint {path} cannot be read ({exc}); "
-            f"restore it there or give its new place with --lora-base (training: "
-            f"--pretrained-checkpoint)"
+            f"{where}: the LoRA adapters' base checkpoint {path} is gone; restore it there or "
+            f"give its new place with --lora-base (training: --pretrained-checkpoint)"
         ) from exc
     if fingerprint(ckpt) != info.lora["base_fingerprint"]:
         raise CheckpointError(
@@ -259,8 +260,36 @@ def check_base(info: CheckpointInfo, where: Path, base: Optional[str | Path] = N
     return ckpt
 
 
+def check_stored_adapters(ckpt: Path, model: torch.nn.Module) -> None:
+    """The adapters a LoRA checkpoint holds are exactly those of ``model`` (built from its
+    recorded settings), shapes included: a hand-edited rank or target list is refused instead of
+    silently dropping adapters.
+
+    Raises:
+        CheckpointError: naming what differs.
+    """
+    stored = {
+        k: shape
+        for k, shape in checkpointing.stored_tensor_shapes(ckpt).items()
+        if is_adapter(k) and not k.startswith("optimizer.")
+    }
+    wanted = {  # checkpoint keys stack the layers: [layers, ...] under one key per module
+        sh.key: tuple(sh.global_shape)
+        for k, sh in model.sharded_state_dict().items()
+        if is_adapter(k) and hasattr(sh, "global_shape")
+    }
+    if stored != wanted:
+        differ = sorted(k for k in stored.keys() | wanted.keys() if stored.get(k) != wanted.get(k))
+        raise CheckpointError(
+            f"{ckpt}: the adapters it holds do not match its model_config.yaml's lora settings "
+            f"(first difference: {differ[0]}: stored {stored.get(differ[0])}, expected "
+            f"{wanted.get(differ[0])}); the checkpoint is damaged: use another one"
+        )
+
+
 def load_adapters(ckpt: Path, model: torch.nn.Module, model_cfg: ModelConfig, layout: Layout):
     """Load a LoRA checkpoint's adapters into ``model`` (which must carry adapters)."""
+    check_stored_adapters(ckpt, model)
     checkpointing.load_model(ckpt, model, model_cfg, layout, only=is_adapter)
 
 
@@ -284,6 +313,8 @@ def load_checkpoint_model(
     info = checkpointing.read_info(ckpt)
     lora = config_of(info) if info.lora else LoraConfig()
     model = build_model(RunConfig(model=info.model, lora=lora), layout, params_dtype=params_dtype)
+    if base and not info.lora:
+        raise CheckpointError(f"--lora-base: {ckpt} is not a LoRA checkpoint; drop --lora-base")
     if not info.lora:
         checkpointing.load_model(ckpt, model, info.model, layout)
         return model, info

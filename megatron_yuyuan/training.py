@@ -131,11 +131,10 @@ def setup(cfg: RunConfig) -> TrainState:
         # come back (with their optimizer state) from the LoRA checkpoint being resumed.
         info = checkpointing.read_info(checkpointing.resolve(source))
         adapters_saved = info.lora is not None  # resumed, or (--finetune) their weights only
-        base = (
-            lora.check_base(info, Path(source), base_override(cfg, source))
-            if adapters_saved
-            else source
-        )
+        base = source
+        if adapters_saved:
+            lora.check_stored_adapters(checkpointing.resolve(source), gpt)
+            base = lora.check_base(info, Path(source), base_override(cfg, source))
         checkpointing.load_model(
             base, gpt, cfg.model, layout, only=lambda k: not lora.is_adapter(k)
         )

@@ -201,14 +201,55 @@ def test_a_lora_checkpoint_refuses_another_base(runs, base, tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
+    "edit, words",
+    [
+        ({"lora_target_modules": "linear_qkv"}, "do not match its model_config.yaml"),
+        ({"lora_rank": 8}, "do not match its model_config.yaml"),
+        ({"lora_rank": 0}, "lora block is damaged"),
+        ({"base_fingerprint": None}, "lora block is damaged"),
+        ({"extra": 1}, "lora block is damaged"),
+    ],
+    ids=["fewer-targets", "other-rank", "rank-0", "no-fingerprint", "unknown-field"],
+)
+def test_a_damaged_lora_record_is_refused_everywhere(runs, tmp_path, capsys, edit, words):
+    damaged = tmp_path / "lora"
+    shutil.copytree(runs["ckpt_tp1"], damaged)
+    cfg_file = next(damaged.glob("iter_*")) / "model_config.yaml"
+    info = yaml.safe_load(cfg_file.read_text())
+    info["lora"].update(edit)
+    info["lora"] = {k: v for k, v in info["lora"].items() if v is not None}
+    cfg_file.write_text(yaml.safe_dump(info))
+    capsys.readouterr()
+    assert to_hf(["--load", str(damaged), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0] and not (tmp_path / "x").exists(), err
+    # resuming it with its recorded settings: refused before any training
+    saved = yaml.safe_load(cfg_file.read_text())["lora"]
+    flags = ["--lora-rank", str(saved.get("lora_rank", 4)), "--lora-alpha", "8"]
+    flags += ["--lora-target-modules", saved.get("lora_target_modules", LORA[-1])]
+    code = finetune([*RUN, *flags, "--load", str(damaged), "--train-iters", "5"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error:"), err
+
+
+def test_lora_never_saves_into_a_full_checkpoint_run(base, capsys):
+    """--load BASE --save BASE would move BASE's latest pointer to the adapters."""
+    args = [*RUN, *LORA, "--pretrained-checkpoint", str(base), "--load", str(base)]
+    assert finetune([*args, "--save", str(base), "--train-iters", "2"]) == 2
+    assert "holds a full (non-LoRA) checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
     "args, words",
     [
         ([*LORA], "--pretrained-checkpoint BASE"),
+        (["--lora-rank", "4", "--lora-alpha", "inf"], "finite number > 0"),
         (["--lora-rank", "4", "--lora-target-modules", "c_attn"], "c_attn is not a LoRA target"),
         (["--lora-rank", "-1"], "lora_rank must be >= 0"),
     ],
 )
 def test_bad_lora_flags_get_one_error_line(args, words, capsys):
+    # (a rank not below the hidden size: see test_lora_rank_must_be_low)
     assert finetune(["--config", "tiny", "--mock-data", *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and words in err[0], err
@@ -267,3 +308,9 @@ def test_peft_adapter_config_names_gpt2_modules(runs, tmp_path):
     tensors = load_file(str(out / "adapter_model.safetensors"))
     assert tensors["base_model.model.transformer.h.1.attn.c_attn.lora_B.weight"].shape == (192, 4)
     assert tensors["base_model.model.transformer.h.0.mlp.c_proj.lora_A.weight"].shape == (4, 256)
+
+
+def test_lora_rank_must_be_low(base, capsys):
+    args = [*RUN, "--pretrained-checkpoint", str(base), "--lora-rank", "64", "--train-iters", "1"]
+    assert finetune(args) == 2  # hidden size 64
+    assert "not below the hidden size 64" in capsys.readouterr().err

@@ -110,6 +110,17 @@ def check_lora(cfg: RunConfig) -> None:
                 f"{want.lora_rank}, alpha {want.lora_alpha:g} on {','.join(want.targets)}; "
                 f"continue with {same}"
             )
+    if want.enabled and want.lora_rank >= cfg.model.hidden_size:
+        raise ConfigError(
+            f"--lora-rank {want.lora_rank} is not below the hidden size "
+            f"{cfg.model.hidden_size}: the adapters would not be low-rank; use a small rank "
+            f"(8-64) or full finetuning (--lora-rank 0)"
+        )
+    if want.enabled and t.save and has_checkpoint(t.save) and not read_info(resolve(t.save)).lora:
+        raise ConfigError(
+            f"--save {t.save}: holds a full (non-LoRA) checkpoint, e.g. the base; LoRA adapters "
+            f"go to a new directory (--save NEW, with --load NEW to resume there)"
+        )
     if want.enabled and not found:
         raise ConfigError(
             "--lora-rank trains adapters on a base model's weights: give "

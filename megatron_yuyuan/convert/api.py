@@ -276,9 +276,14 @@ def convert_megatron_to_hf(
             padded_vocab_size=info.padded_vocab_size,
             params_dtype=info.dtype,
         )
+    if lora_base and adapters is None:
+        raise checkpointing.CheckpointError(
+            f"--lora-base: {ckpt} is not a LoRA checkpoint; drop --lora-base"
+        )
     if adapters is None:
         state, _ = checkpointing.load_full_state(ckpt, template)
     else:
+        lora.check_stored_adapters(ckpt, template)
         state, _ = checkpointing.load_full_state(ckpt, template, only=lora.is_adapter)
         if not adapter_only:
             base = lora.check_base(info, ckpt, lora_base)
