@@ -52,6 +52,11 @@ def is_adapter(name: str) -> bool:
     return name.rsplit(".", 1)[-1] in ADAPTERS
 
 
+def is_base_weight(name: str) -> bool:
+    """Whether a parameter / state-dict name belongs to the (frozen) base model."""
+    return not is_adapter(name)
+
+
 def adapted_layers(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module]]:
     """``(name, layer)`` of every linear that carries adapters."""
     for name, module in model.named_modules():
@@ -231,7 +236,9 @@ def checkpoint_record(lora: LoraConfig, base: str | Path) -> dict:
 
 
 def config_of(info: CheckpointInfo) -> LoraConfig:
-    """The LoRA settings a checkpoint was trained with."""
+    """The LoRA settings a checkpoint was trained with (disabled for a full checkpoint)."""
+    if not info.lora:
+        return LoraConfig()
     return LoraConfig(**{k: v for k, v in info.lora.items() if k.startswith("lora_")})
 
 
@@ -312,15 +319,16 @@ def load_checkpoint_model(
 
     ckpt = checkpointing.resolve(load)
     info = checkpointing.read_info(ckpt)
-    lora = config_of(info) if info.lora else LoraConfig()
-    model = build_model(RunConfig(model=info.model, lora=lora), layout, params_dtype=params_dtype)
+    model = build_model(
+        RunConfig(model=info.model, lora=config_of(info)), layout, params_dtype=params_dtype
+    )
     if base and not info.lora:
         raise CheckpointError(f"--lora-base: {ckpt} is not a LoRA checkpoint; drop --lora-base")
     if not info.lora:
         checkpointing.load_model(ckpt, model, info.model, layout)
         return model, info
     base = check_base(info, ckpt, base)
-    checkpointing.load_model(base, model, info.model, layout, only=lambda k: not is_adapter(k))
+    checkpointing.load_model(base, model, info.model, layout, only=is_base_weight)
     load_adapters(ckpt, model, info.model, layout)
     if merge_adapters:
         merge(model)

@@ -43,13 +43,12 @@ def build_optimizer(
     return get_megatron_optimizer(ocfg, model_chunks)
 
 
-def use_fused_adam(optimizer) -> int:
+def use_fused_adam(optimizer) -> None:
     """Switch megatron's torch AdamW (its choice without Apex/TE) to torch's fused kernel: one
     launch per dtype/device group reads and writes each parameter, gradient and moment once,
     where the default multi-tensor path makes several passes. Same update rule (torch documents
     fused as numerically equivalent up to rounding). Call after loading a checkpoint too: loading
-    restores the saved param-group flags. Returns how many torch optimizers were switched."""
-    switched = 0
+    restores the saved param-group flags."""
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         inner = getattr(opt, "optimizer", None)
         if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
@@ -63,8 +62,6 @@ def use_fused_adam(optimizer) -> int:
             # multi-tensor Adam keeps "step" on the CPU; the fused kernel reads it on the GPU
             if torch.is_tensor(state.get("step")) and not state["step"].is_cuda:
                 state["step"] = state["step"].to(params[0].device, torch.float32)
-        switched += 1
-    return switched
 
 
 def seed_main_params(optimizer, model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:

@@ -262,13 +262,8 @@ class _TorchWgradAccumulation:
         else:
             torch.addmm(main_grad, dy.t(), x, out_dtype=main_grad.dtype, out=main_grad)
 
-    @staticmethod
-    def wgrad_gemm_accum_fp16(
-        total_input: torch.Tensor, grad_output: torch.Tensor, main_grad: torch.Tensor
-    ) -> None:
-        x = total_input.reshape(-1, total_input.shape[-1])  # [tokens, in]
-        dy = grad_output.reshape(-1, grad_output.shape[-1])  # [tokens, out]
-        main_grad.addmm_(dy.t(), x)  # [out, in]
+    # half-precision main_grad: the same call (its operands then share its dtype)
+    wgrad_gemm_accum_fp16 = wgrad_gemm_accum_fp32
 
 
 def _torch_wgrad_accumulation_works() -> bool:

@@ -129,15 +129,14 @@ def setup(cfg: RunConfig) -> TrainState:
     if cfg.lora.enabled:
         # The frozen base comes from its own checkpoint; the adapters start from the seed, or
         # come back (with their optimizer state) from the LoRA checkpoint being resumed.
-        info = checkpointing.read_info(checkpointing.resolve(source))
+        saved = checkpointing.resolve(source)
+        info = checkpointing.read_info(saved)
         adapters_saved = info.lora is not None  # resumed, or (--finetune) their weights only
         base = source
         if adapters_saved:
-            lora.check_stored_adapters(checkpointing.resolve(source), gpt)
-            base = lora.check_base(info, Path(source), base_override(cfg, source))
-        checkpointing.load_model(
-            base, gpt, cfg.model, layout, only=lambda k: not lora.is_adapter(k)
-        )
+            lora.check_stored_adapters(saved, gpt)
+            base = lora.check_base(info, saved, base_override(cfg, source))
+        checkpointing.load_model(base, gpt, cfg.model, layout, only=lora.is_base_weight)
         lora.init_adapters(gpt, layout, t.seed)
     model = wrap_float16(gpt.to(device()), cfg)
     ddp_config = DistributedDataParallelConfig(
@@ -313,7 +312,8 @@ def build_data_iterator(
     kind = f"packed sequences ({'THD' if thd else 'masks'})" if d.packing else "samples"
     parallel.print_rank_0(
         f"> {d.data_prefix}_train: {len(dataset.pairs)} pairs, "
-        f"{dataset.samples_per_epoch()} {kind} per epoch of <= {d.seq_length} tokens, {dataset.truncated} pair(s) truncated at the answer's end, "
+        f"{dataset.samples_per_epoch()} {kind} per epoch of <= {d.seq_length} tokens, "
+        f"{dataset.truncated} pair(s) truncated at the answer's end, "
         f"loss on {'prompt and answer' if d.train_on_prompt else 'answers only'}"
     )
     return _pinned(dataset.micro_batch(idx, thd=thd) for idx in indices)

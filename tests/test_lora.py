@@ -88,7 +88,7 @@ def test_base_weights_stay_bit_identical(base, tmp_path):
         trained = {n: p.detach().clone() for n, p in gpt.named_parameters()}
         assert result.history[-1].loss < result.history[0].loss
         _, loaded = checkpointing.load_model(
-            base, gpt, cfg.model, result.state.layout, only=lambda k: not lora.is_adapter(k)
+            base, gpt, cfg.model, result.state.layout, only=lora.is_base_weight
         )
     finally:
         destroy_distributed()

@@ -268,19 +268,19 @@ def convert_megatron_to_hf(
             f"--adapter-only: {ckpt} holds no LoRA adapters (a full model); drop --adapter-only"
         )
     layout = parallel.init_distributed(1, 1)
-    adapters = lora.config_of(info) if info.lora else None
+    adapters = lora.config_of(info)
     with torch.device("meta"):  # a template for the keys only: no second copy of the weights
         template = build_model(
-            RunConfig(model=info.model, **({"lora": adapters} if adapters else {})),
+            RunConfig(model=info.model, lora=adapters),
             layout,
             padded_vocab_size=info.padded_vocab_size,
             params_dtype=info.dtype,
         )
-    if lora_base and adapters is None:
+    if lora_base and not adapters.enabled:
         raise checkpointing.CheckpointError(
             f"--lora-base: {ckpt} is not a LoRA checkpoint; drop --lora-base"
         )
-    if adapters is None:
+    if not adapters.enabled:
         state, _ = checkpointing.load_full_state(ckpt, template)
     else:
         lora.check_stored_adapters(ckpt, template)
@@ -288,7 +288,7 @@ def convert_megatron_to_hf(
         if not adapter_only:
             base = lora.check_base(info, ckpt, lora_base)
             weights, base_info = checkpointing.load_full_state(
-                base, template, only=lambda k: not lora.is_adapter(k)
+                base, template, only=lora.is_base_weight
             )
             state = lora.merged_weights({**weights, **state}, adapters.scale)
             info = dataclasses.replace(info, dtype=base_info.dtype)  # merged into the base's
