@@ -64,14 +64,16 @@ def adapted_layers(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Modul
             yield name, module
 
 
-def attach(model: torch.nn.Module, lora: LoraConfig) -> None:
+def attach(model: torch.nn.Module, lora: LoraConfig, full_recompute: bool = False) -> None:
     """Freeze every parameter of ``model`` and add (uninitialised) adapters to the targets."""
     for p in model.parameters():
         p.requires_grad_(False)
-    if getattr(model, "embedding", None) is not None:
-        # With the embedding frozen its output needs no gradient, and megatron's activation
-        # recompute (a reentrant checkpoint) would then cut the adapters off from the loss: make
-        # the first stage's input differentiable, as transformers' enable_input_require_grads.
+    if full_recompute and getattr(model, "embedding", None) is not None:
+        # With the embedding frozen its output needs no gradient, and megatron's full recompute
+        # (a reentrant checkpoint per layer chunk) would then cut the adapters off from the loss:
+        # make the first stage's input differentiable, as transformers'
+        # enable_input_require_grads does for gradient checkpointing. Only then: it costs the
+        # first layer's input-gradient GEMMs.
         model._lora_input_grads = model.embedding.register_forward_hook(_require_grad)
     r = lora.lora_rank
     for name, module in list(model.named_modules()):

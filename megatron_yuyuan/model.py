@@ -352,7 +352,7 @@ def build_model(
     if seed is not None:
         initialize_weights(model, cfg.model, layout, seed)
     if cfg.lora.enabled:  # after the base init: adapters have their own
-        lora.attach(model, cfg.lora)
+        lora.attach(model, cfg.lora, full_recompute=cfg.train.recompute_granularity == "full")
         if seed is not None:
             lora.init_adapters(model, layout, seed)
     return model
