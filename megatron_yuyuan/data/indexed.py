@@ -17,7 +17,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 from megatron.core.datasets.indexed_dataset import DType, IndexedDataset, IndexedDatasetBuilder
@@ -30,10 +30,20 @@ SPLITS = ("train", "valid", "test")
 
 @dataclass
 class QAPairTokens:
-    """One document read back: prompt ids and answer ids (the latter ends with EOS)."""
+    """One document read back: prompt and answer ids alternating (each answer ends with EOS); a
+    QA pair has two sequences, a chat two per turn."""
 
-    prompt: np.ndarray
-    answer: np.ndarray
+    sequences: list[np.ndarray]
+
+    @property
+    def prompt(self) -> np.ndarray:
+        """The first prompt."""
+        return self.sequences[0]
+
+    @property
+    def answer(self) -> np.ndarray:
+        """The last answer (a QA pair's only one)."""
+        return self.sequences[-1]
 
 
 def tmp_name(path: Path) -> Path:
@@ -55,13 +65,8 @@ def write_qa_documents(
         answers: answer token ids per document, EOS included.
         vocab_size: chooses uint16 storage when every id fits.
     """
-    bin_path, idx_path = Path(f"{prefix}.bin"), Path(f"{prefix}.idx")
-    tmp_bin, tmp_idx = tmp_name(bin_path), tmp_name(idx_path)
-    builder = IndexedDatasetBuilder(str(tmp_bin), dtype=DType.optimal_dtype(vocab_size))
-    for prompt, answer in zip(prompts, answers):
-        builder.add_document(np.concatenate([prompt, answer]), [len(prompt), len(answer)])
-    builder.finalize(str(tmp_idx))
-    return {bin_path: tmp_bin, idx_path: tmp_idx}
+    docs = ((np.concatenate([p, a]), [len(p), len(a)]) for p, a in zip(prompts, answers))
+    return write_documents(prefix, docs, vocab_size)
 
 
 def file_digest(path: Path) -> dict:
@@ -157,23 +162,21 @@ def open_indexed(prefix: str | Path) -> IndexedDataset:
 
 
 def read_qa_documents(prefix: str | Path) -> list[QAPairTokens]:
-    """Every document as (prompt, answer) token arrays; checks the two-sequence layout."""
+    """Every document as alternating prompt / answer token arrays; checks the layout (an even
+    number of sequences: two for a QA pair, two per turn for a chat)."""
     ds = open_indexed(prefix)
     docs = ds.document_indices
     out = []
     for d in range(len(docs) - 1):
         first, last = int(docs[d]), int(docs[d + 1])
-        if last - first != 2:
+        if last - first < 2 or (last - first) % 2:
             raise DataError(
-                f"{prefix}: document {d} has {last - first} sequences; expected 2 "
-                f"(prompt, answer): was it written by tools/preprocess_medquad.py?"
+                f"{prefix}: document {d} has {last - first} sequences; expected prompt/answer "
+                f"pairs: was it written by tools.preprocess_qa or tools.preprocess_medquad?"
             )
         # Copy out of the memory map: the views die with the reader.
         out.append(
-            QAPairTokens(
-                prompt=np.array(ds[first], dtype=np.int64),
-                answer=np.array(ds[first + 1], dtype=np.int64),
-            )
+            QAPairTokens([np.array(ds[k], dtype=np.int64) for k in range(first, last)])
         )
     return out
 
@@ -187,3 +190,24 @@ def read_meta(prefix: str | Path) -> dict:
             f"{prefix}_{{train,valid,test}} files (rerun it)"
         )
     return read_json_object(path, "rerun tools.preprocess_medquad")
+
+
+def write_documents(
+    prefix: Path, documents: Iterable[tuple[np.ndarray, Sequence[int]]], vocab_size: int
+) -> dict[Path, Path]:
+    """Stream documents ``(tokens, sequence lengths)`` into ``{prefix}.bin/.idx`` under
+    temporary names; returns {final path: temporary path}. A QA pair is two sequences (prompt,
+    answer); a chat is prompt, answer, prompt, answer, ... (answers end with EOS)."""
+    bin_path, idx_path = Path(f"{prefix}.bin"), Path(f"{prefix}.idx")
+    tmp_bin, tmp_idx = tmp_name(bin_path), tmp_name(idx_path)
+    builder = IndexedDatasetBuilder(str(tmp_bin), dtype=DType.optimal_dtype(vocab_size))
+    try:
+        for tokens, lengths in documents:
+            builder.add_document(tokens, list(lengths))
+        builder.finalize(str(tmp_idx))
+    except BaseException:
+        builder.data_file.close()
+        tmp_bin.unlink(missing_ok=True)
+        tmp_idx.unlink(missing_ok=True)
+        raise
+    return {bin_path: tmp_bin, idx_path: tmp_idx}

@@ -2,8 +2,9 @@
 
 A pair's tokens ``x_0 .. x_{n-1}`` (prompt, answer, EOS) give ``n - 1`` training positions: input
 ``x_t``, label ``x_{t+1}``. A label counts in the loss when it is an answer token (EOS included),
-or always with ``train_on_prompt``. Pairs longer than ``seq_length + 1`` tokens are cut at the
-answer's end (they then have no EOS) and counted.
+or always with ``train_on_prompt``. A chat is prompt, answer, prompt, answer, ...: every
+assistant answer (with its EOS) carries loss, user turns and template text none. Pairs longer than
+``seq_length + 1`` tokens are cut at the answer's end (they then have no EOS) and counted.
 
 * **packing** (default): pairs are first-fit packed into sequences of exactly ``seq_length``
   positions; position ids restart at 0 for every pair and attention is block-diagonal causal, so a
@@ -34,19 +35,30 @@ class Pair:
     """One QA pair, already cut to the sequence budget."""
 
     tokens: np.ndarray
-    """Prompt + answer (+ EOS unless truncated) ids."""
+    """Prompt + answer (+ EOS unless truncated) ids; a chat's turns one after another."""
     prompt_len: int
+    """Tokens of the first prompt."""
     truncated: bool
+    is_answer: np.ndarray
+    """Per token: part of an answer (bool); label ``t`` trains when token ``t + 1`` is."""
 
 
 def prepare_pairs(docs: Sequence[QAPairTokens], seq_length: int) -> list[Pair]:
     """Concatenate each document and cut it to at most ``seq_length + 1`` tokens."""
     pairs = []
     for doc in docs:
-        tokens = np.concatenate([doc.prompt, doc.answer])
+        tokens = np.concatenate(doc.sequences)
+        is_answer = np.concatenate(
+            [np.full(len(seq), k % 2 == 1) for k, seq in enumerate(doc.sequences)]
+        )
         truncated = len(tokens) > seq_length + 1
         pairs.append(
-            Pair(tokens=tokens[: seq_length + 1], prompt_len=len(doc.prompt), truncated=truncated)
+            Pair(
+                tokens=tokens[: seq_length + 1],
+                prompt_len=len(doc.prompt),
+                truncated=truncated,
+                is_answer=is_answer[: seq_length + 1],
+            )
         )
     return pairs
 
@@ -148,9 +160,8 @@ class QADataset:
             n = len(pair.tokens) - 1  # positions this pair occupies
             tokens[pos : pos + n] = pair.tokens[:-1]
             labels[pos : pos + n] = pair.tokens[1:]
-            # label t is tokens[t + 1]: an answer token when t + 1 >= prompt_len.
-            first_trained = 0 if self.train_on_prompt else max(pair.prompt_len - 1, 0)
-            loss_mask[pos + first_trained : pos + n] = 1.0
+            # label t is tokens[t + 1]: trained when that is an answer token.
+            loss_mask[pos : pos + n] = 1.0 if self.train_on_prompt else pair.is_answer[1:]
             position_ids[pos : pos + n] = np.arange(n)
             segment[pos : pos + n] = k
             pos += n
