@@ -31,6 +31,16 @@ def _arg_kwargs(tp: Any) -> dict[str, Any]:
     return {"type": tp, "metavar": tp.__name__.upper()}
 
 
+_MANY_WORDS = {("data", "data_prefix")}
+
+
+class _JoinWords(argparse.Action):
+    """A flag taking several words, stored as one string (the config field is a string)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, " ".join(values))
+
+
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """Add --config and one flag per config field, grouped by section."""
     parser.add_argument(
@@ -41,12 +51,15 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         hints = typing.get_type_hints(cls)
         docs = field_docs(cls)
         for f in dataclasses.fields(cls):
+            kwargs = _arg_kwargs(hints[f.name])
+            if (section, f.name) in _MANY_WORDS:  # --data-prefix 0.7 P1 0.3 P2
+                kwargs.update(nargs="+", action=_JoinWords)
             group.add_argument(
                 _flag(f.name),
                 dest=f"{section}.{f.name}",
                 default=argparse.SUPPRESS,
                 help=docs.get(f.name, ""),
-                **_arg_kwargs(hints[f.name]),
+                **kwargs,
             )
 
 

@@ -117,6 +117,8 @@ class CheckpointInfo:
     """(TP, PP, DP) it was saved at."""
     lora: Optional[dict] = None
     """A LoRA checkpoint (adapters only): its settings, base checkpoint and base fingerprint."""
+    prompt_template: Optional[str] = None
+    """The prompt template of the data it was trained on (None: the default, or unknown)."""
 
 
 LORA_KEYS = {"lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules", "base"}
@@ -166,6 +168,15 @@ def read_info(ckpt_dir: Path) -> CheckpointInfo:
         ) from exc
     if "lora" in raw:
         info.lora = _check_lora_record(raw["lora"], path)
+    if raw.get("prompt_template") is not None:
+        from megatron_yuyuan.prompts import PromptTemplate
+
+        try:
+            info.prompt_template = PromptTemplate.parse(raw["prompt_template"]).text
+        except UserError as exc:
+            raise CheckpointError(
+                f"{path}: its prompt_template is damaged ({exc}); fix or remove that line"
+            ) from exc
     return info
 
 
@@ -180,6 +191,7 @@ def _write_info(ckpt_dir: Path, info: CheckpointInfo) -> None:
                 "training_state": info.training_state,
                 "layout": list(info.layout),
                 **({"lora": info.lora} if info.lora else {}),
+                **({"prompt_template": info.prompt_template} if info.prompt_template else {}),
             },
             sort_keys=False,
         )
@@ -198,6 +210,7 @@ def save_sharded(
     run_config: Optional[dict] = None,
     extra_files: Optional[Callable[[Path], None]] = None,
     lora: Optional[dict] = None,
+    prompt_template: Optional[str] = None,
 ) -> Path:
     """Save a sharded state dict as checkpoint ``iteration`` under ``save``.
 
@@ -217,7 +230,14 @@ def save_sharded(
         _write_info(
             tmp,
             CheckpointInfo(
-                model_cfg, dtype, padded_vocab_size, iteration, training_state, layout, lora
+                model_cfg,
+                dtype,
+                padded_vocab_size,
+                iteration,
+                training_state,
+                layout,
+                lora,
+                prompt_template,
             ),
         )
         if extra_files is not None:  # e.g. tokenizer files: inside before the rename, too

@@ -299,6 +299,38 @@ class TrainConfig:
             raise ConfigError(f"need 0 <= train.min_lr ({self.min_lr}) <= train.lr ({self.lr})")
 
 
+def parse_blend(text: str, flag: str = "--data-prefix") -> list[tuple[float, str]]:
+    """``"P"`` -> ``[(1.0, P)]``; ``"0.7 P1 0.3 P2"`` -> ``[(0.7, P1), (0.3, P2)]`` (weights as
+    given; they are normalised when sampling)."""
+    words = text.split()
+    try:
+        float(words[0]) if words else None
+        is_blend = len(words) > 1
+    except ValueError:
+        is_blend = False
+    if not is_blend:
+        return [(1.0, text)]
+    if len(words) % 2:
+        raise ConfigError(
+            f"{flag} {text!r}: a blend is WEIGHT PREFIX pairs (e.g. 0.7 data/a 0.3 data/b); "
+            f"got {len(words)} words"
+        )
+    out = []
+    for w, prefix in zip(words[::2], words[1::2]):
+        try:
+            weight = float(w)
+        except ValueError:
+            weight = math.nan
+        if not (math.isfinite(weight) and weight > 0):
+            raise ConfigError(
+                f"{flag}: weight {w!r} (before {prefix}) must be a positive finite number"
+            )
+        out.append((weight, prefix))
+    if len({p for _, p in out}) < len(out):
+        raise ConfigError(f"{flag} {text!r}: a prefix appears twice; give each once")
+    return out
+
+
 @dataclass(kw_only=True)
 class DataConfig:
     """Where training sequences come from."""
@@ -308,7 +340,9 @@ class DataConfig:
     mock_data: bool = False
     """Use deterministic synthetic token sequences (smoke tests, throughput)."""
     data_prefix: Optional[str] = None
-    """Preprocessed MedQuAD prefix P (reads P_train.bin/.idx, P_meta.json; tools/preprocess_medquad.py)."""
+    """Preprocessed dataset prefix P (reads P_train.bin/.idx, P_meta.json; from tools.preprocess_qa
+    or tools.preprocess_medquad), or a blend 'W1 P1 W2 P2 ...' (Megatron-LM's syntax: samples are
+    drawn by weight with megatron-core's blending; validation loss is reported per prefix)."""
     packing: bool = True
     """Pack several QA pairs per sequence (block-diagonal attention, positions restart per pair);
     --no-packing pads each micro-batch to its longest pair instead."""
@@ -328,6 +362,12 @@ class DataConfig:
             raise ConfigError(
                 f"data.packed_format must be auto|thd|mask, got {self.packed_format!r}"
             )
+        if self.data_prefix is not None:
+            self.blend()  # a malformed blend fails here, before anything starts
+
+    def blend(self) -> list[tuple[float, str]]:
+        """``[(weight, prefix), ...]`` of --data-prefix (one prefix: weight 1)."""
+        return parse_blend(self.data_prefix)
 
 
 LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")

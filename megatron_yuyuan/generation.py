@@ -26,7 +26,7 @@ from tqdm import tqdm
 from megatron_yuyuan import parallel
 from megatron_yuyuan.errors import UserError
 from megatron_yuyuan.files import read_jsonl, write_jsonl
-from megatron_yuyuan.prompts import answer_from_continuation, format_prompt
+from megatron_yuyuan.prompts import DEFAULT_TEMPLATE, PromptTemplate, answer_from_continuation
 from megatron_yuyuan.tokenizer import Tokenizer, load_tokenizer
 
 
@@ -175,8 +175,15 @@ class MegatronGenerator:
     """
 
     def __init__(
-        self, model: torch.nn.Module, layout: parallel.Layout, model_cfg, tokenizer: Tokenizer
+        self,
+        model: torch.nn.Module,
+        layout: parallel.Layout,
+        model_cfg,
+        tokenizer: Tokenizer,
+        template: Optional[PromptTemplate] = None,
     ) -> None:
+        self.template = template or DEFAULT_TEMPLATE
+        """The prompt template the model was trained with."""
         self.model = model.eval()
         parallel.use_plain_linear_for_inference(model)
         self.layout = layout
@@ -215,7 +222,8 @@ class MegatronGenerator:
                 f"--load {load}: the model has {info.model.vocab_size} token ids but the tokenizer "
                 f"({spec}) has {tok.vocab_size}; give the model's own --tokenizer"
             )
-        return cls(model, layout, info.model, tok)
+        template = PromptTemplate(info.prompt_template) if info.prompt_template else None
+        return cls(model, layout, info.model, tok, template)
 
     def _forward(self, tokens, positions, mask, context) -> Optional[torch.Tensor]:
         """One pass through this pipeline stage; full-vocab logits ``[b, q, V]`` on the last stage."""
@@ -361,6 +369,7 @@ class HFGenerator:
         self.tokenizer = load_tokenizer(tokenizer or hf_dir)
         self.max_positions = int(getattr(self.model.config, "n_positions", 1 << 30))
         self.layout = None
+        self.template = export_template(Path(hf_dir))
 
     @torch.no_grad()
     def generate_ids(
@@ -422,20 +431,56 @@ class _RowStops:
         return self.finished.to(input_ids.device)
 
 
+def export_template(hf_dir: Path) -> PromptTemplate:
+    """The prompt template an export of ours records (the default for other HF models)."""
+    from megatron_yuyuan.files import read_json_object
+
+    marker = hf_dir / "megatron_yuyuan_export.json"
+    if not marker.is_file():
+        return DEFAULT_TEMPLATE
+    text = read_json_object(marker, "re-export the model").get("prompt_template")
+    return PromptTemplate.parse(text, str(marker)) if text else DEFAULT_TEMPLATE
+
+
+def prompt_ids(tokenizer: Tokenizer, template: PromptTemplate, row) -> list[int]:
+    """A row's prompt tokens exactly as training saw them.
+
+    ``row`` is a question string, or a dict with ``question`` and the template's other fields,
+    or with ``messages`` (a chat: a final assistant message, the reference, is left out; every
+    earlier answer is followed by EOS, as in training)."""
+    if isinstance(row, str):
+        row = {"question": row}
+    fields = {f: row[f] for f in template.extra_fields if f in row}
+    if row.get("messages"):
+        messages = list(row["messages"])
+        if messages[-1].get("role") == "assistant":
+            messages = messages[:-1]
+        pieces = template.chat_pieces(messages, fields)
+        if len(pieces) % 2 == 0:
+            raise UserError("a chat to answer must end with a user message")
+    else:
+        pieces = [template.prompt(row["question"], fields)]
+    ids: list[int] = []
+    for k, piece in enumerate(pieces):
+        ids += tokenizer.encode(piece) + ([tokenizer.eod] if k % 2 else [])
+    return ids
+
+
 def answer_questions(
     generator,
-    questions: Sequence[str],
+    questions: Sequence,
     cfg: SamplingConfig,
     batch_size: int = 8,
     progress: bool = True,
 ) -> list[dict]:
-    """Generate an answer for each question (this rank's share when data parallel)."""
+    """Generate an answer for each question (a string, or a row: see :func:`prompt_ids`), in the
+    generator's prompt template (this rank's share when data parallel)."""
     tok: Tokenizer = generator.tokenizer
     out = []
     batches = range(0, len(questions), batch_size)
     for i in tqdm(batches, desc="generate", unit="batch", disable=not progress, file=sys.stderr):
         chunk = questions[i : i + batch_size]
-        prompts = tok.encode_batch([format_prompt(q) for q in chunk])
+        prompts = [prompt_ids(tok, generator.template, q) for q in chunk]
         ids = generator.generate_ids(prompts, cfg)
         # both generators stop at this budget (see check_prompt_lengths) or before it, at EOS
         budget = min(cfg.max_new_tokens, generator.max_positions - max(map(len, prompts)))
@@ -443,7 +488,7 @@ def answer_questions(
             text = tok.decode(new)
             out.append(
                 {
-                    "question": q,
+                    "question": q if isinstance(q, str) else q["question"],
                     "prediction": answer_from_continuation(text),
                     "generation": text,
                     "new_tokens": len(new),
@@ -466,20 +511,23 @@ def generate_file(
     batch_size: int = 8,
     limit: Optional[int] = None,
 ) -> Optional[Path]:
-    """Answer every question of a JSONL file; rank 0 writes the predictions (atomically)."""
+    """Answer every question of a JSONL file; rank 0 writes the predictions (atomically).
+    Rows carry the template's other fields, or a chat's ``messages``."""
     rows = read_questions(input_path)[:limit]
     # Every rank checks every prompt before anything is generated: a too-long question fails
     # the same way on all ranks (no rank left waiting in a collective), and at once.
     tok = generator.tokenizer
-    check_prompt_lengths(
-        tok.encode_batch([format_prompt(r["question"]) for r in rows]), generator.max_positions
-    )
+    prompts = []
+    for n, r in enumerate(rows, 1):
+        try:
+            prompts.append(prompt_ids(tok, generator.template, r))
+        except (UserError, KeyError, TypeError, AttributeError) as exc:
+            raise UserError(f"{input_path}:{n}: {exc}") from exc
+    check_prompt_lengths(prompts, generator.max_positions)
     layout = generator.layout
     dp, dp_rank = (layout.dp, layout.dp_rank) if layout else (1, 0)
     mine = rows[dp_rank::dp]  # data-parallel ranks split the questions
-    answers = answer_questions(
-        generator, [r["question"] for r in mine], cfg, batch_size, progress=parallel.is_rank_0()
-    )
+    answers = answer_questions(generator, mine, cfg, batch_size, progress=parallel.is_rank_0())
     results = [{**{k: r[k] for k in ("id", "qtype") if k in r}, **a} for r, a in zip(mine, answers)]
     if layout and dist.is_initialized() and dist.get_world_size() > 1:
         gathered = [None] * dist.get_world_size() if parallel.is_rank_0() else None

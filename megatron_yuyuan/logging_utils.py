@@ -101,12 +101,19 @@ class MetricsLogger:
                 if value is not None and math.isfinite(value):
                     self._tb.add_scalar(f"train/{key}", value, m.iteration)
 
-    def log_validation(self, iteration: int, loss: float) -> None:
+    def log_validation(
+        self, iteration: int, loss: float, per_source: Optional[dict[str, float]] = None
+    ) -> None:
+        """The validation loss, and a blend's loss per prefix (``valid_loss[PREFIX]``)."""
+        row = {"iteration": iteration, "valid_loss": loss}
+        row.update({f"valid_loss[{p}]": v for p, v in (per_source or {}).items()})
         if self._metrics:
-            self._metrics.write(json.dumps({"iteration": iteration, "valid_loss": loss}) + "\n")
+            self._metrics.write(json.dumps(row) + "\n")
             self._metrics.flush()
         if self._tb:
             self._tb.add_scalar("valid/loss", loss, iteration)
+            for p, v in (per_source or {}).items():
+                self._tb.add_scalar(f"valid/loss/{Path(p).name}", v, iteration)
 
     def close(self) -> list[str]:
         """Close the files; return a line per output written."""

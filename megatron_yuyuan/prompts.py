@@ -156,9 +156,7 @@ class PromptTemplate:
             if name == "question":
                 user.append("message['content']")
             elif name is not None:
-                user.append(
-                    f"(message['{name}'] if message['{name}'] is defined else {name})"
-                )
+                user.append(f"(message['{name}'] if message['{name}'] is defined else {name})")
         return (
             "{%- for message in messages -%}"
             "{%- if message['role'] == 'system' -%}{{ message['content'] + '\\n' }}"

@@ -27,7 +27,8 @@ from tqdm import tqdm
 from megatron_yuyuan import checkpointing, lora, parallel
 from megatron_yuyuan.config import RunConfig
 from megatron_yuyuan.data.batching import micro_batch_indices
-from megatron_yuyuan.data.indexed import verify_split
+from megatron_yuyuan.data.blend import BlendedQA
+from megatron_yuyuan.data.indexed import read_meta, verify_split
 from megatron_yuyuan.data.mock import mock_batch
 from megatron_yuyuan.data.sft_dataset import QADataset
 from megatron_yuyuan.errors import DataError, TrainingError
@@ -41,6 +42,7 @@ from megatron_yuyuan.logging_utils import (
 from megatron_yuyuan.model import build_model, thd_params, training_flops_per_token, wrap_float16
 from megatron_yuyuan.optim import build_optimizer, build_scheduler, seed_main_params, use_fused_adam
 from megatron_yuyuan.parallel import Layout
+from megatron_yuyuan.prompts import PromptTemplate
 from megatron_yuyuan.training_checkpoint import load_training_checkpoint, save_training_checkpoint
 
 MAX_SKIPPED_IN_A_ROW = 30
@@ -106,6 +108,10 @@ class TrainState:
     """fp16 steps skipped for overflow since the last good one."""
     lora_record: Optional[dict] = None
     """LoRA runs (rank 0): the adapters' settings and base checkpoint, saved with them."""
+    train_data: object = None
+    """The training split (a QADataset or a BlendedQA) once opened."""
+    prompt_template: Optional[str] = None
+    """The data's prompt template, recorded in every checkpoint (None: mock data)."""
 
 
 def device() -> torch.device:
@@ -162,6 +168,7 @@ def setup(cfg: RunConfig) -> TrainState:
         scheduler=scheduler,
         num_microbatches=gbs // (t.micro_batch_size * layout.dp),
         global_batch_size=gbs,
+        prompt_template=run_template(cfg),
     )
     if cfg.lora.enabled:
         trainable, total = lora.parameter_counts(gpt, layout)
@@ -199,6 +206,18 @@ def setup(cfg: RunConfig) -> TrainState:
     if fused_adam(cfg):
         use_fused_adam(optimizer)
     return state
+
+
+def run_template(cfg: RunConfig) -> Optional[str]:
+    """The prompt template this run's checkpoints record: the data's (every prefix of a blend has
+    the same, checked up front), else the one of the checkpoint it starts from."""
+    if cfg.data.data_prefix:
+        prefix = cfg.data.blend()[0][1]
+        return PromptTemplate.from_meta(read_meta(prefix), f"{prefix}_meta.json").text
+    start = start_checkpoint(cfg)
+    if start and checkpointing.has_checkpoint(start):
+        return checkpointing.read_info(checkpointing.resolve(start)).prompt_template
+    return None
 
 
 def base_override(cfg: RunConfig, source: str) -> Optional[str]:
@@ -268,31 +287,40 @@ def start_checkpoint(cfg: RunConfig) -> Optional[str]:
     return t.pretrained_checkpoint
 
 
-def open_split(cfg: RunConfig, split: str) -> QADataset:
-    """A split of the preprocessed dataset, checked against its manifest and the model."""
+def open_split(cfg: RunConfig, split: str, only: Optional[str] = None):
+    """A split of the preprocessed dataset (a :class:`BlendedQA` over a blend's prefixes, or the
+    prefix ``only``), checked against its manifest and the model."""
     d = cfg.data
-    prefix = f"{d.data_prefix}_{split}"
-    verify_split(prefix)
-    dataset = QADataset(
-        prefix,
-        d.seq_length,
-        packing=d.packing,
-        train_on_prompt=d.train_on_prompt,
-        seed=cfg.train.seed,
-    )
-    if dataset.max_token_id >= cfg.model.vocab_size:
-        raise DataError(
-            f"{prefix}: token id {dataset.max_token_id} is outside the model's vocabulary "
-            f"({cfg.model.vocab_size} ids): preprocess with the model's tokenizer or use a model "
-            f"with a larger vocab_size"
+    blend = [(w, p) for w, p in d.blend() if only is None or p == only]
+    sets = []
+    for _, base in blend:
+        prefix = f"{base}_{split}"
+        verify_split(prefix)
+        dataset = QADataset(
+            prefix,
+            d.seq_length,
+            packing=d.packing,
+            train_on_prompt=d.train_on_prompt,
+            seed=cfg.train.seed,
         )
-    return dataset
+        if dataset.max_token_id >= cfg.model.vocab_size:
+            raise DataError(
+                f"{prefix}: token id {dataset.max_token_id} is outside the model's vocabulary "
+                f"({cfg.model.vocab_size} ids): preprocess with the model's tokenizer or use a "
+                f"model with a larger vocab_size"
+            )
+        sets.append(dataset)
+    return sets[0] if len(sets) == 1 else BlendedQA(sets, [w for w, _ in blend])
 
 
 def build_data_iterator(
-    state: TrainState, split: str = "train", consumed_samples: Optional[int] = None
+    state: TrainState,
+    split: str = "train",
+    consumed_samples: Optional[int] = None,
+    only: Optional[str] = None,
 ) -> Iterator[dict]:
-    """This rank's micro-batches from ``consumed_samples`` (default: the run's position) on."""
+    """This rank's micro-batches from ``consumed_samples`` (default: the run's position) on;
+    ``only`` reads one prefix of a blend."""
     cfg, layout, d = state.cfg, state.layout, state.cfg.data
     start = state.consumed_samples if consumed_samples is None else consumed_samples
     indices = micro_batch_indices(
@@ -305,18 +333,35 @@ def build_data_iterator(
     if d.mock_data:
         seed = cfg.train.seed + (0 if split == "train" else 1)  # validation: other samples
         return _pinned(mock_batch(idx, d.seq_length, cfg.model.vocab_size, seed) for idx in indices)
-    dataset = open_split(cfg, split)
+    dataset = open_split(cfg, split, only)
     thd = packed_thd(cfg)
     if split != "train":
         return _pinned(dataset.micro_batch(idx, thd=thd) for idx in indices)
+    state.train_data = dataset
     kind = f"packed sequences ({'THD' if thd else 'masks'})" if d.packing else "samples"
+    for (weight, prefix), ds in zip(d.blend(), getattr(dataset, "datasets", [dataset])):
+        share = f", weight {weight:g}" if isinstance(dataset, BlendedQA) else ""
+        parallel.print_rank_0(
+            f"> {prefix}_train: {len(ds.pairs)} examples, "
+            f"{ds.samples_per_epoch()} {kind} per epoch of <= {d.seq_length} tokens, "
+            f"{ds.truncated} example(s) truncated at an answer's end{share}"
+        )
     parallel.print_rank_0(
-        f"> {d.data_prefix}_train: {len(dataset.pairs)} pairs, "
-        f"{dataset.samples_per_epoch()} {kind} per epoch of <= {d.seq_length} tokens, "
-        f"{dataset.truncated} pair(s) truncated at the answer's end, "
-        f"loss on {'prompt and answer' if d.train_on_prompt else 'answers only'}"
+        f"> loss on {'prompt and answer' if d.train_on_prompt else 'answers only'}"
     )
     return _pinned(dataset.micro_batch(idx, thd=thd) for idx in indices)
+
+
+def samples_per_source(state: TrainState) -> Optional[str]:
+    """'P1 800 (80.0%), P2 200 (20.0%)': what a blend has drawn so far (None without a blend)."""
+    data = getattr(state, "train_data", None)
+    if not isinstance(data, BlendedQA) or not state.consumed_samples:
+        return None
+    counts = data.consumed_per_source(state.consumed_samples)
+    return ", ".join(
+        f"{p} {n:,} ({100 * n / state.consumed_samples:.1f}%)"
+        for (_, p), n in zip(state.cfg.data.blend(), counts)
+    )
 
 
 def _pinned(batches: Iterator[dict]) -> Iterator[dict]:
@@ -397,15 +442,22 @@ def train_step(
 
 
 @torch.no_grad()
-def validation_loss(state: TrainState, forward_backward: Callable) -> float:
-    """Mean token loss over the first ``eval_iters`` global batches of the validation split."""
-    data = build_data_iterator(state, "valid", consumed_samples=0)
+def validation_loss(state: TrainState, forward_backward: Callable) -> tuple[float, dict[str, float]]:
+    """Mean token loss over the first ``eval_iters`` global batches of the validation split: of
+    each prefix of a blend (returned per prefix), and their weighted mean."""
+    blend = state.cfg.data.blend() if state.cfg.data.data_prefix else [(1.0, None)]
+    per_source = {}
     state.model.eval()
-    losses = []
-    for _ in range(state.cfg.train.eval_iters):
-        losses += _run_schedule(state, data, forward_backward, forward_only=True)
+    for _, prefix in blend:
+        data = build_data_iterator(state, "valid", consumed_samples=0, only=prefix)
+        losses = []
+        for _ in range(state.cfg.train.eval_iters):
+            losses += _run_schedule(state, data, forward_backward, forward_only=True)
+        per_source[prefix] = _reduce_loss(losses, state.layout)[0]
     state.model.train()
-    return _reduce_loss(losses, state.layout)[0]
+    total = sum(w for w, _ in blend)
+    mean = sum(w * per_source[p] for w, p in blend) / total
+    return mean, (per_source if len(blend) > 1 else {})
 
 
 def save(state: TrainState) -> None:
@@ -421,6 +473,7 @@ def save(state: TrainState) -> None:
         state.layout,
         adapters_only=state.cfg.lora.enabled,
         lora=state.lora_record,
+        prompt_template=state.prompt_template,
     )
     parallel.print_rank_0(f"> saved checkpoint {path}")
 
@@ -509,17 +562,21 @@ def train(cfg: RunConfig) -> TrainResult:
                             metrics, t.train_iters, state.consumed_samples, state.global_batch_size
                         )
                     )
+                    drawn = samples_per_source(state)
+                    if drawn:
+                        bar.write(f" samples per source: {drawn}")
             bar.set_postfix(loss=f"{loss:.4f}")
             bar.update(1)
             last = state.iteration == t.train_iters
             if t.eval_interval and (state.iteration % t.eval_interval == 0 or last):
-                valid = validation_loss(state, forward_backward)
+                valid, per_source = validation_loss(state, forward_backward)
                 valid_history.append((state.iteration, valid))
                 if logger:
-                    logger.log_validation(state.iteration, valid)
+                    logger.log_validation(state.iteration, valid, per_source)
                     bar.write(
                         f" validation loss at iteration {state.iteration}: {valid:.6E} | "
                         f"ppl: {math.exp(min(valid, 50)):.3f}"
+                        + "".join(f" | {p}: {v:.6E}" for p, v in per_source.items())
                     )
             if t.save and ((t.save_interval and state.iteration % t.save_interval == 0) or last):
                 save(state)

@@ -86,6 +86,7 @@ def save_training_checkpoint(
     layout: parallel.Layout,
     adapters_only: bool = False,
     lora: Optional[dict] = None,
+    prompt_template: Optional[str] = None,
 ) -> Path:
     """Model, optimizer, LR schedule, RNG states and the data position. A LoRA run saves only
     the model's adapters (``adapters_only``, every rank) and rank 0 records ``lora`` (see
@@ -108,6 +109,7 @@ def save_training_checkpoint(
         layout=(layout.tp, layout.pp, layout.dp),
         run_config=run_config.to_dict(),
         lora=lora,
+        prompt_template=prompt_template,
     )
 
 

@@ -26,6 +26,44 @@ from tools.preprocess_medquad import main as preprocess_main
 FULL_MEDQUAD = Path(__file__).resolve().parents[2] / "shared" / "data" / "MedQuAD"
 
 
+# SHA-256 (first 16 hex digits) of what tools.preprocess_medquad wrote before tools.preprocess_qa
+# and chat documents were added (default flags): its output must stay byte-identical.
+SAMPLE_DIGESTS = {
+    "train.jsonl": "0170287cc211a96a",
+    "train.bin": "7be571b4c12162b5",
+    "train.idx": "d5929a651d4110b1",
+    "valid.jsonl": "66989f92e7d47ac2",
+    "valid.bin": "8aa3cd350510448c",
+    "valid.idx": "ff9bfd783c25f2c5",
+    "test.jsonl": "1ecbcc3eecd16fa3",
+    "test.bin": "6c35e625d9ba772c",
+    "test.idx": "0055063b41fa0166",
+}
+FULL_DIGESTS = {
+    "train.jsonl": "dbbc4d3f4c100f01",
+    "train.bin": "2ea2d75af0e6d165",
+    "train.idx": "070c6fdb9a0f420b",
+    "valid.jsonl": "9808098d3b903795",
+    "valid.bin": "e88490cd32000b7d",
+    "valid.idx": "1135f7c04556c487",
+    "test.jsonl": "47026b32fab74cb5",
+    "test.bin": "805a2574ac6540d1",
+    "test.idx": "4c1f685391ac7044",
+}
+
+
+def assert_digests(prefix: str, want: dict) -> None:
+    import hashlib
+
+    got = {k: hashlib.sha256(Path(f"{prefix}_{k}").read_bytes()).hexdigest()[:16] for k in want}
+    assert got == want
+
+
+def test_the_sample_preprocesses_to_the_same_bytes_as_before(tmp_path):
+    assert preprocess_main(["--output-prefix", str(tmp_path / "mq"), "--no-progress"]) == 0
+    assert_digests(str(tmp_path / "mq"), SAMPLE_DIGESTS)
+
+
 def test_gpt2_tokenizer_is_the_real_vocabulary():
     tok = load_tokenizer("gpt2")
     assert tok.encode("Question") == [24361]
@@ -96,6 +134,7 @@ def test_full_medquad_counts_and_leakage_free_splits(tmp_path):
                 "a:" + normalize_answer(row["answer"]),
             ):
                 assert seen.setdefault(key, split) == split, f"{key[:80]!r} leaks across splits"
+    assert_digests(prefix, FULL_DIGESTS)
 
 
 def test_exact_duplicates_keep_the_first():

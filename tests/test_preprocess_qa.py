@@ -20,7 +20,9 @@ from megatron_yuyuan.tokenizer import load_tokenizer
 from tools.preprocess_qa import main as preprocess_qa
 
 REPO = Path(__file__).resolve().parents[1]
-WORDS = "fever cough asthma insulin dose rash kidney liver it's 5% \"quoted\", comma; ünïcode µg".split()
+WORDS = (
+    'fever cough asthma insulin dose rash kidney liver it\'s 5% "quoted", comma; ünïcode µg'.split()
+)
 
 
 def make_pairs(n: int = 200) -> list[dict]:
@@ -94,14 +96,31 @@ def test_every_format_gives_byte_identical_files(formats, tmp_path):
 
 def test_two_workers_write_what_one_writes(formats, tmp_path):
     common = ["--input", formats["jsonl"], "--valid-size", "20", "--no-progress"]
-    assert preprocess_qa([*map(str, common), "--output-prefix", str(tmp_path / "one"), "--workers", "1"]) == 0
-    assert preprocess_qa([*map(str, common), "--output-prefix", str(tmp_path / "two"), "--workers", "2"]) == 0
+    assert (
+        preprocess_qa(
+            [*map(str, common), "--output-prefix", str(tmp_path / "one"), "--workers", "1"]
+        )
+        == 0
+    )
+    assert (
+        preprocess_qa(
+            [*map(str, common), "--output-prefix", str(tmp_path / "two"), "--workers", "2"]
+        )
+        == 0
+    )
     assert digests(tmp_path / "one") == digests(tmp_path / "two")
 
 
 def test_common_shapes_are_recognised(tmp_path, capsys):
     rows = {
-        "alpaca": [{"instruction": f"What is {i}?", "input": "in adults" if i % 2 else "", "output": f"It is {i}."} for i in range(30)],
+        "alpaca": [
+            {
+                "instruction": f"What is {i}?",
+                "input": "in adults" if i % 2 else "",
+                "output": f"It is {i}.",
+            }
+            for i in range(30)
+        ],
         "completion": [{"prompt": f"What is {i}?", "completion": f"It is {i}."} for i in range(30)],
         "query": [{"query": f"What is {i}?", "response": f"It is {i}."} for i in range(30)],
     }
@@ -137,13 +156,35 @@ def chat_rows() -> list[dict]:
 def test_chat_documents_alternate_prompt_and_answer(tmp_path):
     rows = chat_rows()
     sharegpt = [
-        {"conversations": [{"from": {"user": "human", "assistant": "gpt"}.get(m["role"], m["role"]), "value": m["content"]} for m in r["messages"]]}
+        {
+            "conversations": [
+                {
+                    "from": {"user": "human", "assistant": "gpt"}.get(m["role"], m["role"]),
+                    "value": m["content"],
+                }
+                for m in r["messages"]
+            ]
+        }
         for r in rows
     ]
     for name, data in (("openai", rows), ("sharegpt", sharegpt)):
         path = tmp_path / f"{name}.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in data))
-        assert run(["--input", path, "--output-prefix", tmp_path / name, "--valid-size", "0", "--test-size", "0"]) == 0
+        assert (
+            run(
+                [
+                    "--input",
+                    path,
+                    "--output-prefix",
+                    tmp_path / name,
+                    "--valid-size",
+                    "0",
+                    "--test-size",
+                    "0",
+                ]
+            )
+            == 0
+        )
     assert digests(tmp_path / "openai") == digests(tmp_path / "sharegpt")
     tok = load_tokenizer("gpt2")
     docs = read_qa_documents(tmp_path / "openai_train")
@@ -171,7 +212,9 @@ def test_bad_rows_are_counted_with_locations(tmp_path, capsys):
         "{'question': __import__('os').system('touch PWNED'), 'answer': 'x'}",
     ]
     path = tmp_path / "mixed.jsonl"
-    path.write_bytes(("\n".join(good[:10] + bad + good[10:]) + "\n").encode() + b"\xff\xfe bad bytes\n")
+    path.write_bytes(
+        ("\n".join(good[:10] + bad + good[10:]) + "\n").encode() + b"\xff\xfe bad bytes\n"
+    )
     assert run(["--input", path, "--output-prefix", tmp_path / "out"]) == 0
     out = capsys.readouterr().out
     assert "dropped: missing field 'answer': 1" in out and f"{path}:12" in out
@@ -195,8 +238,20 @@ def test_a_literal_line_carrying_a_call_runs_nothing(tmp_path, capsys):
     path = tmp_path / "evil.txt"
     path.write_text(f"{{'question': __import__('os').system('touch {marker}'), 'answer': 'a'}}\n")
     code = subprocess.run(
-        [sys.executable, "-m", "tools.preprocess_qa", "--input", str(path), "--output-prefix", str(tmp_path / "o"), "--strict", "--no-progress"],
-        cwd=REPO, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "tools.preprocess_qa",
+            "--input",
+            str(path),
+            "--output-prefix",
+            str(tmp_path / "o"),
+            "--strict",
+            "--no-progress",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
     )
     assert code.returncode == 2 and code.stderr.count("error:") == 1, code.stderr
     assert not marker.exists()
@@ -207,7 +262,10 @@ def test_a_literal_line_carrying_a_call_runs_nothing(tmp_path, capsys):
     "extra, words",
     [
         (["--prompt-template", "Q: {context} A:"], ["no {question} field"]),
-        (["--prompt-template", "Context: {context}\nQuestion: {question} answer:"], ["no field 'context'", "--prompt-template"]),
+        (
+            ["--prompt-template", "Context: {context}\nQuestion: {question} answer:"],
+            ["no field 'context'", "--prompt-template"],
+        ),
         (["--prompt-template", "Question: {question} answer: "], ["ends with whitespace"]),
         (["--prompt-template", "Question: {question!r} answer:"], ["not a plain field"]),
         (["--question-field", "q", "--answer-field", "a"], ["no field 'q'", "--question-field"]),
@@ -224,10 +282,27 @@ def test_bad_templates_and_fields_are_one_line(formats, tmp_path, capsys, extra,
 
 
 def test_hf_hub_name_offline_is_one_line(tmp_path):
-    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    env = {
+        **os.environ,
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(tmp_path / "hf"),
+    }
     proc = subprocess.run(
-        [sys.executable, "-m", "tools.preprocess_qa", "--input", "hf:someone/medical-faq@train", "--output-prefix", str(tmp_path / "o")],
-        cwd=REPO, capture_output=True, text=True, env=env, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "tools.preprocess_qa",
+            "--input",
+            "hf:someone/medical-faq@train",
+            "--output-prefix",
+            str(tmp_path / "o"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
@@ -237,17 +312,25 @@ def test_hf_hub_name_offline_is_one_line(tmp_path):
 
 
 def test_template_with_context_is_recorded(tmp_path):
-    rows = [{"question": f"Dose {i}?", "answer": f"{i} mg.", "context": f"Leaflet {i}: take {i} mg."} for i in range(30)]
+    rows = [
+        {"question": f"Dose {i}?", "answer": f"{i} mg.", "context": f"Leaflet {i}: take {i} mg."}
+        for i in range(30)
+    ]
     path = tmp_path / "ctx.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     template = "Context: {context}\nQuestion: {question} answer:"
-    assert run(["--input", path, "--output-prefix", tmp_path / "ctx", "--prompt-template", template]) == 0
+    assert (
+        run(["--input", path, "--output-prefix", tmp_path / "ctx", "--prompt-template", template])
+        == 0
+    )
     meta = json.loads((tmp_path / "ctx_meta.json").read_text())
     assert PromptTemplate.from_meta(meta, "meta").text == template
     rec = json.loads((tmp_path / "ctx_train.jsonl").read_text().splitlines()[0])
     tok = load_tokenizer("gpt2")
     doc = read_qa_documents(tmp_path / "ctx_train")[0]
-    assert tok.decode(doc.prompt) == f"Context: {rec['context']}\nQuestion: {rec['question']} answer:"
+    assert (
+        tok.decode(doc.prompt) == f"Context: {rec['context']}\nQuestion: {rec['question']} answer:"
+    )
 
 
 def test_user_splits_are_kept_and_repeats_removed(tmp_path, capsys):
@@ -259,11 +342,29 @@ def test_user_splits_are_kept_and_repeats_removed(tmp_path, capsys):
     held = [{**pairs[i], "answer": pairs[i]["answer"] + (" x" if i == 0 else "")} for i in range(5)]
     held += [{"question": f"new {i}?", "answer": f"new answer {i}."} for i in range(5)]
     test.write_text("".join(json.dumps(p) + "\n" for p in held))
-    assert run(["--input", train, "--test-input", test, "--output-prefix", tmp_path / "o", "--valid-size", "5"]) == 0
+    assert (
+        run(
+            [
+                "--input",
+                train,
+                "--test-input",
+                test,
+                "--output-prefix",
+                tmp_path / "o",
+                "--valid-size",
+                "5",
+            ]
+        )
+        == 0
+    )
     assert "5 removed" in capsys.readouterr().out
     got = [json.loads(x) for x in (tmp_path / "o_test.jsonl").read_text().splitlines()]
-    assert [(r["question"], r["answer"]) for r in got] == [(p["question"], p["answer"]) for p in held]
-    train_q = {json.loads(x)["question"] for x in (tmp_path / "o_train.jsonl").read_text().splitlines()}
+    assert [(r["question"], r["answer"]) for r in got] == [
+        (p["question"], p["answer"]) for p in held
+    ]
+    train_q = {
+        json.loads(x)["question"] for x in (tmp_path / "o_train.jsonl").read_text().splitlines()
+    }
     assert not train_q & {p["question"] for p in held}
     meta = json.loads((tmp_path / "o_meta.json").read_text())
     assert meta["report"]["split_pairs"] == {"train": 50, "valid": 5, "test": 10}
@@ -272,7 +373,13 @@ def test_user_splits_are_kept_and_repeats_removed(tmp_path, capsys):
 def test_splits_share_no_question_answer_or_group(tmp_path):
     rows = []
     for i in range(300):
-        rows.append({"question": f"q{i // 2}?", "answer": f"a{i % 7 if i % 8 == 5 else i}.", "doc": f"d{i // 4}"})
+        rows.append(
+            {
+                "question": f"q{i // 2}?",
+                "answer": f"a{i % 7 if i % 8 == 5 else i}.",
+                "doc": f"d{i // 4}",
+            }
+        )
     path = tmp_path / "g.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert run(["--input", path, "--output-prefix", tmp_path / "g", "--group-field", "doc"]) == 0
@@ -308,3 +415,32 @@ def test_a_split_point_that_changes_the_tokens_is_refused():
     check_split_point(PromptTemplate("Question {question} answer"), MergesColonSpace())
     with pytest.raises(UserError, match="merge with the answer"):
         check_split_point(PromptTemplate("Question:{question} answer:"), MergesColonSpace())
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Question:{question} answer:",
+        "Kontext: «{context}»\n\tFrage {{wörtlich}}: '{question}' \\ \"Antwort\":",
+        "{{% raw %}}{{{{question}}}} {question} 答:",  # Jinja syntax as literal text
+    ],
+)
+def test_the_chat_template_renders_what_training_saw(tmp_path, text):
+    from transformers import AutoTokenizer
+
+    from megatron_yuyuan.convert.hf_io import write_tokenizer_files
+
+    template = PromptTemplate.parse(text)
+    write_tokenizer_files(tmp_path, 50257, None)
+    hf = AutoTokenizer.from_pretrained(str(tmp_path))
+    hf.chat_template = template.to_jinja()
+    ctx = {"context": "the leaflet's {text}"} if "context" in template.fields else {}
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Is it 'safe'?", **ctx},
+        {"role": "assistant", "content": "Yes."},
+        {"role": "user", "content": "And for kids?", **ctx},
+    ]
+    pieces = template.chat_pieces(messages, ctx)
+    want = "".join(p + ("<|endoftext|>" if k % 2 else "") for k, p in enumerate(pieces))
+    assert hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == want

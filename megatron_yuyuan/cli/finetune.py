@@ -42,7 +42,9 @@ def check_config(cfg: RunConfig, world_size: int) -> None:
         )
     if d.data_prefix is not None:
         splits = ["train"] + (["valid"] if t.eval_interval or t.eval_bleu_samples else [])
-        check_dataset(d.data_prefix, cfg.model.vocab_size, splits)
+        for _, prefix in d.blend():
+            check_dataset(prefix, cfg.model.vocab_size, splits)
+        check_blend_agrees([p for _, p in d.blend()])
     if (
         t.load
         and not has_checkpoint(t.load)
@@ -198,6 +200,33 @@ def check_dataset(prefix: str, vocab_size: int, splits: Sequence[str] = ("train"
         )
 
 
+def check_blend_agrees(prefixes: Sequence[str]) -> None:
+    """Every prefix of a blend was written with the same tokenizer, vocabulary, EOS and prompt
+    template: otherwise one model would learn two incompatible token streams."""
+    from megatron_yuyuan.data.indexed import read_meta
+    from megatron_yuyuan.prompts import PromptTemplate
+
+    first = None
+    for prefix in prefixes:
+        meta = read_meta(prefix)
+        seen = {
+            "tokenizer": meta.get("tokenizer"),
+            "vocab_size": meta.get("vocab_size"),
+            "EOS id": meta.get("eod"),
+            "prompt template": PromptTemplate.from_meta(meta, f"{prefix}_meta.json").text,
+        }
+        if first is None:
+            first = (prefix, seen)
+            continue
+        for what, value in seen.items():
+            if value != first[1][what]:
+                raise ConfigError(
+                    f"--data-prefix: {prefix} was preprocessed with {what} {value!r} but "
+                    f"{first[0]} with {first[1][what]!r}; preprocess every prefix of a blend "
+                    f"with the same --tokenizer and --prompt-template"
+                )
+
+
 def score_validation_answers(result, out_dir: Path) -> None:
     """Answer the first ``--eval-bleu-samples`` validation questions with the model just trained
     (still in memory, at its TP/PP layout) and write their report, next to the retrieval and echo
@@ -207,16 +236,21 @@ def score_validation_answers(result, out_dir: Path) -> None:
     from megatron_yuyuan.eval.scoring import EvalOptions, evaluate
     from megatron_yuyuan.files import read_jsonl, write_jsonl
     from megatron_yuyuan.generation import MegatronGenerator, SamplingConfig, generate_file
+    from megatron_yuyuan.prompts import PromptTemplate
     from megatron_yuyuan.tokenizer import load_tokenizer
     from megatron_yuyuan.training import unwrap
 
     state = result.state
     cfg = state.cfg
     t = cfg.train
-    prefix = cfg.data.data_prefix
+    prefix = cfg.data.blend()[0][1]  # a blend: its first prefix's validation questions
     n = t.eval_bleu_samples
     gen = MegatronGenerator(
-        unwrap(state.model), state.layout, cfg.model, load_tokenizer(read_meta(prefix)["tokenizer"])
+        unwrap(state.model),
+        state.layout,
+        cfg.model,
+        load_tokenizer(read_meta(prefix)["tokenizer"]),
+        PromptTemplate(state.prompt_template) if state.prompt_template else None,
     )
     preds = out_dir / "predictions_valid.jsonl"
     sampling = SamplingConfig(

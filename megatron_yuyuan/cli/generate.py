@@ -10,6 +10,7 @@ Decoding is described in :mod:`megatron_yuyuan.generation`.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -39,6 +40,12 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         "(default: the recorded path; the fingerprint is checked either way)",
     )
     p.add_argument("--tokenizer", default=None, help="tokenizer spec (default: the model's own)")
+    p.add_argument(
+        "--prompt-template",
+        default=None,
+        help="override the prompt template the model was trained with (recorded in its "
+        "checkpoint or export; a warning is printed when they differ)",
+    )
     p.add_argument("--batch-size", type=positive_int, default=8, help="prompts generated together")
     prec = p.add_mutually_exclusive_group()
     prec.add_argument("--bf16", action="store_true", help="bf16 weights (GPU; halves memory)")
@@ -89,6 +96,11 @@ def generator_from_args(args):
     from megatron_yuyuan.generation import build_generator
 
     cpu_compat.apply_if_no_cuda()
+    override = None
+    if args.prompt_template is not None:  # a bad template fails now, before the weights load
+        from megatron_yuyuan.prompts import PromptTemplate
+
+        override = PromptTemplate.parse(args.prompt_template)
     if args.tokenizer:  # a bad tokenizer fails now, not after the weights are loaded
         from megatron_yuyuan.tokenizer import load_tokenizer
 
@@ -96,7 +108,7 @@ def generator_from_args(args):
     dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
     if args.fp16 and not torch.cuda.is_available():
         raise UserError("--fp16 needs a CUDA GPU (CPUs lack fp16 matmuls); use --bf16 or fp32")
-    return build_generator(
+    gen = build_generator(
         load=args.load,
         hf_dir=args.hf_dir,
         tp=args.tensor_model_parallel_size,
@@ -105,6 +117,18 @@ def generator_from_args(args):
         dtype=dtype,
         lora_base=args.lora_base,
     )
+    if override is not None and override != gen.template:
+        from megatron_yuyuan import parallel
+
+        if parallel.is_rank_0():
+            print(
+                f"warning: --prompt-template {override.text!r} replaces the template the model "
+                f"was trained with ({gen.template.text!r})",
+                file=sys.stderr,
+                flush=True,
+            )
+        gen.template = override
+    return gen
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

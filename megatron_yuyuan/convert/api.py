@@ -37,6 +37,7 @@ from megatron_yuyuan.convert.weight_map import (
 from megatron_yuyuan.errors import ConversionError
 from megatron_yuyuan.files import default_file_mode, read_json_object
 from megatron_yuyuan.model import build_model
+from megatron_yuyuan.prompts import PromptTemplate
 
 TOKENIZER_SUBDIR = "tokenizer"
 
@@ -309,6 +310,7 @@ def convert_megatron_to_hf(
                 {
                     "source": str(ckpt.resolve()),
                     "iteration": info.iteration,
+                    "prompt_template": info.prompt_template or PromptTemplate().text,
                     "files": sorted(p.name for p in tmp.iterdir()),
                 },
                 indent=1,
@@ -347,8 +349,20 @@ def _write_hf_model(tmp: Path, state, shapes: Shapes, info, ckpt: Path, tokenize
             f"> note: vocab_size {m.vocab_size} is not GPT-2's and no --tokenizer was given: "
             f"no tokenizer files written"
         )
+    else:
+        write_chat_template(tmp, PromptTemplate(info.prompt_template or PromptTemplate().text))
     write_generation_config(tmp, m.vocab_size)
     return files
+
+
+def write_chat_template(folder: Path, template: PromptTemplate) -> None:
+    """The training prompt as the tokenizer's ``chat_template``: ``apply_chat_template(messages,
+    add_generation_prompt=True)`` renders exactly the prompt the model was trained on."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    tok.chat_template = template.to_jinja()
+    tok.save_pretrained(str(folder))
 
 
 def _write_peft_adapter(tmp: Path, state, shapes: Shapes, adapters, info) -> Path:

@@ -175,9 +175,7 @@ def read_qa_documents(prefix: str | Path) -> list[QAPairTokens]:
                 f"pairs: was it written by tools.preprocess_qa or tools.preprocess_medquad?"
             )
         # Copy out of the memory map: the views die with the reader.
-        out.append(
-            QAPairTokens([np.array(ds[k], dtype=np.int64) for k in range(first, last)])
-        )
+        out.append(QAPairTokens([np.array(ds[k], dtype=np.int64) for k in range(first, last)]))
     return out
 
 
@@ -211,3 +209,19 @@ def write_documents(
         tmp_idx.unlink(missing_ok=True)
         raise
     return {bin_path: tmp_bin, idx_path: tmp_idx}
+
+
+def blending_schedule(weights: Sequence[float], size: int) -> tuple[np.ndarray, np.ndarray]:
+    """megatron-core's blend of several datasets (``BlendedDataset``'s compiled helper):
+    ``(source [size], sample within that source [size])``. Greedy and free of randomness: at
+    every prefix of the sequence each source's share is the closest to its (normalised) weight,
+    so the first ``n`` entries are the same whatever ``size`` is asked for."""
+    from megatron.core.datasets import helpers  # the compiled helper ships in the wheel
+    from megatron.core.datasets.utils import normalize
+
+    source = np.zeros(size, dtype=np.int16)
+    sample = np.zeros(size, dtype=np.int64)
+    helpers.build_blending_indices(
+        source, sample, normalize(list(weights)), len(weights), size, False
+    )
+    return source, sample

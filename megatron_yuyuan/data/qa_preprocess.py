@@ -102,7 +102,10 @@ class QAReport:
     outputs: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
-        out = [f"input {i['input']} ({i['format']}): {i['rows']:,} rows; {i['fields']}" for i in self.inputs]
+        out = [
+            f"input {i['input']} ({i['format']}): {i['rows']:,} rows; {i['fields']}"
+            for i in self.inputs
+        ]
         out.append(f"rows read               {self.rows_read:>10,}")
         for reason, n in sorted(self.dropped.items(), key=lambda kv: -kv[1]):
             out.append(f"  dropped: {reason}: {n:,} (e.g. {', '.join(self.examples[reason])})")
@@ -138,7 +141,9 @@ class QAReport:
         return {k: v for k, v in self.__dict__.items() if k not in ("outputs", "seconds")}
 
 
-def detect_fields(source: sources.Source, opts: QAOptions, template: PromptTemplate) -> rowlib.FieldMap:
+def detect_fields(
+    source: sources.Source, opts: QAOptions, template: PromptTemplate
+) -> rowlib.FieldMap:
     """Recognise (or check the named) fields of one input before anything is read in full."""
     sample, columns = sources.columns_of(source)
     if not columns:
@@ -422,8 +427,10 @@ def _split_and_write(spool: _Spool, template, tok, opts, report: QAReport, start
     pending: dict[Path, Path] = {}
     lengths_all = []
     try:
-        with spool.records_path.open("rb") as rf, spool.tokens_path.open("rb") as tf:
-            rec_mm = mmap.mmap(rf.fileno(), 0, access=mmap.ACCESS_READ) if spool.rec_off[-1] else b""
+        with spool.records_path.open("rb") as rf:
+            rec_mm = (
+                mmap.mmap(rf.fileno(), 0, access=mmap.ACCESS_READ) if spool.rec_off[-1] else b""
+            )
             tokens = (
                 np.memmap(spool.tokens_path, dtype=np.int32, mode="r")
                 if spool.tok_off[-1]
@@ -439,7 +446,7 @@ def _split_and_write(spool: _Spool, template, tok, opts, report: QAReport, start
                 sizes = np.array([spool.tok_off[i + 1] - spool.tok_off[i] for i in rows], np.int64)
                 lengths_all.append(sizes)
 
-                def docs(rows=rows):
+                def docs(rows=rows, tokens=tokens):
                     for i in rows:
                         lo, hi = spool.seq_off[i], spool.seq_off[i + 1]
                         yield (
@@ -485,4 +492,3 @@ def _split_and_write(spool: _Spool, template, tok, opts, report: QAReport, start
     report.outputs = [str(p) for p in pending]
     report.seconds = time.perf_counter() - start
     return report
-

@@ -178,20 +178,27 @@ class QADataset:
         """Collate samples ``indices`` into one micro-batch ``[b, s]``; packed samples carry a
         block-diagonal ``attention_mask``, or with ``thd`` come in megatron's THD layout
         (:func:`to_thd`)."""
-        groups = [self.sample_pairs(i) for i in indices]
-        if self.packing:
-            length = self.seq_length
-        else:
-            longest = max(len(self.pairs[g[0]].tokens) - 1 for g in groups)
-            length = min(-(-longest // 8) * 8, self.seq_length)
-        samples = [self.build_sample(g, length) for g in groups]
-        batch = {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
-        segments = batch.pop("segment_ids")  # [b, s]
-        if self.packing and thd:
-            return to_thd(batch, segments)
-        if self.packing:
-            batch["attention_mask"] = block_causal_mask(segments)
-        return batch
+        parts = [(self, self.sample_pairs(i)) for i in indices]
+        return collate(parts, self.packing, self.seq_length, thd)
+
+
+def collate(
+    parts: Sequence[tuple[QADataset, list[int]]], packing: bool, seq_length: int, thd: bool
+) -> dict[str, torch.Tensor]:
+    """One micro-batch from ``(dataset, pair ids)`` per sample (a blend mixes datasets)."""
+    if packing:
+        length = seq_length
+    else:
+        longest = max(len(ds.pairs[g[0]].tokens) - 1 for ds, g in parts)
+        length = min(-(-longest // 8) * 8, seq_length)
+    samples = [ds.build_sample(g, length) for ds, g in parts]
+    batch = {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+    segments = batch.pop("segment_ids")  # [b, s]
+    if packing and thd:
+        return to_thd(batch, segments)
+    if packing:
+        batch["attention_mask"] = block_causal_mask(segments)
+    return batch
 
 
 def to_thd(batch: dict[str, torch.Tensor], segment_ids: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -11,8 +11,9 @@ Formats, detected from the content (``--format`` overrides):
 * ``csv`` / ``tsv`` — Python's ``csv`` module (UTF-8 with or without BOM, quoted newlines): every
   cell stays the exact string the user wrote (the pandas reader behind ``datasets``' CSV loader
   infers types, so ``007`` became ``7`` and an empty cell NaN), and bad rows keep line numbers.
-* ``parquet``, ``arrow`` (a ``datasets.Dataset.save_to_disk`` folder) and ``hf:NAME[:CONFIG][@SPLIT]``
-  — through Hugging Face ``datasets``: memory-mapped Arrow, read in batches.
+* ``parquet``, ``arrow`` (a ``datasets.Dataset.save_to_disk`` folder) and
+  ``hf:NAME[:CONFIG][@SPLIT]`` — through Hugging Face ``datasets``: memory-mapped Arrow, read in
+  batches.
 * ``medquad`` — a MedQuAD XML tree.
 """
 
@@ -25,7 +26,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Iterator, Optional
 
 from megatron_yuyuan.errors import UserError
 
@@ -335,7 +336,9 @@ def columns_of(source: Source) -> tuple[Optional[dict], list[str]]:
         try:
             return None, list(pq.read_schema(source.files[0]).names)
         except Exception as exc:  # pyarrow's errors: ArrowInvalid, OSError, ...
-            raise UserError(f"--input {source.files[0]}: not a readable Parquet file ({exc})")
+            raise UserError(
+                f"--input {source.files[0]}: not a readable Parquet file ({exc})"
+            ) from exc
     if source.format in ("arrow", "hf"):
         return None, hf_columns(source)
     if source.format == "medquad":

@@ -18,16 +18,24 @@ import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
-from typing import AsyncIterator, Optional, Union
+from typing import AsyncIterator, Literal, Optional, Union
 
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from megatron_yuyuan.generation import SamplingConfig, finish_reason
-from megatron_yuyuan.prompts import format_prompt
+from megatron_yuyuan.errors import UserError
+from megatron_yuyuan.generation import SamplingConfig, finish_reason, prompt_ids
+from megatron_yuyuan.prompts import DEFAULT_TEMPLATE, PromptTemplate
 from megatron_yuyuan.serve.batcher import Batcher, Request
 
 
@@ -41,6 +49,8 @@ class ServedModel:
     """The checkpoint or HF directory it was loaded from."""
     layout: str = "TP=1, PP=1"
     """Its parallel layout, for /health and the page."""
+    template: PromptTemplate = DEFAULT_TEMPLATE
+    """The prompt template it was trained with: /api/answer and /v1/chat/completions use it."""
 
 
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed's range
@@ -64,6 +74,8 @@ class AnswerRequest(_Strict):
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
     no_repeat_ngram_size: int = Field(0, ge=0)
     stream: bool = False
+    fields: Optional[dict[str, str]] = None
+    """The prompt template's other fields (e.g. ``{"context": "..."}``)."""
 
     @field_validator("question")
     @classmethod
@@ -73,26 +85,21 @@ class AnswerRequest(_Strict):
         return v
 
 
-class CompletionRequest(_Strict):
+class _OpenAIRequest(_Strict):
+    """The fields /v1/completions and /v1/chat/completions share."""
+
     model: Optional[str] = None
-    prompt: Union[str, list[str]]
-    max_tokens: Optional[int] = Field(16, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=1)
     stream: bool = False
     stop: Optional[Union[str, list[str]]] = None
     seed: Optional[int] = Field(None, ge=0, le=MAX_SEED)
-    echo: bool = False
     user: Optional[str] = None
     # OpenAI fields that clients send with their neutral values: accepted at those values only
     stream_options: Optional[dict] = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    logprobs: Optional[int] = None
-    best_of: Optional[int] = None
-    logit_bias: Optional[dict] = None
-    suffix: Optional[str] = None
 
     @field_validator("presence_penalty", "frequency_penalty")
     @classmethod
@@ -100,6 +107,26 @@ class CompletionRequest(_Strict):
         if v != 0:
             raise ValueError("not supported by this server; send 0 or leave it out")
         return v
+
+    @field_validator("stop")
+    @classmethod
+    def stops(cls, v):
+        items = [v] if isinstance(v, str) else (v or [])
+        if len(items) > 4:
+            raise ValueError(f"at most 4 stop strings, got {len(items)}")
+        if any(not s for s in items):
+            raise ValueError("stop strings must be non-empty")
+        return v
+
+
+class CompletionRequest(_OpenAIRequest):
+    prompt: Union[str, list[str]]
+    max_tokens: Optional[int] = Field(16, ge=1)
+    echo: bool = False
+    logprobs: Optional[int] = None
+    best_of: Optional[int] = None
+    logit_bias: Optional[dict] = None
+    suffix: Optional[str] = None
 
     @field_validator("logprobs", "suffix")
     @classmethod
@@ -134,14 +161,33 @@ class CompletionRequest(_Strict):
             raise ValueError(f"at most {MAX_PROMPT_CHARS} characters per prompt")
         return v
 
-    @field_validator("stop")
+
+class ChatMessage(BaseModel):
+    """An OpenAI chat message; a user message may carry the prompt template's other fields."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+
+    @model_validator(mode="after")
+    def extra_strings(self):
+        for name, value in (self.model_extra or {}).items():
+            if not isinstance(value, str) or len(value) > MAX_PROMPT_CHARS:
+                raise ValueError(f"{name}: template fields must be strings")
+        return self
+
+
+class ChatRequest(_OpenAIRequest):
+    messages: list[ChatMessage] = Field(min_length=1, max_length=256)
+    max_tokens: Optional[int] = Field(None, ge=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    logprobs: Optional[bool] = None
+
+    @field_validator("logprobs")
     @classmethod
-    def stops(cls, v):
-        items = [v] if isinstance(v, str) else (v or [])
-        if len(items) > 4:
-            raise ValueError(f"at most 4 stop strings, got {len(items)}")
-        if any(not s for s in items):
-            raise ValueError("stop strings must be non-empty")
+    def no_logprobs(cls, v):
+        if v:
+            raise ValueError("not supported by this server; send false or leave it out")
         return v
 
 
@@ -342,7 +388,11 @@ def create_app(batcher: Batcher, tokenizer, model: ServedModel) -> FastAPI:
     @app.post("/api/answer")
     async def answer(http: HTTPRequest):
         body = await parse_body(http, AnswerRequest)
-        prompt = tokenizer.encode(format_prompt(body.question))
+        try:
+            row = {**(body.fields or {}), "question": body.question}
+            prompt = prompt_ids(tokenizer, model.template, row)
+        except UserError as exc:
+            raise APIError(400, str(exc), "fields") from None
         check_budget(prompt, body.max_new_tokens, "max_new_tokens", "question")
         cfg = sampling(
             body.temperature,
@@ -501,6 +551,97 @@ def create_app(batcher: Batcher, tokenizer, model: ServedModel) -> FastAPI:
                 "total_tokens": prompt_tokens + completion_tokens,
             },
         }
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(http: HTTPRequest):
+        body = await parse_body(http, ChatRequest)
+        if body.model not in (None, model.name):
+            raise APIError(
+                404, f"model: {body.model!r} is not served here; use {model.name!r}", "model"
+            )
+        messages = [
+            {**(m.model_extra or {}), "role": m.role, "content": m.content} for m in body.messages
+        ]
+        if messages[-1]["role"] != "user":
+            raise APIError(400, "messages: the last message must be the user's", "messages")
+        try:
+            prompt = prompt_ids(tokenizer, model.template, {"messages": messages})
+        except UserError as exc:
+            raise APIError(400, f"messages: {exc}", "messages") from None
+        budget = body.max_completion_tokens or body.max_tokens or min(128, max_positions // 2)
+        check_budget(prompt, budget, "max_tokens", "messages")
+        stops = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
+        seed = body.seed if body.seed is not None else 1234
+        cfg = sampling(body.temperature, body.top_p, 0, seed, budget)
+        (request,) = submit([(prompt, cfg)], tokens=body.stream or bool(stops))
+        stream = TextStream(tokenizer, stops)
+        rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+
+        def reason_of(ids):
+            r = finish(ids, budget, stream)
+            return "stop" if r == "eos" else r
+
+        def usage(ids) -> dict:
+            return {
+                "prompt_tokens": len(prompt),
+                "completion_tokens": len(ids),
+                "total_tokens": len(prompt) + len(ids),
+            }
+
+        def chunk(delta: dict, reason: Optional[str]) -> dict:
+            return {
+                "id": rid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model.name,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": reason}],
+            }
+
+        if body.stream:
+
+            async def events():
+                started = False  # answers are stripped: so is the start of the stream
+                try:
+                    yield sse(chunk({"role": "assistant", "content": ""}, None))
+                    async for delta, ids in run(request, stream, http):
+                        if not started:
+                            delta = delta.lstrip()
+                            started = bool(delta)
+                        if delta:
+                            yield sse(chunk({"content": delta}, None))
+                        if ids is not None:
+                            yield sse(chunk({}, reason_of(ids)))
+                            if (body.stream_options or {}).get("include_usage"):
+                                yield sse({**chunk({}, None), "choices": [], "usage": usage(ids)})
+                    yield sse("[DONE]")
+                except GenerationFailed as exc:
+                    yield sse_error(exc)
+                finally:
+                    request.cancel()
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+        text = ""
+        try:
+            async for delta, ids in run(request, stream, http):
+                text += delta
+                if ids is not None:
+                    return {
+                        "id": rid,
+                        "object": "chat.completion",
+                        "created": created,
+                        "model": model.name,
+                        "choices": [
+                            {
+                                "index": 0,
+                                "message": {"role": "assistant", "content": text.strip()},
+                                "finish_reason": reason_of(ids),
+                            }
+                        ],
+                        "usage": usage(ids),
+                    }
+        except GenerationFailed as exc:
+            raise APIError(500, f"generation failed: {exc}") from None
+        return JSONResponse({}, status_code=499)  # the client closed the request
 
     @app.get("/health")
     async def health():
