@@ -51,6 +51,11 @@ def chats(n: int = 40):
                 {"role": "user", "content": f"And if it rises above 40? ({i})"},
                 {"role": "assistant", "content": "Call the nurse line or see a doctor today."},
             ]
+        if i % 4 == 3:  # a third exchange
+            turns += [
+                {"role": "user", "content": f"Which fluids? ({i})"},
+                {"role": "assistant", "content": "Water, or an oral rehydration solution."},
+            ]
         rows.append({"messages": turns})
     return rows
 
@@ -83,8 +88,8 @@ def test_chat_loss_mask_is_exactly_the_assistant_tokens(chat_prefix):
         assert sample["labels"].tolist() == expected_tokens[1:]
         # label t trains exactly when token t + 1 belongs to an assistant answer (EOS included)
         assert sample["loss_mask"].tolist() == [float(f) for f in expected_mask[1:]]
-        three_turn += len(rec["messages"]) == 4
-    assert three_turn > 5
+        three_turn += len(rec["messages"]) == 6
+    assert three_turn >= 5
 
 
 CHAT_RUN = [*TINY, "--train-iters", "3", "--global-batch-size", "8"]
@@ -372,3 +377,55 @@ def test_blends_with_other_tokenizers_or_templates_and_bad_weights_are_refused(
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and err[0].startswith("error:"), (blend, err)
         assert words in err[0], err[0]
+
+
+def test_a_blend_killed_mid_run_resumes_the_identical_sequence(two_sets, tmp_path):
+    """A real kill -9 some time after the iteration-2 save: the resumed run's losses are the
+    uninterrupted run's (constant LR, so the schedule does not depend on where it stopped)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import TORCHRUN_ENV
+
+    _, a, b = two_sets
+    args = [*TINY, "--train-iters", "8", "--save-interval", "2", "--lr-decay-style", "constant"]
+    args += ["--data-prefix", "0.8", a, "0.2", b]
+    ref = tmp_path / "ref.jsonl"
+    assert finetune([*args, "--metrics-file", str(ref)]) == 0
+    want = {r["iteration"]: r["loss"] for r in read_metrics(ref)}
+    run, metrics = tmp_path / "run", tmp_path / "m.jsonl"
+    cmd = [sys.executable, "-m", "megatron_yuyuan.finetune", *args, "--save", str(run)]
+    cmd += ["--load", str(run), "--metrics-file", str(metrics)]
+    proc = subprocess.Popen(cmd, env=TORCHRUN_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (run / "iter_0000002").is_dir() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (run / "latest_checkpointed_iteration.txt").is_file()
+    assert finetune([*args, "--save", str(run), "--load", str(run), "--metrics-file", str(metrics)]) == 0
+    got = {r["iteration"]: r["loss"] for r in read_metrics(metrics)}
+    assert sorted(got) == list(range(1, 9))
+    for it in range(1, 9):
+        assert got[it] == pytest.approx(want[it], rel=1e-5), it
+
+
+def test_eval_qa_and_the_plain_script_work_with_a_template(context_run, tmp_path):
+    import subprocess
+    import sys
+
+    from megatron_yuyuan.eval_qa import main as eval_qa
+
+    tmp, prefix, save = context_run
+    out = tmp_path / "eval"
+    argv = ["--load", str(save), "--references", f"{prefix}_test.jsonl", "--out", str(out)]
+    assert eval_qa([*argv, "--name", "ctx", "--max-new-tokens", "4"]) == 0
+    assert (out / "report.md").is_file()
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "tools/preprocess_qa.py", "--help"], cwd=repo, capture_output=True, text=True
+    )
+    assert proc.returncode == 0 and "--prompt-template" in proc.stdout
