@@ -130,3 +130,74 @@ def default_file_mode() -> int:
     umask = os.umask(0)
     os.umask(umask)
     return 0o666 & ~umask
+
+
+# --- outputs that may be replaced ---------------------------------------------------------------
+OUTPUTS_MARKER = ".megatron_yuyuan_outputs.json"
+"""In a report folder (``evaluate``/``eval_qa --out``): the files our runs wrote there, which a
+later run may replace; any other file of the same name is the user's and is never overwritten."""
+
+
+def claim_outputs(
+    folder: Path, names: Iterable[str], flag: str, inputs: Iterable[str | Path] = ()
+) -> None:
+    """Refuse (one :class:`UserError`) before anything is written when an output ``folder/name``
+    is one of this run's ``inputs``, or exists without an earlier run of ours having written it;
+    then record ``names`` in the folder's marker."""
+    from megatron_yuyuan.errors import UserError
+
+    folder = Path(folder)
+    names = sorted(set(names))
+    marker = folder / OUTPUTS_MARKER
+    ours: set[str] = set()
+    if marker.is_file():
+        try:
+            listed = json.loads(marker.read_text(encoding="utf-8")).get("files", [])
+            ours = {n for n in listed if isinstance(n, str) and n == Path(n).name}
+        except (ValueError, AttributeError, UnicodeDecodeError):
+            ours = set()  # a damaged marker vouches for nothing
+    given = {Path(p).resolve() for p in inputs}
+    for name in names:
+        path = folder / name
+        if path.resolve() in given:
+            raise UserError(
+                f"{flag} {folder}: {path} is one of this run's inputs and would be overwritten "
+                f"by its {name}; choose another {flag} (or move the input)"
+            )
+        if path.exists() and name not in ours:
+            raise UserError(
+                f"{flag} {folder}: holds a {name} that this tool did not write, which this run "
+                f"would replace; move it away or choose another {flag} (nothing was changed)"
+            )
+    write_text_atomic(marker, json.dumps({"files": sorted(ours | set(names))}, indent=1))
+
+
+def is_predictions_file(path: Path) -> bool:
+    """Whether ``path`` holds predictions written by ``generate`` (its first row's fields)."""
+    try:
+        with Path(path).open("rb") as f:
+            first = json.loads(f.readline() or b"{}")
+    except (OSError, ValueError):
+        return False
+    return isinstance(first, dict) and {"prediction", "generation", "finish_reason"} <= set(first)
+
+
+def protected_reason(path: Path) -> Optional[str]:
+    """Why ``path`` must never be written by an output flag: it lies in a checkpoint folder, or
+    it is a file of a preprocessed dataset (None when neither)."""
+    path = Path(path).resolve()
+    for folder in path.parents:
+        if (folder / "latest_checkpointed_iteration.txt").is_file() or (
+            folder / "model_config.yaml"
+        ).is_file():
+            return f"it is inside the checkpoint folder {folder}"
+    name = path.name
+    for suffix in (
+        "_meta.json",
+        *(f"_{s}.{e}" for s in ("train", "valid", "test") for e in ("jsonl", "bin", "idx")),
+    ):
+        if name.endswith(suffix) and name != suffix:
+            meta = path.with_name(name[: -len(suffix)] + "_meta.json")
+            if meta.is_file():
+                return f"it is a file of the dataset {meta.with_name(name[: -len(suffix)])}"
+    return None

@@ -531,3 +531,79 @@ def test_review_findings_stay_fixed(trained, gpt2_models, tmp_path, capsys):
     assert generate(argv) == 2
     one_error_line(capsys, "shorten")
     assert not preds.exists()
+
+
+def test_an_edited_export_marker_cannot_delete_files_outside_out(trained, tmp_path):
+    out = tmp_path / "hf"
+    assert to_hf(["--load", str(trained / "iter_0000002"), "--out", str(out)]) == 0
+    # every name an export writes is one the marker may list
+    from megatron_yuyuan.convert.api import is_export_file_name
+
+    listed = json.loads((out / "megatron_yuyuan_export.json").read_text())["files"]
+    assert all(is_export_file_name(n) for n in listed if n != "megatron_yuyuan_export.json")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    inside = out / "notes.txt"
+    inside.write_text("mine")
+    marker = out / "megatron_yuyuan_export.json"
+    data = json.loads(marker.read_text())
+    data["files"] += ["../victim.txt", str(victim), "notes.txt", "..", "."]
+    marker.write_text(json.dumps(data))
+    before = tree(tmp_path / "hf")
+    assert to_hf(["--load", str(trained), "--out", str(out)]) == 0
+    assert victim.read_text() == "keep me" and inside.read_text() == "mine"
+    assert tree(out)["model.safetensors"] != before["model.safetensors"]
+
+
+def test_generate_output_never_replaces_a_file_it_did_not_write(trained, sample_dataset, tmp_path, capsys):
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"question": "What is it?"}) + "\n")
+    base = ["--load", str(trained), "--input", str(questions), "--max-new-tokens", "2"]
+    mine = tmp_path / "notes.jsonl"
+    mine.write_text('{"my": "own data"}\n')
+    pointer = trained / "latest_checkpointed_iteration.txt"
+    targets = [
+        (mine, "not a predictions file"),
+        (pointer, "checkpoint folder"),
+        (trained / "iter_0000002" / "run_config.yaml", "checkpoint folder"),
+        (Path(f"{sample_dataset}_test.jsonl"), "file of the dataset"),
+    ]
+    before = {t: t.read_bytes() for t, _ in targets}
+    for target, words in targets:
+        assert generate([*base, "--output", str(target)]) == 2
+        one_error_line(capsys, f"--output {target}", words)
+        assert target.read_bytes() == before[target]
+    # its own predictions file may be replaced, as before
+    from megatron_yuyuan.cli.generate import check_output_file
+
+    out = tmp_path / "pred.jsonl"
+    row = {"question": "q", "prediction": "a", "generation": " a", "finish_reason": "eos"}
+    out.write_text(json.dumps(row) + "\n")
+    check_output_file(out)
+
+
+def test_evaluate_never_overwrites_the_users_report_or_its_inputs(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    refs = out / "report.md"  # the user keeps references under a name the report uses
+    rows = [{"id": str(i), "question": f"q{i}?", "answer": f"the answer {i}"} for i in range(6)]
+    refs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    preds = tmp_path / "p.jsonl"
+    preds.write_text("".join(json.dumps({"id": r["id"], "prediction": r["answer"]}) + "\n" for r in rows))
+    args = ["--references", str(refs), "--predictions", f"ours={preds}", "--out", str(out)]
+    before = tree(out)
+    assert evaluate(args) == 2
+    one_error_line(capsys, "report.md", "would be overwritten")
+    assert tree(out) == before
+    # a report.md the user wrote there (not an input) is not replaced either
+    refs2 = tmp_path / "refs.jsonl"
+    refs2.write_text(refs.read_text())
+    refs.write_text("my notes")
+    args = ["--references", str(refs2), "--predictions", f"ours={preds}", "--out", str(out)]
+    assert evaluate(args) == 2
+    one_error_line(capsys, "report.md", "did not write")
+    assert refs.read_text() == "my notes"
+    # a folder of our own reports is rewritten freely
+    fresh = tmp_path / "fresh"
+    args = ["--references", str(refs2), "--predictions", f"ours={preds}", "--out", str(fresh)]
+    assert evaluate(args) == 0 and evaluate(args) == 0

@@ -47,7 +47,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     def body() -> int:
         from megatron_yuyuan.eval.report import print_summary
         from megatron_yuyuan.eval.scoring import REPORT_FILES, evaluate
-        from megatron_yuyuan.files import read_jsonl, write_jsonl
+        from megatron_yuyuan.files import claim_outputs, read_jsonl, write_jsonl
         from megatron_yuyuan.generation import generate_file
 
         name = args.name or Path(args.load or args.hf_dir).name
@@ -62,6 +62,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if name in opts.baselines:
             raise UserError(f"--name {name!r} is a baseline's name; choose another")
         out = check_writable_dir(args.out, "--out")
+        mine = [f"predictions_{name}.jsonl"]
+        mine += [f"references_first{args.limit}.jsonl"] if args.limit is not None else []
+        claim_outputs(out, [*mine, *REPORT_FILES], "--out", [refs_path])
         written = generate_file(
             generator_from_args(args),
             refs_path,

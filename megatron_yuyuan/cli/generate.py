@@ -131,6 +131,21 @@ def generator_from_args(args):
     return gen
 
 
+def check_output_file(path: Path) -> None:
+    """``--output`` may replace an earlier predictions file, nothing else: never a file of a
+    checkpoint or a dataset, and no other existing file."""
+    from megatron_yuyuan.files import is_predictions_file, protected_reason
+
+    reason = protected_reason(path)
+    if reason:
+        raise UserError(f"--output {path}: {reason}; write predictions elsewhere")
+    if path.exists() and path.is_file() and path.stat().st_size and not is_predictions_file(path):
+        raise UserError(
+            f"--output {path}: exists and is not a predictions file written by this tool; "
+            f"choose another path (nothing was changed)"
+        )
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = ArgumentParser(
         prog="python -m megatron_yuyuan.generate", description=__doc__.split("\n\n")[0]
@@ -160,6 +175,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 raise UserError(f"--input {args.input}: holds no questions")
             if Path(args.output).resolve() == Path(args.input).resolve():
                 raise UserError(f"--output {args.output}: is the --input file; choose another path")
+            check_output_file(Path(args.output))
             check_writable_file(args.output, "--output")
         cfg = sampling_from_args(args)
         gen = generator_from_args(args)

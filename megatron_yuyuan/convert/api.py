@@ -8,6 +8,7 @@ to any layout. Weights stay in the source dtype and are moved one tensor at a ti
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
 import os
 import shutil
@@ -202,6 +203,33 @@ def check_hf_out_dir(out: Path, load: Path) -> None:
         )
 
 
+EXPORT_FILE_PATTERNS = (
+    "model.safetensors",
+    "model-*-of-*.safetensors",
+    "model.safetensors.index.json",
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "adapter_config.json",
+    "adapter_model.safetensors",
+)
+"""The files an export may write (and so replace or remove in a later export)."""
+
+
+def is_export_file_name(name: str) -> bool:
+    """A plain file name (no folder, no '..') that an export writes."""
+    return (
+        name == Path(name).name
+        and name not in (".", "..")
+        and any(fnmatch.fnmatchcase(name, p) for p in EXPORT_FILE_PATTERNS)
+    )
+
+
 def _publish_export(tmp: Path, out: Path) -> None:
     """Move a complete export from ``tmp`` to ``out``.
 
@@ -217,7 +245,10 @@ def _publish_export(tmp: Path, out: Path) -> None:
         return
     marker = out / EXPORT_MARKER
     advice = "it is corrupt: export to a new directory"
-    earlier = set(read_json_object(marker, advice, checkpointing.CheckpointError).get("files", []))
+    listed = read_json_object(marker, advice, checkpointing.CheckpointError).get("files", [])
+    # The marker is a file anyone can edit: only plain names of files an export writes count,
+    # so an entry such as "../victim.txt" or "/etc/x" can never be replaced or deleted.
+    earlier = {n for n in listed if isinstance(n, str) and is_export_file_name(n)}
     new = {p.name for p in tmp.iterdir()}
     clash = sorted(n for n in new if (out / n).exists() and n not in earlier and n != EXPORT_MARKER)
     if clash:

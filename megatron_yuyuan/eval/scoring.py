@@ -20,7 +20,7 @@ from megatron_yuyuan.eval.baselines import BASELINES, baseline_answers
 from megatron_yuyuan.eval.bleu import NS, bleu_scores, smoothing_function, tokenize
 from megatron_yuyuan.eval.bootstrap import paired_bootstrap
 from megatron_yuyuan.eval.metrics import answer_statistics
-from megatron_yuyuan.files import read_jsonl, write_jsonl, write_text_atomic
+from megatron_yuyuan.files import claim_outputs, read_jsonl, write_jsonl, write_text_atomic
 from megatron_yuyuan.prompts import extract_answer
 
 REPORT_FILES = ("report.md", "report.json", "examples.md", "bleu_by_qtype.png")
@@ -209,6 +209,9 @@ def evaluate(
     predictions = {name: align(refs, read_jsonl(path), path) for name, path in systems.items()}
     out_dir.mkdir(parents=True, exist_ok=True)
     inputs = [references_path, *systems.values()] + ([opts.train_data] if opts.train_data else [])
+    # never over the user's own files or this run's inputs: only what a run of ours wrote here
+    written = [*REPORT_FILES, *(f"baseline_{b}.jsonl" for b in opts.baselines)]
+    claim_outputs(out_dir, written, "--out", inputs)
     baselines = write_baselines(refs, references_path, opts, out_dir, list(systems), inputs)
     for name, path in baselines.items():
         predictions[name] = read_jsonl(path)
