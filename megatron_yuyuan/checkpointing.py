@@ -17,11 +17,12 @@ is renamed when complete, then the ``latest`` pointer is replaced atomically.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import yaml
@@ -32,6 +33,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTenso
 from megatron_yuyuan import parallel
 from megatron_yuyuan.config import ModelConfig
 from megatron_yuyuan.errors import UserError
+from megatron_yuyuan.files import write_text_atomic
 
 LATEST = "latest_checkpointed_iteration.txt"
 MODEL_CONFIG = "model_config.yaml"
@@ -253,6 +255,57 @@ def save_sharded(
         os.replace(pointer_tmp, pointer)
     parallel.barrier()
     return final
+
+
+LOCK_FILE = ".megatron_yuyuan.lock"
+"""Inside a --save folder while a run holds it: who holds it (the lock itself is on the folder)."""
+
+
+@contextlib.contextmanager
+def save_dir_lock(save: Optional[str | Path]) -> Iterator[Callable[[], None]]:
+    """Hold an exclusive ``flock`` on the folder ``save`` (when given) while the block runs, so
+    that two runs can never write one checkpoint folder. The lock dies with its process: a run
+    killed by SIGKILL leaves no stale lock. Yields ``announce()``, which writes who holds it into
+    the folder (once the run has passed its checks). Raises :class:`CheckpointError` naming the
+    holder. A folder that cannot be opened is left to the caller's own checks."""
+    import fcntl
+    import socket
+
+    folder = Path(save) if save else None
+    try:
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY) if folder is not None else None
+    except OSError:
+        fd = None
+    if fd is None:
+        yield lambda: None
+        return
+    info = folder / LOCK_FILE
+    announced = False
+
+    def announce() -> None:
+        nonlocal announced
+        write_text_atomic(info, f"PID {os.getpid()} on {socket.gethostname()}\n")
+        announced = True
+
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                holder = info.read_text(encoding="utf-8").strip()
+            except OSError:
+                holder = "another process"
+            raise CheckpointError(
+                f"--save {save}: another run ({holder}) is writing checkpoints there; wait for "
+                f"it to finish or choose another --save"
+            ) from None
+        yield announce
+    finally:
+        if announced:
+            info.unlink(missing_ok=True)
+        os.close(fd)  # releases the lock
 
 
 def check_new_save_dir(save: Path, flag: str = "--save") -> None:

@@ -607,3 +607,33 @@ def test_evaluate_never_overwrites_the_users_report_or_its_inputs(tmp_path, caps
     fresh = tmp_path / "fresh"
     args = ["--references", str(refs2), "--predictions", f"ours={preds}", "--out", str(fresh)]
     assert evaluate(args) == 0 and evaluate(args) == 0
+
+
+def test_two_runs_never_share_a_save_folder_and_a_killed_one_leaves_no_lock(tmp_path, capsys):
+    import time
+
+    from conftest import TORCHRUN_ENV
+
+    save = tmp_path / "ckpt"
+    args = [*TINY, "--train-iters", "400", "--save", str(save), "--save-interval", "1000"]
+    first = subprocess.Popen(
+        [sys.executable, "-m", "megatron_yuyuan.finetune", *args],
+        env=TORCHRUN_ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + 60
+        while not (save / ".megatron_yuyuan.lock").is_file() and time.time() < deadline:
+            time.sleep(0.05)
+        assert first.poll() is None
+        before = tree(save)
+        assert finetune([*TINY, "--train-iters", "2", "--save", str(save)]) == 2
+        one_error_line(capsys, f"--save {save}", f"PID {first.pid}", "another run")
+        assert tree(save) == before
+    finally:
+        first.kill()
+        first.wait()
+    # the killed run's lock died with it: the folder is usable again at once
+    assert finetune([*TINY, "--train-iters", "2", "--save", str(save / "new")]) == 0
+    assert finetune([*TINY, "--train-iters", "2", "--save", str(save), "--load", str(save)]) == 0

@@ -14,6 +14,7 @@ line (exit 2).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -283,10 +284,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     def body() -> int:
         cfg = parse_config(argv, description=__doc__.split("\n\n")[0])
-        check_config(cfg, env_world_size())
-        from megatron_yuyuan.training import train  # heavy imports only once the config is valid
+        from megatron_yuyuan.checkpointing import save_dir_lock
 
-        result = train(cfg)
+        # One lock per job, held by its rank 0 from before the checks to the end of the run.
+        locked = cfg.train.save if int(os.environ.get("RANK", "0")) == 0 else None
+        with save_dir_lock(locked) as announce:
+            check_config(cfg, env_world_size())
+            announce()
+            from megatron_yuyuan.training import train  # heavy imports once the config is valid
+
+            result = train(cfg)
         t = cfg.train
         out_dir = (
             Path(t.save) if t.save else Path(t.metrics_file).parent if t.metrics_file else None
