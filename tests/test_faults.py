@@ -637,3 +637,88 @@ def test_two_runs_never_share_a_save_folder_and_a_killed_one_leaves_no_lock(tmp_
     # the killed run's lock died with it: the folder is usable again at once
     assert finetune([*TINY, "--train-iters", "2", "--save", str(save / "new")]) == 0
     assert finetune([*TINY, "--train-iters", "2", "--save", str(save), "--load", str(save)]) == 0
+
+
+def _hf_copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _edit_header(path: Path, edit) -> None:
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    edit(header)
+    raw = json.dumps(header).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n :])
+
+
+def _first_tensor(header: dict) -> str:
+    return next(k for k in header if k != "__metadata__")
+
+
+def _damage_cases():
+    def truncate(d):
+        f = d / "model.safetensors"
+        f.write_bytes(f.read_bytes()[: f.stat().st_size * 2 // 3])
+
+    def nan(d):
+        from safetensors.torch import load_file, save_file
+
+        state = load_file(str(d / "model.safetensors"))
+        state["transformer.wte.weight"][3, 5] = float("nan")
+        save_file(state, str(d / "model.safetensors"), metadata={"format": "pt"})
+
+    def no_offsets(d):
+        _edit_header(d / "model.safetensors", lambda h: h[_first_tensor(h)].pop("data_offsets"))
+
+    def wrong_shape(d):
+        def edit(h):
+            h[_first_tensor(h)]["shape"] = [3, 3]
+
+        _edit_header(d / "model.safetensors", edit)
+
+    def huge_header(d):
+        f = d / "model.safetensors"
+        f.write_bytes((2**62).to_bytes(8, "little") + f.read_bytes()[8:])
+
+    def index_without_map(d):
+        (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}}))
+
+    def bin_of_strings(d):
+        (d / "model.safetensors").unlink()
+        torch.save({"transformer.wte.weight": "not a tensor"}, d / "pytorch_model.bin")
+
+    def int8(d):
+        cfg = json.loads((d / "config.json").read_text())
+        (d / "config.json").write_text(json.dumps({**cfg, "torch_dtype": "int8"}))
+
+    return [
+        (truncate, "truncated"),
+        (nan, "NaN/Inf"),
+        (no_offsets, "data_offsets"),
+        (wrong_shape, "needs"),
+        (huge_header, "header length"),
+        (index_without_map, "weight_map"),
+        (bin_of_strings, "named tensors"),
+        (int8, "int8"),
+    ]
+
+
+@pytest.mark.parametrize("damage, words", _damage_cases(), ids=lambda x: getattr(x, "__name__", x))
+def test_a_damaged_hf_folder_never_converts_silently(gpt2_models, tmp_path, capsys, damage, words):
+    hf = _hf_copy(gpt2_models / "hf", tmp_path / "hf")
+    damage(hf)
+    before = tree(tmp_path)
+    assert to_megatron(["--hf-dir", str(hf), "--save", str(tmp_path / "mc")]) == 2
+    one_error_line(capsys, words)
+    assert tree(tmp_path) == before and not (tmp_path / "mc").exists()
+
+
+def test_non_finite_weights_convert_only_when_allowed(gpt2_models, tmp_path, capsys):
+    hf = _hf_copy(gpt2_models / "hf", tmp_path / "hf")
+    _damage_cases()[1][0](hf)
+    args = ["--hf-dir", str(hf), "--save", str(tmp_path / "mc"), "--allow-non-finite"]
+    assert to_megatron(args) == 0

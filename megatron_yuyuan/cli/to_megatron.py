@@ -53,6 +53,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         action="store_true",
         help="legacy input only: allow loading pickled objects beyond weights",
     )
+    p.add_argument(
+        "--allow-non-finite",
+        action="store_true",
+        help="convert weights holding NaN/Inf values (refused by default: a damaged download)",
+    )
     p.add_argument("--verify", action="store_true", help="compare logits (needs --hf-dir)")
     p.add_argument(
         "--tolerance", type=positive_float, default=1e-3, help="max |logit diff| for --verify"
@@ -74,7 +79,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise UserError(f"--save {args.save}: is the --hf-dir folder; choose a new directory")
         tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
         if args.hf_dir:
-            out = convert_hf_to_megatron(args.hf_dir, args.save, tp, pp)
+            out = convert_hf_to_megatron(
+                args.hf_dir, args.save, tp, pp, allow_non_finite=args.allow_non_finite
+            )
         else:
             out = convert_legacy_to_megatron(
                 args.megatron_lm_dir, args.save, tp, pp, args.vocab_size, args.trust_pickle

@@ -114,8 +114,10 @@ def convert_hf_to_megatron(
     tp: int = 1,
     pp: int = 1,
     dtype: Optional[torch.dtype] = None,
+    allow_non_finite: bool = False,
 ) -> Path:
-    """HF GPT-2 directory -> megatron-core checkpoint under ``save``; returns the iteration dir."""
+    """HF GPT-2 directory -> megatron-core checkpoint under ``save``; returns the iteration dir.
+    Weights holding NaN/Inf are refused unless ``allow_non_finite``."""
     hf_dir = Path(hf_dir)
     model_cfg, src_dtype = model_config_from_hf(hf_dir)
     check_target_layout(model_cfg, tp, pp)
@@ -125,7 +127,7 @@ def convert_hf_to_megatron(
     )
 
     def mapped():
-        for name, load in iter_hf_weights(hf_dir):
+        for name, load in iter_hf_weights(hf_dir, allow_non_finite):
             out = hf_to_mcore(name, load(), shapes)  # loads lazily, one tensor at a time
             if out is not None:
                 yield out[0], (lambda t=out[1]: t)

@@ -63,9 +63,15 @@ def model_config_from_hf(hf_dir: Path) -> tuple[ModelConfig, torch.dtype]:
         raise HFFormatError(f"{path}: missing field {exc}") from exc
     except (ValueError, TypeError) as exc:
         raise HFFormatError(f"{path}: {exc}") from exc
-    dtype = getattr(torch, str(c.get("torch_dtype") or c.get("dtype") or "float32"), None)
+    named = str(c.get("torch_dtype") or c.get("dtype") or "float32")
+    dtype = getattr(torch, named, None)
     if not isinstance(dtype, torch.dtype):  # e.g. "auto": no dtype named, convert as float32
         dtype = torch.float32
+    if not dtype.is_floating_point:
+        raise HFFormatError(
+            f"{path}: torch_dtype {named!r} is not a floating-point type (quantized weights are "
+            f"not supported); give float32, float16 or bfloat16 weights"
+        )
     return model, dtype
 
 
@@ -96,18 +102,24 @@ def hf_config_dict(m: ModelConfig, dtype: torch.dtype) -> dict:
     return out
 
 
-def iter_hf_weights(hf_dir: Path) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
+def iter_hf_weights(
+    hf_dir: Path, allow_non_finite: bool = False
+) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
     """(name, loader) for every tensor, loading lazily one at a time.
 
     Reads sharded or single safetensors, else ``pytorch_model.bin`` (sharded or not) with
     ``weights_only=True`` and ``mmap=True``. Loaders return tensors that own their memory: a tensor
-    left pointing into the memory-mapped file would keep the whole file's pages resident.
+    left pointing into the memory-mapped file would keep the whole file's pages resident. Every
+    safetensors header is checked against its file before anything is read (a truncated file
+    would otherwise read as zeros), and a weight holding NaN or Inf is refused unless
+    ``allow_non_finite``.
     """
     hf_dir = Path(hf_dir)
     files = _weight_files(hf_dir, "model.safetensors", "model.safetensors.index.json")
     if files:
-        for file in files:
-            yield from _read_safetensors(file)
+        headers = [(file, *_safetensors_header(file)) for file in files]  # all checked first
+        for file, base, header in headers:
+            yield from _finite(_read_safetensors(file, base, header), file, allow_non_finite)
         return
     files = _weight_files(hf_dir, "pytorch_model.bin", "pytorch_model.bin.index.json")
     if not files:
@@ -121,8 +133,32 @@ def iter_hf_weights(hf_dir: Path) -> Iterator[tuple[str, Callable[[], torch.Tens
             raise HFFormatError(
                 f"{file}: cannot be read as a weights-only torch file ({exc})"
             ) from exc
-        for name in list(state):
-            yield name, (lambda t=state.pop(name): t.clone())
+        if not isinstance(state, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+        ):
+            raise HFFormatError(
+                f"{file}: holds something other than a dict of named tensors; give a model "
+                f"saved with save_pretrained"
+            )
+        tensors = ((name, (lambda t=state.pop(name): t.clone())) for name in list(state))
+        yield from _finite(tensors, file, allow_non_finite)
+
+
+def _finite(tensors, file: Path, allow: bool) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
+    """The same loaders, refusing a floating-point weight that holds NaN or Inf."""
+    for name, load in tensors:
+
+        def checked(name=name, load=load) -> torch.Tensor:
+            t = load()
+            if not allow and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                bad = int((~torch.isfinite(t)).sum())
+                raise HFFormatError(
+                    f"{file}: tensor {name} holds {bad:,} NaN/Inf value(s); the weights are "
+                    f"damaged (re-download them), or pass --allow-non-finite to convert anyway"
+                )
+            return t
+
+        yield name, checked
 
 
 _ST_DTYPES = {
@@ -137,33 +173,83 @@ _ST_DTYPES = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+_MAX_HEADER = 100 * 2**20  # the safetensors format's own limit on the JSON header
 
 
-def _read_safetensors(file: Path) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
-    """Tensors of one safetensors file, each read into its own buffer with plain file reads.
-
-    No memory map: a mapped file keeps every page it has served resident, which would add the
-    whole shard to the converter's peak memory.
-    """
+def _safetensors_header(file: Path) -> tuple[int, dict]:
+    """(data start, header) of a safetensors file, every tensor's dtype, shape and byte range
+    checked against the file's size."""
+    size = file.stat().st_size
     with open(file, "rb") as f:
-        header_len = int.from_bytes(f.read(8), "little")
+        raw = f.read(8)
+        header_len = int.from_bytes(raw, "little") if len(raw) == 8 else -1
+        if not 0 < header_len <= min(_MAX_HEADER, size - 8):
+            raise HFFormatError(
+                f"{file}: not a safetensors file (header length {header_len} for a file of "
+                f"{size:,} bytes); the file is truncated or damaged: re-download it"
+            )
         try:
             header = json.loads(f.read(header_len))
-        except ValueError as exc:
+        except (ValueError, UnicodeDecodeError) as exc:
             raise HFFormatError(f"{file}: not a safetensors file ({exc})") from exc
+    if not isinstance(header, dict):
+        raise HFFormatError(f"{file}: its safetensors header is not a JSON object")
     base = 8 + header_len
     for name, meta in header.items():
         if name == "__metadata__":
             continue
-        if meta["dtype"] not in _ST_DTYPES:
+        problem = None
+        try:
+            dtype = _ST_DTYPES.get(meta["dtype"])
+            shape = [int(d) for d in meta["shape"]]
+            start, end = (int(x) for x in meta["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise HFFormatError(
+                f"{file}: tensor {name} has no valid dtype, shape and data_offsets in the "
+                f"header; the file is damaged: re-download it"
+            ) from None
+        if dtype is None:
             raise HFFormatError(f"{file}: tensor {name} has unsupported dtype {meta['dtype']}")
+        numel = 1
+        for d in shape:
+            numel *= d
+        if any(d < 0 for d in shape) or not 0 <= start <= end:
+            problem = f"shape {shape} / byte range {start}-{end} is impossible"
+        elif (end - start) != numel * dtype.itemsize:
+            problem = (
+                f"shape {shape} needs {numel * dtype.itemsize:,} bytes but its range holds "
+                f"{end - start:,}"
+            )
+        elif base + end > size:
+            problem = (
+                f"its bytes end at {base + end:,} but the file has {size:,} (truncated: "
+                f"re-download it)"
+            )
+        if problem:
+            raise HFFormatError(f"{file}: tensor {name}: {problem}")
+    return base, header
 
-        def load(meta=meta) -> torch.Tensor:
+
+def _read_safetensors(
+    file: Path, base: int, header: dict
+) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
+    """Tensors of one (checked) safetensors file, each read into its own buffer with plain file
+    reads.
+
+    No memory map: a mapped file keeps every page it has served resident, which would add the
+    whole shard to the converter's peak memory.
+    """
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+
+        def load(meta=meta, name=name) -> torch.Tensor:
             start, end = meta["data_offsets"]
             buf = bytearray(end - start)
             with open(file, "rb") as f:
                 f.seek(base + start)
-                f.readinto(buf)
+                if f.readinto(buf) != len(buf):
+                    raise HFFormatError(f"{file}: ends inside tensor {name}; re-download it")
             if not buf:
                 return torch.empty(meta["shape"], dtype=_ST_DTYPES[meta["dtype"]])
             return torch.frombuffer(buf, dtype=_ST_DTYPES[meta["dtype"]]).reshape(meta["shape"])
@@ -173,8 +259,18 @@ def _read_safetensors(file: Path) -> Iterator[tuple[str, Callable[[], torch.Tens
 
 def _weight_files(hf_dir: Path, single: str, index: str) -> list[Path]:
     if (hf_dir / index).is_file():
-        shards = json.loads((hf_dir / index).read_text())["weight_map"].values()
-        files = [hf_dir / s for s in dict.fromkeys(shards)]
+        data = read_json_object(hf_dir / index, "re-download the model", HFFormatError)
+        weight_map = data.get("weight_map")
+        if (
+            not isinstance(weight_map, dict)
+            or not weight_map
+            or not all(isinstance(v, str) and v == Path(v).name for v in weight_map.values())
+        ):
+            raise HFFormatError(
+                f"{hf_dir / index}: has no weight_map of tensor names to shard file names; "
+                f"re-download the model"
+            )
+        files = [hf_dir / s for s in dict.fromkeys(weight_map.values())]
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
             raise HFFormatError(f"{hf_dir / index} lists missing shard file(s): {missing}")
