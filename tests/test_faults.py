@@ -722,3 +722,20 @@ def test_non_finite_weights_convert_only_when_allowed(gpt2_models, tmp_path, cap
     _damage_cases()[1][0](hf)
     args = ["--hf-dir", str(hf), "--save", str(tmp_path / "mc"), "--allow-non-finite"]
     assert to_megatron(args) == 0
+
+
+def test_resuming_an_older_iteration_of_the_run_names_what_it_replaces(trained, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "ckpt"
+    shutil.copytree(trained, run)
+    args = [*TINY, "--train-iters", "3", "--save", str(run), "--load", str(run / "iter_0000002")]
+    assert finetune(args) == 0
+    err = capsys.readouterr().err
+    warning = [ln for ln in err.splitlines() if ln.startswith("warning: --load")]
+    assert len(warning) == 1 and "iter_0000004" in warning[0] and "iteration 2" in warning[0]
+    # resuming the latest iteration warns about nothing
+    fresh = tmp_path / "fresh"
+    shutil.copytree(trained, fresh)
+    assert finetune([*TINY, "--train-iters", "5", "--save", str(fresh), "--load", str(fresh)]) == 0
+    assert "warning: --load" not in capsys.readouterr().err

@@ -73,6 +73,8 @@ def check_config(cfg: RunConfig, world_size: int) -> None:
                 f"--load {t.save}, or choose a new directory"
             )
         check_writable_dir(t.save, "--save")
+    if t.save and resuming and same_run(t.load, t.save):
+        warn_replaced_iterations(Path(t.load), Path(t.save))
     if t.metrics_file:
         check_writable_file(t.metrics_file, "--metrics-file")
         check_metrics_file(Path(t.metrics_file), resuming)
@@ -129,6 +131,30 @@ def check_lora(cfg: RunConfig) -> None:
             "--lora-rank trains adapters on a base model's weights: give "
             "--pretrained-checkpoint BASE (e.g. HF weights converted with "
             "python -m checkpoints_convert.to_megatron)"
+        )
+
+
+def warn_replaced_iterations(load: Path, save: Path) -> None:
+    """Resuming ``save`` from one of its older iterations: say which later checkpoints the run
+    will replace (the ``latest`` pointer moves back at its first save)."""
+    import sys
+
+    from megatron_yuyuan.checkpointing import complete_iterations, read_info, resolve
+
+    start = read_info(resolve(load)).iteration
+    later = [
+        p.name
+        for p in complete_iterations(save)
+        if p.name[5:].isdigit() and int(p.name[5:]) > start  # iter_0000004
+    ]
+    if later and int(os.environ.get("RANK", "0")) == 0:
+        print(
+            f"warning: --load {load} resumes {save} at iteration {start}; its later "
+            f"checkpoint(s) {', '.join(later)} will be replaced as this run saves (and the latest "
+            f"pointer moves back to this run's first save); stop now and copy them away to keep "
+            f"them",
+            file=sys.stderr,
+            flush=True,
         )
 
 
