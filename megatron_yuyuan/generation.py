@@ -24,6 +24,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from megatron_yuyuan import parallel
+from megatron_yuyuan.data.manifest import check_member
 from megatron_yuyuan.errors import UserError
 from megatron_yuyuan.files import read_jsonl, write_jsonl
 from megatron_yuyuan.prompts import DEFAULT_TEMPLATE, PromptTemplate, answer_from_continuation
@@ -499,7 +500,9 @@ def answer_questions(
 
 
 def read_questions(path: Path) -> list[dict]:
-    """Rows of a JSONL file, each with a non-empty ``question`` string."""
+    """Rows of a JSONL file, each with a non-empty ``question`` string (a dataset's split file
+    checked against its manifest first)."""
+    check_member(path)
     return read_jsonl(path, required=("question",))
 
 

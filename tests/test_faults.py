@@ -156,6 +156,15 @@ def test_preprocess_killed_while_publishing_is_detected_and_cleaned(tmp_path, ca
     args = ["--config", "tiny", "--vocab-size", "50257", "--data-prefix", str(prefix)]
     assert finetune([*args, "--train-iters", "1", "--seq-length", "64"]) == 2
     one_error_line(capsys, "rerun", "preprocess_medquad")
+    # ... evaluation too: a mixed "training" file could hold the test questions
+    preds = tmp_path / "p.jsonl"
+    test_rows = [json.loads(x) for x in open(f"{prefix}_test.jsonl")]
+    preds.write_text("".join(json.dumps({"id": r["id"], "prediction": "x"}) + "\n" for r in test_rows))
+    ev = ["--references", f"{prefix}_test.jsonl", "--predictions", f"m={preds}"]
+    ev += ["--out", str(tmp_path / "ev"), "--train-data", f"{prefix}_train.jsonl"]
+    assert evaluate(ev) == 2
+    one_error_line(capsys, "different or interrupted runs")
+    assert not (tmp_path / "ev" / "report.md").exists()
     # The next run removes the dead run's temporaries and publishes a consistent set.
     assert preprocess([*common, "--valid-size", "5", "--test-size", "5", "--seed", "2"]) == 0
     assert not list(prefix.parent.glob(".mq_*.tmp*"))

@@ -1,20 +1,16 @@
 """QA documents in Megatron's ``.bin/.idx`` format, readable by megatron-core's ``IndexedDataset``.
 
-The only module that imports ``megatron.core.datasets``. Each document is one QA pair stored as
-**two sequences**: the prompt ``Question:{q} answer:`` and the answer `` {a}<|endoftext|>``, so
-the prompt/answer boundary (needed for answer-only loss) is recoverable from the files alone.
+The only module that imports ``megatron.core.datasets``. Each document is a QA pair stored as
+**two sequences**: the prompt (``Question:{q} answer:`` by default) and the answer
+`` {a}<|endoftext|>``, or a chat as prompt / answer sequences turn after turn, so the
+prompt/answer boundaries (needed for answer-only loss) are recoverable from the files alone.
 
 A ``{prefix}_meta.json`` next to them records the tokenizer, EOS id, template, the largest token id,
-and a **manifest**: the size and SHA-256 of every other file of the dataset. The preprocessor
-publishes the meta file last, so a reader that finds every file matching the manifest knows they
-all come from one complete run; a run killed while publishing leaves a mismatch that every reader
-reports instead of mixing two runs' splits.
+and the manifest of every file (:mod:`megatron_yuyuan.data.manifest`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -22,10 +18,16 @@ from typing import Iterable, Sequence
 import numpy as np
 from megatron.core.datasets.indexed_dataset import DType, IndexedDataset, IndexedDatasetBuilder
 
+from megatron_yuyuan.data.manifest import (  # noqa: F401 - re-exported for readers
+    SPLITS,
+    file_digest,
+    read_meta,
+    split_of,
+    tmp_name,
+    verify_files,
+    verify_split,
+)
 from megatron_yuyuan.errors import DataError
-from megatron_yuyuan.files import read_json_object
-
-SPLITS = ("train", "valid", "test")
 
 
 @dataclass
@@ -46,11 +48,6 @@ class QAPairTokens:
         return self.sequences[-1]
 
 
-def tmp_name(path: Path) -> Path:
-    """Where a file is written before the final rename (same directory, so rename is atomic)."""
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
-
-
 def write_qa_documents(
     prefix: Path,
     prompts: Sequence[Sequence[int]],
@@ -67,74 +64,6 @@ def write_qa_documents(
     """
     docs = ((np.concatenate([p, a]), [len(p), len(a)]) for p, a in zip(prompts, answers))
     return write_documents(prefix, docs, vocab_size)
-
-
-def file_digest(path: Path) -> dict:
-    """Size and SHA-256 of a file (the manifest entry)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return {"bytes": Path(path).stat().st_size, "sha256": h.hexdigest()}
-
-
-def split_of(split_prefix: str | Path) -> tuple[str, str]:
-    """``data/mq_train`` -> (``data/mq``, ``train``); the prefix and split a file prefix names."""
-    text = str(split_prefix)
-    for split in SPLITS:
-        if text.endswith(f"_{split}"):
-            return text[: -len(split) - 1], split
-    raise DataError(
-        f"{split_prefix}: not a split of a preprocessed dataset (expected PREFIX_train, "
-        f"PREFIX_valid or PREFIX_test, as written by tools.preprocess_medquad)"
-    )
-
-
-def verify_files(prefix: str | Path, names: Sequence[str]) -> dict:
-    """Check that files ``names`` (relative to the dataset's directory) match the manifest in
-    ``{prefix}_meta.json``; returns the meta.
-
-    Raises:
-        DataError: the meta file is missing or unreadable, or a file is missing, truncated or from
-            another preprocessing run.
-    """
-    meta = read_meta(prefix)
-    manifest = meta.get("files")
-    if not isinstance(manifest, dict):
-        raise DataError(
-            f"{prefix}_meta.json has no file manifest (written by an older version): rerun "
-            f"python -m tools.preprocess_medquad --output-prefix {prefix}"
-        )
-    folder = Path(f"{prefix}_meta.json").parent
-    for name in names:
-        path = folder / name
-        want = manifest.get(name)
-        if want is None:
-            raise DataError(f"{path}: not listed in {prefix}_meta.json")
-        if not path.is_file():
-            raise DataError(
-                f"{path} is missing; rerun python -m tools.preprocess_medquad --output-prefix "
-                f"{prefix}"
-            )
-        got = file_digest(path)
-        if got != want:
-            what = (
-                f"has {got['bytes']} bytes, the manifest says {want['bytes']} (truncated?)"
-                if got["bytes"] != want["bytes"]
-                else "differs from the run that wrote the manifest"
-            )
-            raise DataError(
-                f"{path} {what}: the dataset's files come from different or interrupted runs; "
-                f"rerun python -m tools.preprocess_medquad --output-prefix {prefix}"
-            )
-    return meta
-
-
-def verify_split(split_prefix: str | Path) -> dict:
-    """Check ``{split_prefix}.bin/.idx`` against the dataset's manifest; returns the meta."""
-    prefix, _ = split_of(split_prefix)
-    name = Path(split_prefix).name
-    return verify_files(prefix, [f"{name}.bin", f"{name}.idx"])
 
 
 def dataset_exists(prefix: str | Path) -> bool:
@@ -177,17 +106,6 @@ def read_qa_documents(prefix: str | Path) -> list[QAPairTokens]:
         # Copy out of the memory map: the views die with the reader.
         out.append(QAPairTokens([np.array(ds[k], dtype=np.int64) for k in range(first, last)]))
     return out
-
-
-def read_meta(prefix: str | Path) -> dict:
-    """The ``{prefix}_meta.json`` written beside the splits (tokenizer, EOS id, vocab size)."""
-    path = Path(f"{prefix}_meta.json")
-    if not path.is_file():
-        raise DataError(
-            f"{path} not found: it is written by tools.preprocess_medquad next to the "
-            f"{prefix}_{{train,valid,test}} files (rerun it)"
-        )
-    return read_json_object(path, "rerun tools.preprocess_medquad")
 
 
 def write_documents(

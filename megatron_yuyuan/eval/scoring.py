@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+from megatron_yuyuan.data.manifest import check_member
 from megatron_yuyuan.errors import DataError, UserError
 from megatron_yuyuan.eval import report as render
 from megatron_yuyuan.eval.baselines import BASELINES, baseline_answers
@@ -203,6 +204,11 @@ def evaluate(
 
     opts = opts or EvalOptions()
     opts.check()
+    # a dataset's split file (beside its P_meta.json) must match the manifest: after an
+    # interrupted preprocess, "training" data could hold the test questions
+    for path in (references_path, opts.train_data):
+        if path is not None:
+            check_member(path)
     refs = read_jsonl(references_path, required=("answer",))
     if not refs:
         raise DataError(f"{references_path}: no references")

@@ -1,0 +1,116 @@
+"""A dataset prefix's manifest: ``{prefix}_meta.json`` lists the size and SHA-256 of every file
+of the dataset, and is published last by the preprocessors, so a reader that finds every file
+matching it knows they come from one complete run; a run killed while publishing leaves a
+mismatch that every reader reports instead of mixing two runs' splits. Light (no torch or
+megatron imports): evaluation checks the JSONL files it reads too."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Optional, Sequence
+
+from megatron_yuyuan.errors import DataError
+from megatron_yuyuan.files import read_json_object
+
+SPLITS = ("train", "valid", "test")
+
+
+def tmp_name(path: Path) -> Path:
+    """Where a file is written before the final rename (same directory, so rename is atomic)."""
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def file_digest(path: Path) -> dict:
+    """Size and SHA-256 of a file (the manifest entry)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return {"bytes": Path(path).stat().st_size, "sha256": h.hexdigest()}
+
+
+def split_of(split_prefix: str | Path) -> tuple[str, str]:
+    """``data/mq_train`` -> (``data/mq``, ``train``); the prefix and split a file prefix names."""
+    text = str(split_prefix)
+    for split in SPLITS:
+        if text.endswith(f"_{split}"):
+            return text[: -len(split) - 1], split
+    raise DataError(
+        f"{split_prefix}: not a split of a preprocessed dataset (expected PREFIX_train, "
+        f"PREFIX_valid or PREFIX_test, as written by tools.preprocess_medquad)"
+    )
+
+
+def verify_files(prefix: str | Path, names: Sequence[str]) -> dict:
+    """Check that files ``names`` (relative to the dataset's directory) match the manifest in
+    ``{prefix}_meta.json``; returns the meta.
+
+    Raises:
+        DataError: the meta file is missing or unreadable, or a file is missing, truncated or from
+            another preprocessing run.
+    """
+    meta = read_meta(prefix)
+    manifest = meta.get("files")
+    if not isinstance(manifest, dict):
+        raise DataError(
+            f"{prefix}_meta.json has no file manifest (written by an older version): rerun "
+            f"python -m tools.preprocess_medquad --output-prefix {prefix}"
+        )
+    folder = Path(f"{prefix}_meta.json").parent
+    for name in names:
+        path = folder / name
+        want = manifest.get(name)
+        if want is None:
+            raise DataError(f"{path}: not listed in {prefix}_meta.json")
+        if not path.is_file():
+            raise DataError(
+                f"{path} is missing; rerun python -m tools.preprocess_medquad --output-prefix "
+                f"{prefix}"
+            )
+        got = file_digest(path)
+        if got != want:
+            what = (
+                f"has {got['bytes']} bytes, the manifest says {want['bytes']} (truncated?)"
+                if got["bytes"] != want["bytes"]
+                else "differs from the run that wrote the manifest"
+            )
+            raise DataError(
+                f"{path} {what}: the dataset's files come from different or interrupted runs; "
+                f"rerun python -m tools.preprocess_medquad --output-prefix {prefix}"
+            )
+    return meta
+
+
+def verify_split(split_prefix: str | Path) -> dict:
+    """Check ``{split_prefix}.bin/.idx`` against the dataset's manifest; returns the meta."""
+    prefix, _ = split_of(split_prefix)
+    name = Path(split_prefix).name
+    return verify_files(prefix, [f"{name}.bin", f"{name}.idx"])
+
+
+def read_meta(prefix: str | Path) -> dict:
+    """The ``{prefix}_meta.json`` written beside the splits (tokenizer, EOS id, vocab size)."""
+    path = Path(f"{prefix}_meta.json")
+    if not path.is_file():
+        raise DataError(
+            f"{path} not found: it is written by tools.preprocess_medquad next to the "
+            f"{prefix}_{{train,valid,test}} files (rerun it)"
+        )
+    return read_json_object(path, "rerun tools.preprocess_medquad")
+
+
+def check_member(path: str | Path) -> Optional[dict]:
+    """When ``path`` is a file of a preprocessed dataset (``P_train.jsonl`` beside
+    ``P_meta.json``...), check it against the manifest; returns the meta, or None for a file
+    that belongs to no dataset."""
+    path = Path(path)
+    for split in SPLITS:
+        for ext in (".jsonl", ".bin", ".idx"):
+            suffix = f"_{split}{ext}"
+            if path.name.endswith(suffix) and path.name != suffix:
+                prefix = path.with_name(path.name[: -len(suffix)])
+                if Path(f"{prefix}_meta.json").is_file():
+                    return verify_files(prefix, [path.name])
+    return None
