@@ -78,6 +78,11 @@ def read_jsonl(path: str | Path, required: Sequence[str] = ()) -> list[dict]:
                 raise DataError(f"{path}:{n}: not JSON ({exc.msg}, column {exc.colno})") from exc
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+            if "\\ud" in line.lower() and not is_valid_unicode(row):
+                raise DataError(
+                    f"{path}:{n}: holds an unpaired surrogate escape (\\udXXX), which is not "
+                    f"text; fix or drop that line"
+                )
             for field in required:
                 value = row.get(field)
                 if field not in row:
@@ -91,6 +96,16 @@ def read_jsonl(path: str | Path, required: Sequence[str] = ()) -> list[dict]:
                 raise DataError(f"{path}:{n}: {problem} (every row needs a non-empty string)")
             rows.append(row)
     return rows
+
+
+def is_valid_unicode(value) -> bool:
+    """Whether every string in a JSON value is real text (JSON's \\udXXX escapes can carry lone
+    surrogates, which no tokenizer or file encoding accepts)."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:

@@ -31,6 +31,10 @@ from megatron_yuyuan.prompts import DEFAULT_TEMPLATE, PromptTemplate, answer_fro
 from megatron_yuyuan.tokenizer import Tokenizer, load_tokenizer
 
 
+SAMPLING_RANGE = (0.01, 100.0)
+"""Temperature and repetition penalty bounds: the logits are divided by them."""
+
+
 @dataclass
 class SamplingConfig:
     """How the next token is chosen."""
@@ -54,16 +58,25 @@ class SamplingConfig:
     """Never repeat an n-gram of this size within the row, prompt included (0: off)."""
 
     def __post_init__(self) -> None:
+        """The one place sampling values are bounded (the CLIs and the server build this): a
+        value that passes here never turns logits into Inf/NaN."""
         if self.max_new_tokens < 1:
             raise UserError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
-        if not self.temperature > 0:
-            raise UserError(f"--temperature must be > 0, got {self.temperature}")
+        lo, hi = SAMPLING_RANGE
+        if not lo <= self.temperature <= hi:
+            raise UserError(
+                f"--temperature must be in [{lo:g}, {hi:g}], got {self.temperature:g} (lower "
+                f"values divide the logits into Inf: use greedy decoding for the top token)"
+            )
         if self.top_k < 0:
             raise UserError(f"--top-k must be >= 0 (0: no limit), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise UserError(f"--top-p must be in (0, 1], got {self.top_p}")
-        if not self.repetition_penalty > 0:
-            raise UserError(f"--repetition-penalty must be > 0, got {self.repetition_penalty}")
+        if not lo <= self.repetition_penalty <= hi:
+            raise UserError(
+                f"--repetition-penalty must be in [{lo:g}, {hi:g}] (1: off), got "
+                f"{self.repetition_penalty:g}"
+            )
         if self.no_repeat_ngram_size < 0:
             raise UserError(
                 f"--no-repeat-ngram-size must be >= 0 (0: off), got {self.no_repeat_ngram_size}"

@@ -748,3 +748,103 @@ def test_resuming_an_older_iteration_of_the_run_names_what_it_replaces(trained, 
     shutil.copytree(trained, fresh)
     assert finetune([*TINY, "--train-iters", "5", "--save", str(fresh), "--load", str(fresh)]) == 0
     assert "warning: --load" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flags, words",
+    [
+        (["--do-sample", "--temperature", "1e-300"], "--temperature must be in"),
+        (["--do-sample", "--temperature", "5e-324"], "--temperature"),
+        (["--do-sample", "--repetition-penalty", "1e-300"], "--repetition-penalty must be in"),
+    ],
+)
+def test_sampling_values_that_would_break_generation_are_refused(gpt2_models, capsys, flags, words):
+    for model in (["--load", str(gpt2_models / "mc")], ["--hf-dir", str(gpt2_models / "hf")]):
+        assert generate([*model, "--question", "What is it?", "--max-new-tokens", "2", *flags]) == 2
+        one_error_line(capsys, words)
+
+
+def test_the_server_answers_bad_sampling_values_422():
+    from fastapi.testclient import TestClient
+
+    from megatron_yuyuan.serve.app import ServedModel, create_app
+    from megatron_yuyuan.serve.batcher import Batcher
+
+    class Engine:
+        max_positions = 64
+
+        def run(self, jobs):
+            return [[0] for _ in jobs]
+
+    class Tok:
+        eod = 0
+
+        def encode(self, text):
+            return [1] * len(text.split())
+
+        def decode(self, ids):
+            return " x" * len(ids)
+
+    app = create_app(Batcher(Engine(), wait_ms=0), Tok(), ServedModel("m", "x"))
+    with TestClient(app) as client:
+        for body, param in (
+            ({"temperature": 1e-300}, "temperature"),
+            ({"temperature": 0.5, "repetition_penalty": 1e-300}, "repetition_penalty"),
+        ):
+            r = client.post("/api/answer", json={"question": "a b", "max_new_tokens": 2, **body})
+            assert r.status_code == 422 and r.json()["error"]["param"] == param, r.text
+        assert client.post("/api/answer", json={"question": "a b", "max_new_tokens": 2}).status_code == 200
+
+
+def test_unpaired_surrogates_and_list_ids_are_one_line(gpt2_models, tmp_path, capsys):
+    bad = tmp_path / "q.jsonl"
+    bad.write_text('{"id": "1", "question": "What is \\udfff ?", "answer": "x"}\n')
+    model = ["--hf-dir", str(gpt2_models / "hf"), "--max-new-tokens", "2"]
+    assert generate([*model, "--input", str(bad), "--output", str(tmp_path / "p.jsonl")]) == 2
+    one_error_line(capsys, f"{bad}:1", "surrogate")
+    assert generate([*model, "--question", "What is \udfff ?"]) == 2
+    one_error_line(capsys, "--question", "UTF-8")
+    assert eval_qa([*model, "--references", str(bad), "--out", str(tmp_path / "e")]) == 2
+    one_error_line(capsys, f"{bad}:1", "surrogate")
+    refs = tmp_path / "r.jsonl"
+    refs.write_text('{"id": [1, 2], "question": "q", "answer": "a"}\n')
+    preds = tmp_path / "pp.jsonl"
+    preds.write_text('{"id": [1, 2], "prediction": "a"}\n')
+    args = ["--references", str(refs), "--predictions", f"m={preds}", "--out", str(tmp_path / "o")]
+    assert evaluate(args) == 2
+    one_error_line(capsys, "ids must be strings or integers")
+    preds.write_text('{"id": [1, 2], "prediction": "\\udfff"}\n')
+    assert evaluate(args) == 2
+    one_error_line(capsys, "surrogate")
+
+
+def test_the_server_refuses_unpaired_surrogates_and_still_answers():
+    from fastapi.testclient import TestClient
+
+    from megatron_yuyuan.serve.app import ServedModel, create_app
+    from megatron_yuyuan.serve.batcher import Batcher
+
+    class Engine:
+        max_positions = 64
+
+        def run(self, jobs):
+            return [[0] for _ in jobs]
+
+    class Tok:
+        eod = 0
+
+        def encode(self, text):
+            text.encode("utf-8")  # as a real tokenizer, it cannot take lone surrogates
+            return [1] * len(text.split())
+
+        def decode(self, ids):
+            return " x" * len(ids)
+
+    app = create_app(Batcher(Engine(), wait_ms=0), Tok(), ServedModel("m", "x"))
+    with TestClient(app) as client:
+        body = '{"question": "what \\udfff", "max_new_tokens": 2}'
+        r = client.post("/api/answer", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 400 and "surrogate" in r.text
+        r = client.post("/v1/completions", content='{"prompt": "\\ud800"}')
+        assert r.status_code == 400
+        assert client.post("/api/answer", json={"question": "a b", "max_new_tokens": 2}).status_code == 200

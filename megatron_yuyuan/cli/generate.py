@@ -165,11 +165,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     def body() -> int:
         from megatron_yuyuan import parallel
+        from megatron_yuyuan.files import is_valid_unicode
         from megatron_yuyuan.generation import answer_questions, generate_file, read_questions
 
         # Every input is checked before the model is loaded and any token generated.
         if args.question is not None and not args.question.strip():
             raise UserError("--question is empty: give the question to answer")
+        if args.question is not None and not is_valid_unicode(args.question):
+            raise UserError(
+                "--question: holds bytes that are not UTF-8 text (check the terminal's encoding)"
+            )
         if args.input:
             if not read_questions(Path(args.input)):
                 raise UserError(f"--input {args.input}: holds no questions")

@@ -100,6 +100,13 @@ def align(references: list[dict], predictions: list[dict], path: Path) -> list[d
     if all("id" in r for r in references) and all("id" in p for p in predictions):
         for rows, where in ((references, "references"), (predictions, str(path))):
             ids = [r["id"] for r in rows]
+            odd = [i for i in ids if isinstance(i, bool) or not isinstance(i, (str, int))][:1]
+            if odd:
+                odd = odd[0]
+                raise DataError(
+                    f"{where}: id {odd!r} is a {type(odd).__name__}; ids must be strings or "
+                    f"integers"
+                )
             if len(set(map(repr, ids))) != len(ids):
                 dup = next(i for i in ids if ids.count(i) > 1)
                 raise DataError(f"{where}: id {dup!r} appears more than once; ids must be unique")

@@ -34,6 +34,7 @@ from pydantic import (
 )
 
 from megatron_yuyuan.errors import UserError
+from megatron_yuyuan.files import is_valid_unicode
 from megatron_yuyuan.generation import SamplingConfig, finish_reason, prompt_ids
 from megatron_yuyuan.prompts import DEFAULT_TEMPLATE, PromptTemplate
 from megatron_yuyuan.serve.batcher import Batcher, Request
@@ -195,15 +196,20 @@ def sampling(temperature: float, top_p: float, top_k: int, seed: int, budget: in
     """Greedy at temperature 0: then the seed and the sampling knobs take neutral values, so
     greedy requests batch together whatever their seeds."""
     greedy = temperature == 0.0
-    return SamplingConfig(
-        max_new_tokens=budget,
-        do_sample=not greedy,
-        temperature=1.0 if greedy else temperature,
-        top_k=0 if greedy else top_k,
-        top_p=1.0 if greedy else top_p,
-        seed=1234 if greedy else seed,
-        **extra,
-    )
+    try:
+        return SamplingConfig(
+            max_new_tokens=budget,
+            do_sample=not greedy,
+            temperature=1.0 if greedy else temperature,
+            top_k=0 if greedy else top_k,
+            top_p=1.0 if greedy else top_p,
+            seed=1234 if greedy else seed,
+            **extra,
+        )
+    except UserError as exc:  # the one bound on sampling values: a client error, not a 500
+        flag, _, rest = str(exc).removeprefix("--").partition(" ")
+        param = flag.replace("-", "_")  # --repetition-penalty -> the JSON field's name
+        raise APIError(422, f"{param} {rest}", param) from None
 
 
 # ------------------------------------------------------------------------------------ errors
@@ -234,6 +240,10 @@ async def parse_body(http: HTTPRequest, schema: type[BaseModel]):
         raise APIError(400, f"malformed JSON body ({exc}); send one JSON object") from None
     if not isinstance(data, dict):
         raise APIError(422, "body: must be a JSON object ({...})", "body")
+    if not is_valid_unicode(data):
+        raise APIError(
+            400, "the body holds an unpaired surrogate escape (\\udXXX), which is not text", "body"
+        )
     try:
         return schema.model_validate(data)
     except ValidationError as exc:
