@@ -54,9 +54,21 @@ def has_checkpoint(path: str | Path) -> bool:
 
 
 def holds_checkpoints(path: str | Path) -> bool:
-    """Whether ``path`` holds any checkpoint: a pointer, a config or an ``iter_*`` directory."""
+    """Whether ``path`` holds any checkpoint: a pointer, a config or an ``iter_*`` directory (a
+    save's unfinished ``iter_N.tmp`` is no checkpoint)."""
     path = Path(path)
-    return has_checkpoint(path) or any(path.glob("iter_*"))
+    return has_checkpoint(path) or any(not p.name.endswith(".tmp") for p in path.glob("iter_*"))
+
+
+def remove_partial_saves(save: str | Path) -> list[Path]:
+    """Delete the ``iter_N.tmp`` folders that a killed save left in ``save`` (call while holding
+    :func:`save_dir_lock`: no live run is writing them); returns what was removed."""
+    removed = []
+    for tmp in Path(save).glob("iter_[0-9]*.tmp"):
+        if tmp.is_dir():
+            shutil.rmtree(tmp)
+            removed.append(tmp)
+    return removed
 
 
 def complete_iterations(path: Path) -> list[Path]:

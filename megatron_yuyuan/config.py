@@ -525,13 +525,39 @@ class RunConfig:
             raise ConfigError(f"--config {path}: is a directory; give a YAML file or a preset")
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
+        data = path.read_bytes()
+        if data.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in data[:200]:
+            raise ConfigError(f"{path}: is UTF-16 text; save it as UTF-8")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(
+                f"{path}: not UTF-8 (byte {exc.start}: {data[exc.start : exc.start + 1]!r}, "
+                f"e.g. a Latin-1 file); save it as UTF-8"
+            ) from exc
+        try:
+            raw = yaml.load(text, Loader=_NoAliasLoader) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        except ConfigError as exc:  # an alias
+            raise ConfigError(f"{path}: {exc}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
         return cls.from_dict(raw, source=str(path))
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """safe_load without aliases: a run config never needs them, and nested aliases expand
+    exponentially (a few hundred bytes can take all memory)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.events.AliasEvent):
+            event = self.peek_event()
+            raise ConfigError(
+                f"line {event.start_mark.line + 1}: uses the YAML alias *{event.anchor}; run "
+                f"configs take no aliases: write the value out"
+            )
+        return super().compose_node(parent, index)
 
 
 SECTIONS: dict[str, type] = {

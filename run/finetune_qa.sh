@@ -21,6 +21,26 @@ set -euo pipefail
 
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
+need_int() {  # NAME VALUE MIN: a whole number >= MIN, else one error line
+  if ! [[ "$2" =~ ^[0-9]+$ ]] || (( 10#$2 < $3 )); then
+    echo "error: $1=$2 must be a whole number >= $3" >&2
+    exit 2
+  fi
+}
+need_int NNODES "$NNODES" 1
+need_int NODE_RANK "$NODE_RANK" 0
+if (( 10#$NODE_RANK >= 10#$NNODES )); then
+  echo "error: NODE_RANK=$NODE_RANK must be below NNODES=$NNODES (0 .. NNODES-1)" >&2
+  exit 2
+fi
+if [[ -n "${NPROC_PER_NODE:-}" ]]; then need_int NPROC_PER_NODE "$NPROC_PER_NODE" 1; fi
+if [[ -n "${MASTER_PORT:-}" ]]; then
+  need_int MASTER_PORT "$MASTER_PORT" 1
+  if (( 10#$MASTER_PORT > 65535 )); then
+    echo "error: MASTER_PORT=$MASTER_PORT must be a TCP port (1-65535)" >&2
+    exit 2
+  fi
+fi
 if [[ "$NNODES" -gt 1 && -z "${MASTER_ADDR:-}" ]]; then
   echo "error: NNODES=$NNODES needs MASTER_ADDR (the address of the NODE_RANK=0 machine, the same on every node)" >&2
   exit 2
@@ -40,6 +60,21 @@ if [[ -z "${NPROC_PER_NODE:-}" ]]; then
   if [[ "$gpus" -eq 0 ]]; then
     # CPU processes: one thread each unless told otherwise (2 processes on a 2-core machine).
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+  fi
+fi
+
+if [[ "$NODE_RANK" -eq 0 && -z "${FINETUNE_DRY_RUN:-}" ]]; then
+  # The rendezvous listens on MASTER_PORT here: a port another job holds would fail later
+  # with a traceback per process.
+  if ! "$PYTHON" - "$MASTER_ADDR" "$MASTER_PORT" <<'PY' 2>/dev/null; then
+import socket, sys
+try:
+    socket.socket().bind(("", int(sys.argv[2])))  # every address: what the rendezvous takes
+except OSError:
+    sys.exit(1)
+PY
+    echo "error: MASTER_PORT=$MASTER_PORT is already in use on this machine (another run?); set MASTER_PORT to a free port" >&2
+    exit 2
   fi
 fi
 

@@ -848,3 +848,63 @@ def test_the_server_refuses_unpaired_surrogates_and_still_answers():
         r = client.post("/v1/completions", content='{"prompt": "\\ud800"}')
         assert r.status_code == 400
         assert client.post("/api/answer", json={"question": "a b", "max_new_tokens": 2}).status_code == 200
+
+
+def test_a_save_folder_holding_only_an_unfinished_save_starts_again(tmp_path, capsys):
+    save = tmp_path / "ckpt"
+    (save / "iter_0000001.tmp").mkdir(parents=True)
+    (save / "iter_0000001.tmp" / "half_written.distcp").write_bytes(b"x" * 100)
+    args = [*TINY, "--train-iters", "2", "--save", str(save), "--load", str(save)]
+    assert finetune(args) == 0
+    assert "removed the unfinished save" in capsys.readouterr().out
+    assert not (save / "iter_0000001.tmp").exists() and (save / "iter_0000002").is_dir()
+
+
+def test_yaml_alias_bombs_and_foreign_encodings_are_one_line(tmp_path, capsys):
+    import time
+
+    bomb = tmp_path / "bomb.yaml"
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}]" for i in range(1, 12)]
+    lines += ["train:", "  save: *a11"]
+    bomb.write_text("\n".join(lines) + "\n")
+    start = time.perf_counter()
+    assert finetune(["--config", str(bomb)]) == 2
+    one_error_line(capsys, str(bomb), "alias")
+    assert time.perf_counter() - start < 10
+    text = "model:\n  num_layers: 2\n# café\n"
+    for name, data in (("latin1.yaml", text.encode("latin-1")), ("utf16.yaml", text.encode("utf-16"))):
+        (tmp_path / name).write_bytes(data)
+        assert finetune(["--config", str(tmp_path / name)]) == 2
+        one_error_line(capsys, name, "UTF-")
+
+
+def test_the_launcher_refuses_bad_environments_in_one_line(tmp_path):
+    import socket
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    cases = [
+        ({"NNODES": "abc"}, "NNODES=abc"),
+        ({"NPROC_PER_NODE": "0"}, "NPROC_PER_NODE=0"),
+        ({"NNODES": "2", "NODE_RANK": "2", "MASTER_ADDR": "h"}, "NODE_RANK=2"),
+        ({"MASTER_PORT": "70000"}, "MASTER_PORT=70000"),
+        ({"MASTER_PORT": str(port)}, "already in use"),
+    ]
+    try:
+        for env, words in cases:
+            proc = subprocess.run(
+                ["bash", str(REPO / "run" / "finetune_qa.sh"), "--config", "tiny", "--mock-data"],
+                env={**os.environ, "PYTHON": sys.executable, **env},
+                capture_output=True,
+                text=True,
+                timeout=60,
+                cwd=tmp_path,
+            )
+            lines = proc.stderr.strip().splitlines()
+            assert proc.returncode == 2 and len(lines) == 1, (env, proc.stderr)
+            assert lines[0].startswith("error:") and words in lines[0], lines
+    finally:
+        busy.close()

@@ -310,13 +310,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     def body() -> int:
         cfg = parse_config(argv, description=__doc__.split("\n\n")[0])
-        from megatron_yuyuan.checkpointing import save_dir_lock
+        from megatron_yuyuan.checkpointing import remove_partial_saves, save_dir_lock
 
         # One lock per job, held by its rank 0 from before the checks to the end of the run.
         locked = cfg.train.save if int(os.environ.get("RANK", "0")) == 0 else None
         with save_dir_lock(locked) as announce:
             check_config(cfg, env_world_size())
             announce()
+            if locked:
+                for tmp in remove_partial_saves(locked):  # a save killed before its rename
+                    print(f"> removed the unfinished save {tmp}", flush=True)
             from megatron_yuyuan.training import train  # heavy imports once the config is valid
 
             result = train(cfg)
