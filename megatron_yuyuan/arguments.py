@@ -35,10 +35,11 @@ _MANY_WORDS = {("data", "data_prefix")}
 
 
 class _JoinWords(argparse.Action):
-    """A flag taking several words, stored as one string (the config field is a string)."""
+    """A flag taking several words, stored as one string (the config field is a string): joined
+    with newlines, which paths do not hold, so a prefix may contain spaces."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        setattr(namespace, self.dest, " ".join(values))
+        setattr(namespace, self.dest, "\n".join(values))
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:

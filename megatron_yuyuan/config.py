@@ -301,33 +301,41 @@ class TrainConfig:
 
 def parse_blend(text: str, flag: str = "--data-prefix") -> list[tuple[float, str]]:
     """``"P"`` -> ``[(1.0, P)]``; ``"0.7 P1 0.3 P2"`` -> ``[(0.7, P1), (0.3, P2)]`` (weights as
-    given; they are normalised when sampling)."""
-    words = text.split()
-    try:
-        float(words[0]) if words else None
-        is_blend = len(words) > 1
-    except ValueError:
-        is_blend = False
-    if not is_blend:
-        return [(1.0, text)]
+    given; they are normalised when sampling). The command line joins its words with newlines,
+    so prefixes may hold spaces; a YAML string is split on whitespace unless it has newlines."""
+    words = text.split("\n") if "\n" in text else text.split()
+
+    def number(word: str) -> bool:
+        try:
+            float(word)
+        except ValueError:
+            return False
+        return True
+
+    if len(words) < 2 or not number(words[0]):
+        if len(words) > 1 and number(words[1]):
+            raise ConfigError(
+                f"{flag}: weights go before their prefixes: {flag} {words[1]} {words[0]} ..."
+            )
+        return [(1.0, text if "\n" not in text else words[0])]
     if len(words) % 2:
         raise ConfigError(
-            f"{flag} {text!r}: a blend is WEIGHT PREFIX pairs (e.g. 0.7 data/a 0.3 data/b); "
-            f"got {len(words)} words"
+            f"{flag} {' '.join(words)!r}: a blend is WEIGHT PREFIX pairs (e.g. 0.7 data/a 0.3 "
+            f"data/b); got {len(words)} words"
         )
     out = []
     for w, prefix in zip(words[::2], words[1::2]):
-        try:
-            weight = float(w)
-        except ValueError:
-            weight = math.nan
+        weight = float(w) if number(w) else math.nan
         if not (math.isfinite(weight) and weight > 0):
             raise ConfigError(
                 f"{flag}: weight {w!r} (before {prefix}) must be a positive finite number"
             )
         out.append((weight, prefix))
-    if len({p for _, p in out}) < len(out):
-        raise ConfigError(f"{flag} {text!r}: a prefix appears twice; give each once")
+    same = [p for k, (_, p) in enumerate(out) if any(
+        Path(p).resolve() == Path(q).resolve() for _, q in out[:k]
+    )]  # fmt: skip
+    if same:
+        raise ConfigError(f"{flag}: the prefix {same[0]} appears twice; give each once")
     return out
 
 

@@ -442,7 +442,9 @@ def train_step(
 
 
 @torch.no_grad()
-def validation_loss(state: TrainState, forward_backward: Callable) -> tuple[float, dict[str, float]]:
+def validation_loss(
+    state: TrainState, forward_backward: Callable
+) -> tuple[float, dict[str, float]]:
     """Mean token loss over the first ``eval_iters`` global batches of the validation split: of
     each prefix of a blend (returned per prefix), and their weighted mean."""
     blend = state.cfg.data.blend() if state.cfg.data.data_prefix else [(1.0, None)]

@@ -118,7 +118,9 @@ KILLED_PREPROCESS = textwrap.dedent("""
     calls = []
     def dying_replace(self, target):
         calls.append(target)
-        if len(calls) == 3:  # three files of the new run published, the rest not
+        # two renames per file (the earlier one aside, the new one in): two files of the new
+        # run published, the third moved aside, the rest not
+        if len(calls) == 5:
             os.kill(os.getpid(), signal.SIGKILL)
         return real(self, target)
     pathlib.Path.replace = dying_replace
@@ -159,7 +161,9 @@ def test_preprocess_killed_while_publishing_is_detected_and_cleaned(tmp_path, ca
     # ... evaluation too: a mixed "training" file could hold the test questions
     preds = tmp_path / "p.jsonl"
     test_rows = [json.loads(x) for x in open(f"{prefix}_test.jsonl")]
-    preds.write_text("".join(json.dumps({"id": r["id"], "prediction": "x"}) + "\n" for r in test_rows))
+    preds.write_text(
+        "".join(json.dumps({"id": r["id"], "prediction": "x"}) + "\n" for r in test_rows)
+    )
     ev = ["--references", f"{prefix}_test.jsonl", "--predictions", f"m={preds}"]
     ev += ["--out", str(tmp_path / "ev"), "--train-data", f"{prefix}_train.jsonl"]
     assert evaluate(ev) == 2
@@ -564,7 +568,9 @@ def test_an_edited_export_marker_cannot_delete_files_outside_out(trained, tmp_pa
     assert tree(out)["model.safetensors"] != before["model.safetensors"]
 
 
-def test_generate_output_never_replaces_a_file_it_did_not_write(trained, sample_dataset, tmp_path, capsys):
+def test_generate_output_never_replaces_a_file_it_did_not_write(
+    trained, sample_dataset, tmp_path, capsys
+):
     questions = tmp_path / "q.jsonl"
     questions.write_text(json.dumps({"question": "What is it?"}) + "\n")
     base = ["--load", str(trained), "--input", str(questions), "--max-new-tokens", "2"]
@@ -598,7 +604,9 @@ def test_evaluate_never_overwrites_the_users_report_or_its_inputs(tmp_path, caps
     rows = [{"id": str(i), "question": f"q{i}?", "answer": f"the answer {i}"} for i in range(6)]
     refs.write_text("".join(json.dumps(r) + "\n" for r in rows))
     preds = tmp_path / "p.jsonl"
-    preds.write_text("".join(json.dumps({"id": r["id"], "prediction": r["answer"]}) + "\n" for r in rows))
+    preds.write_text(
+        "".join(json.dumps({"id": r["id"], "prediction": r["answer"]}) + "\n" for r in rows)
+    )
     args = ["--references", str(refs), "--predictions", f"ours={preds}", "--out", str(out)]
     before = tree(out)
     assert evaluate(args) == 2
@@ -793,7 +801,10 @@ def test_the_server_answers_bad_sampling_values_422():
         ):
             r = client.post("/api/answer", json={"question": "a b", "max_new_tokens": 2, **body})
             assert r.status_code == 422 and r.json()["error"]["param"] == param, r.text
-        assert client.post("/api/answer", json={"question": "a b", "max_new_tokens": 2}).status_code == 200
+        assert (
+            client.post("/api/answer", json={"question": "a b", "max_new_tokens": 2}).status_code
+            == 200
+        )
 
 
 def test_unpaired_surrogates_and_list_ids_are_one_line(gpt2_models, tmp_path, capsys):
@@ -847,7 +858,10 @@ def test_the_server_refuses_unpaired_surrogates_and_still_answers():
         assert r.status_code == 400 and "surrogate" in r.text
         r = client.post("/v1/completions", content='{"prompt": "\\ud800"}')
         assert r.status_code == 400
-        assert client.post("/api/answer", json={"question": "a b", "max_new_tokens": 2}).status_code == 200
+        assert (
+            client.post("/api/answer", json={"question": "a b", "max_new_tokens": 2}).status_code
+            == 200
+        )
 
 
 def test_a_save_folder_holding_only_an_unfinished_save_starts_again(tmp_path, capsys):
@@ -865,7 +879,9 @@ def test_yaml_alias_bombs_and_foreign_encodings_are_one_line(tmp_path, capsys):
 
     bomb = tmp_path / "bomb.yaml"
     lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
-    lines += [f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}]" for i in range(1, 12)]
+    lines += [
+        f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}]" for i in range(1, 12)
+    ]
     lines += ["train:", "  save: *a11"]
     bomb.write_text("\n".join(lines) + "\n")
     start = time.perf_counter()
@@ -873,7 +889,10 @@ def test_yaml_alias_bombs_and_foreign_encodings_are_one_line(tmp_path, capsys):
     one_error_line(capsys, str(bomb), "alias")
     assert time.perf_counter() - start < 10
     text = "model:\n  num_layers: 2\n# café\n"
-    for name, data in (("latin1.yaml", text.encode("latin-1")), ("utf16.yaml", text.encode("utf-16"))):
+    for name, data in (
+        ("latin1.yaml", text.encode("latin-1")),
+        ("utf16.yaml", text.encode("utf-16")),
+    ):
         (tmp_path / name).write_bytes(data)
         assert finetune(["--config", str(tmp_path / name)]) == 2
         one_error_line(capsys, name, "UTF-")

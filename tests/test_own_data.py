@@ -352,6 +352,12 @@ def test_blends_with_other_tokenizers_or_templates_and_bad_weights_are_refused(
         (["0.5", a, "nan", b], "positive finite"),
         (["0.5", a, "inf", b], "positive finite"),
         (["0.5", a, b], "WEIGHT PREFIX pairs"),
+        ([a, "0.5", b, "0.5"], "weights go before their prefixes"),
+        (
+            ["0.5", a, "0.5", str(Path(a).parent / ".." / Path(a).parent.name / Path(a).name)],
+            "appears twice",
+        ),
+        (["1", a, "1", str(tmp_path / "nope")], "tools.preprocess_qa"),
     ]
     meta = json.loads(Path(f"{b}_meta.json").read_text())
     tok_prefix = tmp_path / "tok"
@@ -399,14 +405,19 @@ def test_a_blend_killed_mid_run_resumes_the_identical_sequence(two_sets, tmp_pat
     run, metrics = tmp_path / "run", tmp_path / "m.jsonl"
     cmd = [sys.executable, "-m", "megatron_yuyuan.finetune", *args, "--save", str(run)]
     cmd += ["--load", str(run), "--metrics-file", str(metrics)]
-    proc = subprocess.Popen(cmd, env=TORCHRUN_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cmd, env=TORCHRUN_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 120
     while not (run / "iter_0000002").is_dir() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert (run / "latest_checkpointed_iteration.txt").is_file()
-    assert finetune([*args, "--save", str(run), "--load", str(run), "--metrics-file", str(metrics)]) == 0
+    assert (
+        finetune([*args, "--save", str(run), "--load", str(run), "--metrics-file", str(metrics)])
+        == 0
+    )
     got = {r["iteration"]: r["loss"] for r in read_metrics(metrics)}
     assert sorted(got) == list(range(1, 9))
     for it in range(1, 9):
@@ -426,6 +437,24 @@ def test_eval_qa_and_the_plain_script_work_with_a_template(context_run, tmp_path
     assert (out / "report.md").is_file()
     repo = Path(__file__).resolve().parents[1]
     proc = subprocess.run(
-        [sys.executable, "tools/preprocess_qa.py", "--help"], cwd=repo, capture_output=True, text=True
+        [sys.executable, "tools/preprocess_qa.py", "--help"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 0 and "--prompt-template" in proc.stdout
+
+
+def test_a_blend_prefix_may_hold_spaces(two_sets, tmp_path):
+    import shutil
+
+    _, a, b = two_sets
+    spaced = tmp_path / "with space"
+    spaced.mkdir()
+    for f in Path(b).parent.glob(Path(b).name + "_*"):
+        shutil.copy(f, spaced / f.name)
+    prefix = str(spaced / Path(b).name)
+    metrics = tmp_path / "m.jsonl"
+    argv = [*TINY, "--train-iters", "2", "--data-prefix", "0.5", a, "0.5", prefix]
+    assert finetune([*argv, "--metrics-file", str(metrics)]) == 0
+    assert len(read_metrics(metrics)) == 2

@@ -444,3 +444,184 @@ def test_the_chat_template_renders_what_training_saw(tmp_path, text):
     pieces = template.chat_pieces(messages, ctx)
     want = "".join(p + ("<|endoftext|>" if k % 2 else "") for k, p in enumerate(pieces))
     assert hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == want
+
+
+# --- found by probing as a careless user --------------------------------------------------------
+def one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:"), err
+    return err[0]
+
+
+def test_an_output_never_lands_on_an_input(formats, tmp_path, capsys):
+    data = tmp_path / "a_train.jsonl"
+    data.write_bytes(formats["jsonl"].read_bytes())
+    assert run(["--input", data, "--output-prefix", tmp_path / "a"]) == 2
+    assert (
+        "over the input" in one_line(capsys) and data.read_bytes() == formats["jsonl"].read_bytes()
+    )
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "x.jsonl").write_bytes(data.read_bytes())
+    assert run(["--input", folder, "--output-prefix", folder / "out"]) == 2
+    assert "inside the input" in one_line(capsys)
+    assert run(["--input", data, "--test-input", data, "--output-prefix", tmp_path / "b"]) == 2
+    assert "also given as" in one_line(capsys)
+    q = ["--question-field", "answer", "--answer-field", "answer"]
+    assert run(["--input", data, *q, "--output-prefix", tmp_path / "c"]) == 2
+    assert "copy its input" in one_line(capsys)
+
+
+def test_a_failed_publish_changes_nothing(formats, tmp_path, capsys):
+    prefix = tmp_path / "a"
+    assert run(["--input", formats["jsonl"], "--output-prefix", prefix]) == 0
+    capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    (tmp_path / "a_valid.idx").unlink()
+    (tmp_path / "a_valid.idx").mkdir()
+    del before["a_valid.idx"]
+    assert run(["--input", formats["jsonl"], "--output-prefix", prefix, "--seed", "5"]) == 2
+    assert "a_valid.idx: is a directory" in one_line(capsys)
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    assert after == before
+
+    # a rename that fails half way (here: the fifth) puts every earlier file back
+    import pathlib
+
+    from megatron_yuyuan.data import manifest
+
+    (tmp_path / "a_valid.idx").rmdir()
+    assert run(["--input", formats["jsonl"], "--output-prefix", prefix]) == 0
+    capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    real, calls = pathlib.Path.replace, []
+
+    def failing(self, target):
+        calls.append(target)
+        if len(calls) == 5:
+            raise PermissionError(1, "Operation not permitted", str(target))
+        return real(self, target)
+
+    pathlib.Path.replace = failing
+    try:
+        assert run(["--input", formats["jsonl"], "--output-prefix", prefix, "--seed", "9"]) == 2
+    finally:
+        pathlib.Path.replace = real
+    assert "nothing was changed" in one_line(capsys)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert manifest.verify_files(prefix, ["a_train.jsonl", "a_test.bin"])
+
+
+def test_more_bad_inputs_are_one_line(tmp_path, capsys):
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100000 + "]" * 100000)
+    assert run(["--input", deep, "--output-prefix", tmp_path / "o"]) == 2
+    assert "not a JSON array" in one_line(capsys)
+    lines = tmp_path / "deep.jsonl"
+    lines.write_text(
+        "[" * 100000
+        + "]" * 100000
+        + "\n"
+        + "".join(json.dumps({"question": f"q{i}?", "answer": f"a{i}"}) + "\n" for i in range(20))
+    )
+    assert run(["--input", lines, "--output-prefix", tmp_path / "d"]) == 0
+    assert "nested too deeply: 1" in capsys.readouterr().out
+    dup = tmp_path / "dup.csv"
+    dup.write_text("question,answer,answer\nq?,a1,b1\n")
+    assert run(["--input", dup, "--output-prefix", tmp_path / "o"]) == 2
+    assert "'answer' appear more than once" in one_line(capsys)
+    tsv = tmp_path / "tabs.csv"
+    tsv.write_text("question\tanswer\nq?\ta\n")
+    assert run(["--input", tsv, "--output-prefix", tmp_path / "o"]) == 2
+    assert "--format tsv" in one_line(capsys)
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("question,answer\nq?,caf\xe9\n".encode("latin-1"))
+    assert run(["--input", latin, "--output-prefix", tmp_path / "o"]) == 2
+    assert "save it as UTF-8" in one_line(capsys)
+    header_only = tmp_path / "h.csv"
+    header_only.write_text("question,answer\n")
+    assert run(["--input", header_only, "--output-prefix", tmp_path / "o"]) == 2
+    assert "no rows were read" in one_line(capsys)
+    empties = tmp_path / "e.jsonl"
+    empties.write_text(json.dumps({"question": "q?", "answer": None}) + "\n")
+    assert run(["--input", empties, "--output-prefix", tmp_path / "o"]) == 2
+    assert f"null field 'answer': 1 (e.g. {empties}:1)" in one_line(capsys)
+    assert run(["--input", "hf:someone/data@", "--output-prefix", tmp_path / "o"]) == 2
+    assert "hf:NAME" in one_line(capsys)
+    assert not list(tmp_path.glob("o_*")) and not list(tmp_path.glob(".o_*"))
+
+
+def test_a_split_smaller_than_asked_is_said_and_chats_group_by_conversation(tmp_path, capsys):
+    same = tmp_path / "same.jsonl"
+    same.write_text(
+        "".join(
+            json.dumps({"question": "Why?", "answer": f"because {i}"}) + "\n" for i in range(30)
+        )
+    )
+    assert (
+        run(
+            [
+                "--input",
+                same,
+                "--output-prefix",
+                tmp_path / "s",
+                "--valid-size",
+                "3",
+                "--test-size",
+                "3",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert (
+        "warning: the valid split has 0 of the 3" in out and "warning: the test split has 0" in out
+    )
+    chats = tmp_path / "c.jsonl"
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"Topic {i}?"},
+                {"role": "assistant", "content": f"Answer {i}."},
+                {"role": "user", "content": "More?"},
+                {"role": "assistant", "content": f"More on {i}."},
+            ]
+        }
+        for i in range(30)
+    ]
+    chats.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert (
+        run(
+            [
+                "--input",
+                chats,
+                "--output-prefix",
+                tmp_path / "c",
+                "--valid-size",
+                "3",
+                "--test-size",
+                "3",
+            ]
+        )
+        == 0
+    )
+    meta = json.loads((tmp_path / "c_meta.json").read_text())
+    assert meta["report"]["split_pairs"] == {"train": 24, "valid": 3, "test": 3}
+    parts = tmp_path / "parts.jsonl"
+    parts.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": [{"type": "text", "text": f"Q{i}?"}]},
+                        {"role": "assistant", "content": f"A{i}."},
+                    ]
+                }
+            )
+            + "\n"
+            for i in range(20)
+        )
+    )
+    assert run(["--input", parts, "--output-prefix", tmp_path / "p"]) == 0
+    first = json.loads((tmp_path / "p_train.jsonl").read_text().splitlines()[0])
+    assert first["messages"][0]["content"].startswith("Q")

@@ -37,7 +37,8 @@ def check_config(cfg: RunConfig, world_size: int) -> None:
     if d.mock_data == (d.data_prefix is not None):
         raise ConfigError(
             "no training data: pass --data-prefix PREFIX (from "
-            "python -m tools.preprocess_medquad) or --mock-data (synthetic tokens)"
+            "python -m tools.preprocess_qa or tools.preprocess_medquad) or --mock-data "
+            "(synthetic tokens)"
             if not d.mock_data
             else "--mock-data and --data-prefix exclude each other"
         )
@@ -193,6 +194,7 @@ def check_metrics_file(path: Path, resuming: bool) -> None:
 def check_dataset(prefix: str, vocab_size: int, splits: Sequence[str] = ("train",)) -> None:
     """The splits exist, match the dataset's manifest, hold pairs and fit the vocabulary."""
     from megatron_yuyuan.data.indexed import dataset_exists, read_meta, verify_split
+    from megatron_yuyuan.data.manifest import rerun_advice
 
     for suffix in ("_train", "_valid", "_test", "_meta"):
         for ext in ("", ".jsonl", ".bin", ".idx", ".json"):
@@ -203,9 +205,14 @@ def check_dataset(prefix: str, vocab_size: int, splits: Sequence[str] = ("train"
                 )
     for split in splits:
         if not dataset_exists(f"{prefix}_{split}"):
+            advice = (
+                rerun_advice(prefix)
+                if Path(f"{prefix}_meta.json").is_file()
+                else f"create them with python -m tools.preprocess_qa --input YOUR_DATA "
+                f"--output-prefix {prefix} (or tools.preprocess_medquad for MedQuAD)"
+            )
             raise ConfigError(
-                f"--data-prefix {prefix}: {prefix}_{split}.bin/.idx not found; create them "
-                f"with: python -m tools.preprocess_medquad --output-prefix {prefix}"
+                f"--data-prefix {prefix}: {prefix}_{split}.bin/.idx not found; {advice}"
             )
         verify_split(f"{prefix}_{split}")
     meta = read_meta(prefix)

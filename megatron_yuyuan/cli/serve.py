@@ -124,7 +124,9 @@ def serve(generator, args) -> int:
         max_queue=args.max_queue,
     )
     layout = f"TP={args.tensor_model_parallel_size}, PP={args.pipeline_model_parallel_size}"
-    app = create_app(batcher, generator.tokenizer, ServedModel(name, str(source), layout, generator.template))
+    app = create_app(
+        batcher, generator.tokenizer, ServedModel(name, str(source), layout, generator.template)
+    )
     print(
         f"> serving {name} ({layout}) from {source} at http://{args.host}:{args.port}/", flush=True
     )

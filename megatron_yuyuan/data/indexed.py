@@ -22,6 +22,7 @@ from megatron_yuyuan.data.manifest import (  # noqa: F401 - re-exported for read
     SPLITS,
     file_digest,
     read_meta,
+    rerun_advice,
     split_of,
     tmp_name,
     verify_files,
@@ -75,7 +76,7 @@ def open_indexed(prefix: str | Path) -> IndexedDataset:
     if not dataset_exists(prefix):
         raise DataError(
             f"no indexed dataset at {prefix}.bin/.idx; create it with "
-            f"python -m tools.preprocess_medquad --output-prefix ..."
+            f"python -m tools.preprocess_qa (or tools.preprocess_medquad) --output-prefix ..."
         )
     try:
         ds = IndexedDataset(str(prefix))
@@ -86,8 +87,15 @@ def open_indexed(prefix: str | Path) -> IndexedDataset:
     except (AssertionError, ValueError, IndexError, OSError) as exc:
         raise DataError(
             f"{prefix}.idx/.bin: not a readable indexed dataset ({type(exc).__name__}: {exc}); "
-            f"the files are truncated or corrupt: rerun tools.preprocess_medquad"
+            f"the files are truncated or corrupt: {_advice(prefix)}"
         ) from exc
+
+
+def _advice(split_prefix: str | Path) -> str:
+    try:
+        return rerun_advice(split_of(split_prefix)[0])
+    except DataError:  # not a split's prefix
+        return "recreate it with the preprocessing that wrote it"
 
 
 def read_qa_documents(prefix: str | Path) -> list[QAPairTokens]:

@@ -7,6 +7,7 @@ megatron imports): evaluation checks the JSONL files it reads too."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Optional, Sequence
@@ -39,7 +40,8 @@ def split_of(split_prefix: str | Path) -> tuple[str, str]:
             return text[: -len(split) - 1], split
     raise DataError(
         f"{split_prefix}: not a split of a preprocessed dataset (expected PREFIX_train, "
-        f"PREFIX_valid or PREFIX_test, as written by tools.preprocess_medquad)"
+        f"PREFIX_valid or PREFIX_test, as written by tools.preprocess_qa or "
+        f"tools.preprocess_medquad)"
     )
 
 
@@ -55,8 +57,8 @@ def verify_files(prefix: str | Path, names: Sequence[str]) -> dict:
     manifest = meta.get("files")
     if not isinstance(manifest, dict):
         raise DataError(
-            f"{prefix}_meta.json has no file manifest (written by an older version): rerun "
-            f"python -m tools.preprocess_medquad --output-prefix {prefix}"
+            f"{prefix}_meta.json has no file manifest (written by an older version): "
+            f"{rerun_advice(prefix)}"
         )
     folder = Path(f"{prefix}_meta.json").parent
     for name in names:
@@ -65,10 +67,7 @@ def verify_files(prefix: str | Path, names: Sequence[str]) -> dict:
         if want is None:
             raise DataError(f"{path}: not listed in {prefix}_meta.json")
         if not path.is_file():
-            raise DataError(
-                f"{path} is missing; rerun python -m tools.preprocess_medquad --output-prefix "
-                f"{prefix}"
-            )
+            raise DataError(f"{path} is missing; {rerun_advice(prefix)}")
         got = file_digest(path)
         if got != want:
             what = (
@@ -78,7 +77,7 @@ def verify_files(prefix: str | Path, names: Sequence[str]) -> dict:
             )
             raise DataError(
                 f"{path} {what}: the dataset's files come from different or interrupted runs; "
-                f"rerun python -m tools.preprocess_medquad --output-prefix {prefix}"
+                f"{rerun_advice(prefix)}"
             )
     return meta
 
@@ -95,10 +94,65 @@ def read_meta(prefix: str | Path) -> dict:
     path = Path(f"{prefix}_meta.json")
     if not path.is_file():
         raise DataError(
-            f"{path} not found: it is written by tools.preprocess_medquad next to the "
-            f"{prefix}_{{train,valid,test}} files (rerun it)"
+            f"{path} not found: it is written next to the {prefix}_{{train,valid,test}} files "
+            f"by the preprocessing; {rerun_advice(prefix)}"
         )
-    return read_json_object(path, "rerun tools.preprocess_medquad")
+    return read_json_object(path, rerun_advice(prefix))
+
+
+def publish(pending: dict[Path, Path], last: Path) -> None:
+    """Rename each temporary file of ``pending`` ({final: temporary}) over its final name, the
+    manifest ``last`` at the end: all or nothing. Earlier files are moved aside first and put
+    back if any rename fails (a folder or an immutable file in the way, Ctrl-C), so a failed
+    publish leaves the earlier set as it was, never a mix of two runs."""
+    for final in pending:
+        if final.is_dir():
+            raise DataError(
+                f"{final}: is a directory where the dataset's file goes; move it away (nothing "
+                f"was changed)"
+            )
+    order = [f for f in pending if f != last] + [last]
+    aside: dict[Path, Path] = {}
+    placed: list[Path] = []
+    try:
+        for final in order:
+            if final.exists():
+                backup = final.with_name(f".{final.name}.old.tmp{os.getpid()}")
+                final.replace(backup)
+                aside[final] = backup
+            pending[final].replace(final)
+            placed.append(final)
+    except BaseException as exc:
+        for final in placed:
+            final.unlink(missing_ok=True)
+        for final, backup in aside.items():
+            backup.replace(final)
+        if isinstance(exc, OSError):
+            where = next((f for f in order if f not in placed), last)
+            raise DataError(
+                f"{where}: cannot be replaced ({exc.strerror or exc}); nothing was changed: "
+                f"fix its permissions or choose another --output-prefix"
+            ) from exc
+        raise
+    for backup in aside.values():
+        backup.unlink(missing_ok=True)
+
+
+def rerun_advice(prefix: str | Path) -> str:
+    """What recreates dataset ``prefix``: the tool that wrote it, when its meta says so."""
+    report = {}
+    try:
+        report = json.loads(Path(f"{prefix}_meta.json").read_text(encoding="utf-8"))["report"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    if isinstance(report, dict) and "inputs" in report:
+        return f"rerun python -m tools.preprocess_qa (same --input flags) --output-prefix {prefix}"
+    if isinstance(report, dict) and "files" in report:
+        return f"rerun python -m tools.preprocess_medquad --output-prefix {prefix}"
+    return (
+        f"rerun the preprocessing that wrote it with --output-prefix {prefix} (python -m "
+        f"tools.preprocess_qa, or tools.preprocess_medquad for MedQuAD)"
+    )
 
 
 def check_member(path: str | Path) -> Optional[dict]:

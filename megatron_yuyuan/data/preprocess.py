@@ -25,6 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from megatron_yuyuan.data.indexed import SPLITS, file_digest, tmp_name, write_qa_documents
+from megatron_yuyuan.data.manifest import publish
 from megatron_yuyuan.data.medquad import (
     ParseStats,
     clean_records,
@@ -222,10 +223,7 @@ def preprocess_medquad(
             )
         )
         # All complete: publish the data files, then the manifest that vouches for them.
-        for final, tmp in pending.items():
-            if final != meta:
-                tmp.replace(final)
-        meta_tmp.replace(meta)
+        publish(pending, meta)
     except BaseException:
         for tmp in pending.values():
             tmp.unlink(missing_ok=True)

@@ -37,6 +37,7 @@ from tqdm import tqdm
 from megatron_yuyuan.data import rows as rowlib
 from megatron_yuyuan.data import sources
 from megatron_yuyuan.data.indexed import SPLITS, file_digest, tmp_name, write_documents
+from megatron_yuyuan.data.manifest import publish
 from megatron_yuyuan.data.preprocess import (
     check_output_dir,
     default_split_size,
@@ -95,6 +96,7 @@ class QAReport:
     overlap_removed: int = 0
     """Training rows removed because they repeat a question or answer of the user's valid/test."""
     chats: int = 0
+    warnings: list[str] = field(default_factory=list)
     split_pairs: dict[str, int] = field(default_factory=dict)
     split_tokens: dict[str, int] = field(default_factory=dict)
     longer_than: dict[str, int] = field(default_factory=dict)
@@ -130,6 +132,7 @@ class QAReport:
             + "  ".join(f"{k}: {v:,}" for k, v in self.longer_than.items())
             + "  (cut at an answer's end when training at that --seq-length)"
         )
+        out += [f"warning: {w}" for w in self.warnings]
         secs = max(self.seconds, 1e-9)
         out.append(
             f"throughput              {written / secs:,.0f} examples/s, {tokens / secs:,.0f} "
@@ -225,6 +228,11 @@ def preprocess_qa(opts: QAOptions) -> QAReport:
             f"--output-prefix {opts.output_prefix}: is a directory; give a path prefix inside it, "
             f"e.g. {out / 'qa'} (files are named PREFIX_train.jsonl, ...)"
         )
+    if opts.question_field and opts.question_field == opts.answer_field:
+        raise UserError(
+            f"--question-field and --answer-field both name '{opts.question_field}': the model "
+            f"would learn to copy its input; name the answer's own field"
+        )
     template = PromptTemplate.parse(opts.prompt_template)
     tok = load_tokenizer(opts.tokenizer)
     check_split_point(template, tok)
@@ -233,6 +241,7 @@ def preprocess_qa(opts: QAOptions) -> QAReport:
     planned += [(s, "test") for s in opts.test_inputs]
     flags = {"train": "--input", "valid": "--valid-input", "test": "--test-input"}
     resolved = [(sources.resolve(s, opts.format, flags[r]), r) for s, r in planned]
+    check_inputs_apart(resolved, out, flags)
     fields = {n: detect_fields(src, opts, template) for n, (src, _) in enumerate(resolved)}
     check_output_dir(out.parent)
     remove_stale_temporaries(out)
@@ -243,6 +252,37 @@ def preprocess_qa(opts: QAOptions) -> QAReport:
     finally:
         spool.records_path.unlink(missing_ok=True)
         spool.tokens_path.unlink(missing_ok=True)
+
+
+def check_inputs_apart(resolved, out: Path, flags: dict[str, str]) -> None:
+    """No input is read twice (as training data and as the user's test set, say), and no output
+    lands on an input or inside an input folder (a rerun would read its own outputs)."""
+    outputs = [Path(f"{out}_{s}.{e}") for s in SPLITS for e in ("jsonl", "bin", "idx")]
+    outputs.append(Path(f"{out}_meta.json"))
+    seen: dict[Path, str] = {}
+    for src, role in resolved:
+        folder = Path(src.spec) if src.format != "hf" and Path(src.spec).is_dir() else None
+        for output in outputs if folder else ():
+            if folder.resolve() in output.resolve().parents:
+                raise UserError(
+                    f"--output-prefix {out}: would write {output.name} inside the input folder "
+                    f"{src.spec}; choose an output prefix outside the inputs"
+                )
+        for path in src.files:
+            where = path.resolve()
+            if where in seen:
+                raise UserError(
+                    f"{flags[role]} {src.spec}: is also given as {seen[where]}; each source "
+                    f"belongs to one split (training rows repeating your test set are removed "
+                    f"anyway)"
+                )
+            seen[where] = f"{flags[role]} {src.spec}"
+            for output in outputs:
+                if output.resolve() == where:
+                    raise UserError(
+                        f"--output-prefix {out}: would write {output.name} over the input "
+                        f"{src.spec}; choose an output prefix outside the inputs"
+                    )
 
 
 def _jobs(resolved, opts: QAOptions, counts: list[int]) -> Iterator[tuple]:
@@ -401,9 +441,18 @@ def choose_splits(spool: _Spool, opts: QAOptions, report: QAReport) -> dict[str,
             f"examples: the input has {len(pool)} distinct usable rows; choose smaller sizes"
         )
     if not pool:
+        why = "; ".join(
+            f"{reason}: {n:,} (e.g. {report.examples[reason][0]})"
+            for reason, n in sorted(report.dropped.items(), key=lambda kv: -kv[1])[:3]
+        )
         raise UserError(
-            "no usable training rows: every row was dropped (see the reasons above with "
-            "--no-strict) or repeats the validation/test set"
+            f"no usable training rows in {', '.join(opts.inputs)}: "
+            + (f"rows dropped as {why}" if why else "no rows were read")
+            + (
+                f"; {report.overlap_removed:,} repeat the validation/test set"
+                if report.overlap_removed
+                else ""
+            )
         )
     order = sorted(
         _groups(pool, spool),
@@ -418,6 +467,13 @@ def choose_splits(spool: _Spool, opts: QAOptions, report: QAReport) -> dict[str,
         splits[target].extend(group)
     for name in ("train",) + tuple(n for n in want if want[n]):
         splits[name].sort()
+    for name in ("valid", "test"):
+        if want[name] and len(splits[name]) < want[name]:
+            report.warnings.append(
+                f"the {name} split has {len(splits[name]):,} of the {want[name]:,} examples "
+                f"asked for: the rest are in groups (rows sharing a question, an answer or a "
+                f"--group-field value) too large to fit, which stay in train"
+            )
     return splits
 
 
@@ -481,10 +537,7 @@ def _split_and_write(spool: _Spool, template, tok, opts, report: QAReport, start
                 ensure_ascii=False,
             )
         )
-        for final, tmp in pending.items():  # data files first, the manifest that vouches last
-            if final != meta:
-                tmp.replace(final)
-        pending[meta].replace(meta)
+        publish(pending, meta)  # data files first, the manifest that vouches last
     except BaseException:
         for tmp in pending.values():
             tmp.unlink(missing_ok=True)

@@ -104,6 +104,8 @@ def decode_line(line: bytes) -> Any:
         return json.loads(text)
     except json.JSONDecodeError:
         pass
+    except RecursionError as exc:
+        raise BadRow("nested too deeply") from exc
     try:
         return ast.literal_eval(text.strip())
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as exc:
@@ -111,8 +113,10 @@ def decode_line(line: bytes) -> Any:
 
 
 def _text(row: dict, name: str) -> str:
-    if name not in row or row[name] is None:
+    if name not in row:
         raise BadRow(f"missing field '{name}'")
+    if row[name] is None:
+        raise BadRow(f"null field '{name}'")
     value = row[name]
     if not isinstance(value, str):
         raise BadRow(f"field '{name}' is not a string")
@@ -138,6 +142,10 @@ def _messages(row: dict, name: str) -> list[dict]:
         if role not in ("system", "user", "assistant"):
             raise BadRow(f"a message in '{name}' has an unknown {role_key} {turn.get(role_key)!r}")
         content = turn.get(content_key)
+        if isinstance(content, list):  # OpenAI's content parts: [{"type": "text", "text": ...}]
+            parts = [p.get("text") for p in content if isinstance(p, dict)]
+            if all(isinstance(p, str) for p in parts) and len(parts) == len(content):
+                content = "".join(parts)
         if not isinstance(content, str) or not content.strip():
             raise BadRow(f"a message in '{name}' has no text in '{content_key}'")
         out.append({"role": role, "content": content.replace("\r\n", "\n").strip()})
@@ -169,10 +177,14 @@ def make_example(row: Any, fields: FieldMap, template: PromptTemplate, default_i
             pieces = template.chat_pieces(messages, extra)
         except ValueError as exc:
             raise BadRow("chat turns out of order (system first, then user/assistant)") from exc
-        question = [m for m in messages if m["role"] == "user"][-1]["content"]
-        answer = messages[-1]["content"]
+        users = [m["content"] for m in messages if m["role"] == "user"]
+        assistants = [m["content"] for m in messages if m["role"] == "assistant"]
+        question, answer = users[-1], assistants[-1]
         rec.update(messages=messages, question=question, answer=answer)
         dup = json.dumps(messages, ensure_ascii=False)
+        # split keys: the whole conversation's user side and assistant side (two chats that
+        # merely end with the same "More?" are not one group)
+        keys_q, keys_a = "\n".join(users), "\n".join(assistants)
     else:
         question = _text(row, fields.question)
         if fields.alpaca_input and isinstance(row.get(fields.alpaca_input), str):
@@ -182,13 +194,14 @@ def make_example(row: Any, fields: FieldMap, template: PromptTemplate, default_i
         pieces = [template.prompt(question, extra), format_answer(answer)]
         rec.update(question=question, answer=answer)
         dup = question + "\x00" + answer + "\x00" + json.dumps(extra, sort_keys=True)
+        keys_q, keys_a = question, answer
     rec.update(extra)
     group = row.get(fields.group) if fields.group else None
     if fields.group and (group is None or isinstance(group, (dict, list))):
         raise BadRow(f"field '{fields.group}' (the group) is missing or not a plain value")
     keys = (
-        key(normalize_question(question)),
-        key(normalize_answer(answer)),
+        key(normalize_question(keys_q)),
+        key(normalize_answer(keys_a)),
         key(dup),
         key(f"{fields.group}={group}") if fields.group else 0,
     )

@@ -58,7 +58,7 @@ def resolve(spec: str, fmt: Optional[str] = None, flag: str = "--input") -> Sour
         raise UserError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
     if spec.startswith("hf:") or fmt == "hf":
         name = spec.removeprefix("hf:")
-        if not name or name.startswith(("@", ":")):
+        if not name or name.startswith(("@", ":")) or name.endswith(("@", ":")):
             raise UserError(f"{flag} {spec}: give hf:NAME[:CONFIG][@SPLIT], e.g. hf:user/faq@train")
         return Source(spec, "hf", [])
     path = Path(spec)
@@ -97,6 +97,8 @@ def detect_file(path: Path) -> str:
     if head.startswith(b"PAR1"):
         return "parquet"
     text = head.lstrip(b"\xef\xbb\xbf \t\r\n")
+    if path.suffix in (".jsonl", ".ndjson"):  # one value per line, whatever the first holds
+        return "jsonl"
     if text.startswith(b"["):
         return "json"
     if path.suffix in (".csv", ".tsv"):
@@ -208,10 +210,10 @@ def _json_array(path: Path, batch_rows: int, **_) -> Iterator[Batch]:
                 if len(items) == batch_rows:
                     yield "rows", items, where
                     items, where = [], []
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise UserError(
-                f"--input {path}: not a JSON array of objects ({exc}); fix the file, or give "
-                f"one object per line (JSONL), where a bad line only drops that line"
+                f"--input {path}: not a JSON array of objects ({str(exc)[:120]}); fix the file, "
+                f"or give one object per line (JSONL), where a bad line only drops that line"
             ) from exc
     if items:
         yield "rows", items, where
@@ -242,11 +244,31 @@ def _csv(path: Path, batch_rows: int, delimiter: str = ",") -> Iterator[Batch]:
 
 
 def csv_columns(path: Path, delimiter: str) -> list[str]:
+    """The header's column names, checked: readable as UTF-8, no name twice."""
     with _open(path, "r", encoding="utf-8-sig", newline="") as f:
         try:
-            return next(csv.reader(f, delimiter=delimiter), [])
-        except (UnicodeDecodeError, csv.Error) as exc:
+            columns = next(csv.reader(f, delimiter=delimiter), [])
+        except UnicodeDecodeError as exc:
+            raise UserError(
+                f"--input {path}: not UTF-8 text (byte {exc.start} of the first block read); "
+                f"save it as UTF-8 (a spreadsheet's 'CSV UTF-8' export)"
+            ) from exc
+        except csv.Error as exc:
             raise UserError(f"--input {path}: its header cannot be read ({exc})") from exc
+    twice = sorted({c for c in columns if columns.count(c) > 1})
+    if twice:
+        raise UserError(
+            f"--input {path}: the column(s) {', '.join(map(repr, twice))} appear more than once "
+            f"in the header; rename them so each field is read"
+        )
+    other = "\t" if delimiter == "," else ","
+    if len(columns) == 1 and other in columns[0]:
+        fmt = "tsv" if other == "\t" else "csv"
+        raise UserError(
+            f"--input {path}: its header is one column {columns[0]!r}; the file looks "
+            f"{'tab' if fmt == 'tsv' else 'comma'}-separated: pass --format {fmt}"
+        )
+    return columns
 
 
 def _open(path: Path, mode: str, **kwargs):
@@ -258,9 +280,14 @@ def _open(path: Path, mode: str, **kwargs):
 
 def open_hf(source: Source, cache_dir: Optional[str] = None):
     """The ``datasets.Dataset`` behind a parquet file, an Arrow folder or a hub name."""
+    import logging
+
     import datasets
 
     datasets.disable_progress_bars()
+    # the hub client logs every retry (a dozen lines offline): the error line says it once
+    for name in ("huggingface_hub", "datasets", "fsspec"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         if source.format == "arrow":
             ds = datasets.load_from_disk(str(source.files[0]))
