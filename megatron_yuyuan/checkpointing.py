@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import pickle
 import shutil
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -29,6 +30,7 @@ import yaml
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.core import CheckpointingException
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
+from torch.distributed.checkpoint.api import CheckpointException as DCPReadError  # a BaseException
 
 from megatron_yuyuan import parallel
 from megatron_yuyuan.config import ModelConfig
@@ -340,10 +342,82 @@ def _load(sharded: dict, ckpt: Path) -> dict:
         return dist_checkpointing.load(sharded, str(ckpt))
     except CheckpointingException as exc:
         first = " ".join(str(exc).split())[:300]
+        if not (Path(ckpt) / ".metadata").is_file():
+            raise damaged(ckpt, exc) from exc
         raise CheckpointError(
             f"{ckpt}: its tensors do not fit the model its model_config.yaml describes ({first}); "
             f"the checkpoint is damaged or incomplete: use another one"
         ) from exc
+    except _READ_ERRORS as exc:
+        raise damaged(ckpt, exc) from exc
+
+
+_READ_ERRORS = (EOFError, AssertionError, RuntimeError, OSError, ValueError, KeyError)
+_READ_ERRORS += (pickle.UnpicklingError, TypeError, IndexError, DCPReadError)
+"""What reading a damaged checkpoint raises from torch / megatron (a truncated shard: EOFError,
+a zeroed one: UnpicklingError, a missing .metadata: AssertionError, a bad common.pt:
+RuntimeError)."""
+
+
+def damaged(ckpt: Path, exc: BaseException) -> CheckpointError:
+    """One error naming the damaged file of ``ckpt`` where it can be told, and an older complete
+    iteration of the same run to fall back to."""
+    ckpt = Path(ckpt)
+    culprit = None
+    if not (ckpt / ".metadata").is_file():
+        culprit = f"{ckpt / '.metadata'} is missing"
+    elif (ckpt / "common.pt").is_file() and not _is_zip(ckpt / "common.pt"):
+        culprit = f"{ckpt / 'common.pt'} is not a torch file"
+    else:
+        culprit = _short_shard(ckpt)
+    if isinstance(exc, DCPReadError):  # torch wraps each rank's error: show the first one
+        failures = list(getattr(exc, "failures", {}).values())
+        inner = failures[0][0] if failures and isinstance(failures[0], tuple) else None
+        exc = inner if isinstance(inner, BaseException) else exc
+    what = " ".join(str(exc).split())[:120] if not isinstance(exc, DCPReadError) else ""
+    reason = culprit or (
+        f"one of its shard files (__*.distcp) holds damaged bytes ({type(exc).__name__}"
+        f"{': ' + what if what else ''})"
+    )
+    older = [
+        d.name
+        for d in complete_iterations(ckpt.parent)
+        if d.name < ckpt.name and d.name[5:].isdigit()
+    ]
+    advice = (
+        f"the older complete checkpoint {older[-1]} is there: write {int(older[-1][5:])} into "
+        f"{ckpt.parent / LATEST} (or --load {ckpt.parent / older[-1]}) to use it"
+        if older
+        else "no older complete checkpoint is beside it: use another checkpoint"
+    )
+    return CheckpointError(f"{ckpt.name} of {ckpt.parent} is damaged: {reason}; {advice}")
+
+
+def _is_zip(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04" and path.stat().st_size > 22
+
+
+def _short_shard(ckpt: Path) -> Optional[str]:
+    """A shard file shorter than the byte ranges its ``.metadata`` records (truncated)."""
+    try:
+        from torch.distributed.checkpoint import FileSystemReader
+
+        storage = FileSystemReader(str(ckpt)).read_metadata().storage_data
+        need: dict[str, int] = {}
+        for info in storage.values():
+            need[info.relative_path] = max(
+                need.get(info.relative_path, 0), info.offset + info.length
+            )
+    except Exception:  # noqa: BLE001 - an unreadable .metadata: say what we know
+        return f"{ckpt / '.metadata'} cannot be read"
+    for rel, size in sorted(need.items()):
+        path = ckpt / rel
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size < size:
+            return f"{path} is truncated ({path.stat().st_size:,} of {size:,} bytes)"
+    return None
 
 
 def load_sharded(sharded: dict, ckpt: Path) -> dict:
@@ -353,7 +427,10 @@ def load_sharded(sharded: dict, ckpt: Path) -> dict:
 
 def stored_tensor_shapes(ckpt: Path) -> dict[str, tuple[int, ...]]:
     """Global shape of every tensor a checkpoint holds, by key (metadata only, nothing loaded)."""
-    meta = dist_checkpointing.load_tensors_metadata(str(ckpt))
+    try:
+        meta = dist_checkpointing.load_tensors_metadata(str(ckpt))
+    except (CheckpointingException, *_READ_ERRORS) as exc:
+        raise damaged(ckpt, exc) from exc
     return {k: tuple(v.global_shape) for k, v in meta.items() if isinstance(v, ShardedTensor)}
 
 

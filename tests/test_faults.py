@@ -927,3 +927,37 @@ def test_the_launcher_refuses_bad_environments_in_one_line(tmp_path):
             assert lines[0].startswith("error:") and words in lines[0], lines
     finally:
         busy.close()
+
+
+def _damage_checkpoint(ckpt: Path, how: str) -> None:
+    shard = sorted(ckpt.glob("*.distcp"))[0]
+    if how == "truncated":
+        os.truncate(shard, 100)
+    elif how == "zeroed":
+        shard.write_bytes(bytes(shard.stat().st_size))
+    elif how == "deleted":
+        shard.unlink()
+    elif how == "no-metadata":
+        (ckpt / ".metadata").unlink()
+    elif how == "common":
+        os.truncate(ckpt / "common.pt", 10)
+
+
+@pytest.mark.parametrize("how", ["truncated", "zeroed", "deleted", "no-metadata", "common"])
+def test_a_damaged_latest_checkpoint_is_one_line_naming_an_older_one(
+    trained, tmp_path, capsys, how
+):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    _damage_checkpoint(run / "iter_0000004", how)
+    before = tree(run)
+    words = ("iter_0000004", "damaged", "iter_0000002")
+    assert to_hf(["--load", str(run), "--out", str(tmp_path / "hf")]) == 2
+    one_error_line(capsys, *words)
+    assert finetune([*TINY, "--train-iters", "6", "--save", str(run), "--load", str(run)]) == 2
+    one_error_line(capsys, *words)
+    assert generate(["--load", str(run), "--max-new-tokens", "1", "--question", "hi"]) == 2
+    one_error_line(capsys, *words)  # the weights load (and fail) before anything else
+    assert tree(run) == before and not (tmp_path / "hf").exists()
