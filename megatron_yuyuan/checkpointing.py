@@ -22,6 +22,7 @@ import dataclasses
 import os
 import pickle
 import shutil
+import sys
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -315,6 +316,13 @@ def save_dir_lock(save: Optional[str | Path]) -> Iterator[Callable[[], None]]:
                 f"--save {save}: another run ({holder}) is writing checkpoints there; wait for "
                 f"it to finish or choose another --save"
             ) from None
+        except OSError as exc:  # a filesystem without locks (some NFS/Lustre mounts): go on
+            print(
+                f"warning: --save {save}: the filesystem refuses locks ({exc.strerror}); nothing "
+                f"stops a second run from writing there at the same time",
+                file=sys.stderr,
+                flush=True,
+            )
         yield announce
     finally:
         if announced:

@@ -961,3 +961,16 @@ def test_a_damaged_latest_checkpoint_is_one_line_naming_an_older_one(
     assert generate(["--load", str(run), "--max-new-tokens", "1", "--question", "hi"]) == 2
     one_error_line(capsys, *words)  # the weights load (and fail) before anything else
     assert tree(run) == before and not (tmp_path / "hf").exists()
+
+
+def test_a_filesystem_without_locks_only_warns(tmp_path, capsys, monkeypatch):
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    save = tmp_path / "ckpt"
+    assert finetune([*TINY, "--train-iters", "2", "--save", str(save)]) == 0
+    assert "warning: --save" in capsys.readouterr().err and (save / "iter_0000002").is_dir()
