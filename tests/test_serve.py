@@ -478,3 +478,50 @@ def test_prompt_limits_name_the_prompt_and_streams_start_stripped():
         )
         chunks = [x[6:] for x in r.text.splitlines() if x.startswith("data: ")]
         assert chunks[-1] == "[DONE]" and json.loads(chunks[-2])["usage"]["completion_tokens"] == 10
+
+
+def test_bodies_beyond_the_limit_and_foreign_origins_are_refused_and_the_server_still_answers():
+    from fastapi.testclient import TestClient
+
+    from megatron_yuyuan.serve.app import MAX_BODY_BYTES, ServedModel, create_app
+    from megatron_yuyuan.serve.batcher import Batcher
+
+    engine = SlowEngine()
+    app = create_app(
+        Batcher(engine, wait_ms=0),
+        WordTokenizer(),
+        ServedModel("fake", "x"),
+        allowed_origins=["https://app.example.org"],
+    )
+    ok = {"question": "a b", "max_new_tokens": 2}
+    with TestClient(app) as client:
+        r = client.post("/api/answer", content=b"{}", headers={"content-length": str(1 << 30)})
+        assert r.status_code == 413
+        r = client.post("/api/answer", content=b"x" * (MAX_BODY_BYTES + 1))
+        assert r.status_code == 413
+        evil = client.post("/api/answer", json=ok, headers={"origin": "https://evil.example"})
+        assert evil.status_code == 403 and "--allowed-origins" in evil.text
+        own = client.post("/api/answer", json=ok, headers={"origin": "http://testserver"})
+        assert own.status_code == 200
+        listed = client.post("/api/answer", json=ok, headers={"origin": "https://app.example.org"})
+        assert listed.status_code == 200
+        assert client.post("/api/answer", json=ok).status_code == 200
+
+
+def test_a_chunked_body_is_read_no_further_than_the_limit():
+    import asyncio
+
+    from starlette.requests import Request as StarletteRequest
+
+    from megatron_yuyuan.serve.app import MAX_BODY_BYTES, APIError, read_limited
+
+    served = []
+
+    async def receive():  # a client streaming 1 MiB chunks without a Content-Length
+        served.append(1)
+        return {"type": "http.request", "body": b"x" * (1 << 20), "more_body": len(served) < 1024}
+
+    scope = {"type": "http", "method": "POST", "headers": [], "path": "/api/answer"}
+    with pytest.raises(APIError) as err:
+        asyncio.run(read_limited(StarletteRequest(scope, receive)))
+    assert err.value.status == 413 and len(served) <= MAX_BODY_BYTES // (1 << 20) + 1

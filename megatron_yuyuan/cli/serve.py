@@ -15,6 +15,7 @@ import math
 import os
 import signal
 import socket
+import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -61,6 +62,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         type=positive_int,
         default=256,
         help="requests waiting at most; more get 503 with Retry-After",
+    )
+    p.add_argument(
+        "--allowed-origins",
+        nargs="*",
+        default=[],
+        help="web origins (e.g. https://app.example.org, or *) whose pages may call the API; "
+        "other sites' pages are refused (the server's own page always works)",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=positive_int,
+        default=512,
+        help="open connections at most (more get 503); keep it below the open-files limit",
+    )
+    p.add_argument(
+        "--keep-alive-s",
+        type=positive_int,
+        default=5,
+        help="an idle keep-alive connection is closed after this many seconds",
     )
     p.add_argument(
         "--log-level",
@@ -125,8 +145,18 @@ def serve(generator, args) -> int:
     )
     layout = f"TP={args.tensor_model_parallel_size}, PP={args.pipeline_model_parallel_size}"
     app = create_app(
-        batcher, generator.tokenizer, ServedModel(name, str(source), layout, generator.template)
+        batcher,
+        generator.tokenizer,
+        ServedModel(name, str(source), layout, generator.template),
+        allowed_origins=args.allowed_origins,
     )
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(
+            f"warning: --host {args.host} makes the API reachable from other machines and it "
+            f"has no authentication; put it behind an authenticating proxy or a firewall",
+            file=sys.stderr,
+            flush=True,
+        )
     print(
         f"> serving {name} ({layout}) from {source} at http://{args.host}:{args.port}/", flush=True
     )
@@ -136,7 +166,14 @@ def serve(generator, args) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+        uvicorn.run(
+            app,
+            host=args.host,
+            port=args.port,
+            log_level=args.log_level,
+            limit_concurrency=args.max_connections,  # beyond it: 503, not exhausted descriptors
+            timeout_keep_alive=args.keep_alive_s,
+        )
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C stops a stuck shutdown
             signal.signal(sig, signal.SIG_DFL)

@@ -18,7 +18,7 @@ import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
-from typing import AsyncIterator, Literal, Optional, Union
+from typing import AsyncIterator, Literal, Optional, Sequence, Union
 
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
@@ -228,12 +228,25 @@ def error_response(status: int, message: str, param: Optional[str] = None, heade
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+async def read_limited(http: HTTPRequest) -> bytes:
+    """The body, refused (413) by its Content-Length before it is read, and read no further than
+    the limit when it comes chunked: a 1 GiB body never reaches memory."""
+    declared = http.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY_BYTES):
+        raise APIError(413, f"the body has {declared} bytes; at most {MAX_BODY_BYTES}")
+    chunks, size = [], 0
+    async for chunk in http.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise APIError(413, f"the body has more than {MAX_BODY_BYTES} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def parse_body(http: HTTPRequest, schema: type[BaseModel]):
     """The request body as ``schema``, whatever its Content-Type (curl's ``-d`` sends
     form-encoded): 400 for malformed JSON, 422 for a body the schema refuses."""
-    raw = await http.body()
-    if len(raw) > MAX_BODY_BYTES:
-        raise APIError(413, f"the body has {len(raw)} bytes; at most {MAX_BODY_BYTES}")
+    raw = await read_limited(http)
     try:
         data = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
@@ -305,8 +318,21 @@ def sse(obj) -> str:
 
 
 # ------------------------------------------------------------------------------------ the app
-def create_app(batcher: Batcher, tokenizer, model: ServedModel) -> FastAPI:
-    """The FastAPI application over a running batcher (its loop starts with the app)."""
+def origin_allowed(origin: str, host: str, allowed: Sequence[str]) -> bool:
+    """The page's own origin (same host:port as the request), or one listed."""
+    if "*" in allowed or origin in allowed:
+        return True
+    return origin.split("://", 1)[-1].rstrip("/") == host
+
+
+def create_app(
+    batcher: Batcher, tokenizer, model: ServedModel, allowed_origins: Sequence[str] = ()
+) -> FastAPI:
+    """The FastAPI application over a running batcher (its loop starts with the app).
+
+    A request whose ``Origin`` is another site than the server's own (a page the user visits
+    posting a cross-site ``text/plain`` form, which browsers send without asking) is refused
+    with 403 unless ``allowed_origins`` lists it (``*``: any)."""
     max_positions = batcher.engine.max_positions
 
     @asynccontextmanager
@@ -317,6 +343,19 @@ def create_app(batcher: Batcher, tokenizer, model: ServedModel) -> FastAPI:
 
     app = FastAPI(title="megatron_yuyuan QA server", lifespan=lifespan)
     app.add_exception_handler(RequestValidationError, lambda r, e: validation_error(e))
+
+    @app.middleware("http")
+    async def same_origin_only(request: HTTPRequest, call_next):
+        origin = request.headers.get("origin")
+        if origin and not origin_allowed(origin, request.headers.get("host", ""), allowed_origins):
+            return error_response(
+                403,
+                f"requests from the web origin {origin} are refused (start the server with "
+                f"--allowed-origins {origin} to allow it)",
+                "origin",
+            )
+        return await call_next(request)
+
     app.add_exception_handler(
         APIError, lambda r, e: error_response(e.status, e.message, e.param, e.headers)
     )
