@@ -447,9 +447,10 @@ class _RowStops:
 
 def export_template(hf_dir: Path) -> PromptTemplate:
     """The prompt template an export of ours records (the default for other HF models)."""
+    from megatron_yuyuan.convert.hf_io import EXPORT_MARKER
     from megatron_yuyuan.files import read_json_object
 
-    marker = hf_dir / "megatron_yuyuan_export.json"
+    marker = hf_dir / EXPORT_MARKER
     if not marker.is_file():
         return DEFAULT_TEMPLATE
     text = read_json_object(marker, "re-export the model").get("prompt_template")

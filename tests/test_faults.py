@@ -758,6 +758,31 @@ def test_resuming_an_older_iteration_of_the_run_names_what_it_replaces(trained, 
     assert "warning: --load" not in capsys.readouterr().err
 
 
+def fake_server():
+    """The app over an engine that answers one EOS token, and a word tokenizer that, as a real
+    one, cannot encode lone surrogates."""
+    from megatron_yuyuan.serve.app import ServedModel, create_app
+    from megatron_yuyuan.serve.batcher import Batcher
+
+    class Engine:
+        max_positions = 64
+
+        def run(self, jobs):
+            return [[0] for _ in jobs]
+
+    class Tok:
+        eod = 0
+
+        def encode(self, text):
+            text.encode("utf-8")
+            return [1] * len(text.split())
+
+        def decode(self, ids):
+            return " x" * len(ids)
+
+    return create_app(Batcher(Engine(), wait_ms=0), Tok(), ServedModel("m", "x"))
+
+
 @pytest.mark.parametrize(
     "flags, words",
     [
@@ -775,25 +800,7 @@ def test_sampling_values_that_would_break_generation_are_refused(gpt2_models, ca
 def test_the_server_answers_bad_sampling_values_422():
     from fastapi.testclient import TestClient
 
-    from megatron_yuyuan.serve.app import ServedModel, create_app
-    from megatron_yuyuan.serve.batcher import Batcher
-
-    class Engine:
-        max_positions = 64
-
-        def run(self, jobs):
-            return [[0] for _ in jobs]
-
-    class Tok:
-        eod = 0
-
-        def encode(self, text):
-            return [1] * len(text.split())
-
-        def decode(self, ids):
-            return " x" * len(ids)
-
-    app = create_app(Batcher(Engine(), wait_ms=0), Tok(), ServedModel("m", "x"))
+    app = fake_server()
     with TestClient(app) as client:
         for body, param in (
             ({"temperature": 1e-300}, "temperature"),
@@ -832,26 +839,7 @@ def test_unpaired_surrogates_and_list_ids_are_one_line(gpt2_models, tmp_path, ca
 def test_the_server_refuses_unpaired_surrogates_and_still_answers():
     from fastapi.testclient import TestClient
 
-    from megatron_yuyuan.serve.app import ServedModel, create_app
-    from megatron_yuyuan.serve.batcher import Batcher
-
-    class Engine:
-        max_positions = 64
-
-        def run(self, jobs):
-            return [[0] for _ in jobs]
-
-    class Tok:
-        eod = 0
-
-        def encode(self, text):
-            text.encode("utf-8")  # as a real tokenizer, it cannot take lone surrogates
-            return [1] * len(text.split())
-
-        def decode(self, ids):
-            return " x" * len(ids)
-
-    app = create_app(Batcher(Engine(), wait_ms=0), Tok(), ServedModel("m", "x"))
+    app = fake_server()
     with TestClient(app) as client:
         body = '{"question": "what \\udfff", "max_new_tokens": 2}'
         r = client.post("/api/answer", content=body, headers={"content-type": "application/json"})

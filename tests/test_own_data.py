@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import read_metrics, run_torchrun
+from conftest import read_metrics, run_torchrun, write_rows
 
 from megatron_yuyuan.data.blend import BlendedQA
 from megatron_yuyuan.data.indexed import read_qa_documents
@@ -26,13 +26,8 @@ TINY += ["--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "1e-3"]
 TINY += ["--lr-warmup-iters", "1"]
 
 
-def write_jsonl(path: Path, rows) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 def prep(tmp: Path, name: str, rows, *extra) -> str:
-    src = write_jsonl(tmp / f"{name}.jsonl", rows)
+    src = write_rows(tmp / f"{name}.jsonl", rows)
     prefix = tmp / name
     argv = ["--input", str(src), "--output-prefix", str(prefix), "--no-progress", "--workers", "1"]
     assert preprocess_qa([*argv, *map(str, extra)]) == 0

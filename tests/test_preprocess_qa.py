@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_rows
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_yuyuan.data.indexed import read_qa_documents
@@ -40,7 +41,7 @@ def write_formats(folder: Path, pairs: list[dict]) -> dict[str, Path]:
 
     paths = {}
     paths["jsonl"] = folder / "pairs.jsonl"
-    paths["jsonl"].write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    write_rows(paths["jsonl"], pairs)
     paths["json"] = folder / "pairs.json"
     paths["json"].write_text(json.dumps(pairs, indent=2))
     paths["literal"] = folder / "pairs.txt"  # the upstream's cleaned lines: repr() of a dict
@@ -126,7 +127,7 @@ def test_common_shapes_are_recognised(tmp_path, capsys):
     }
     for name, data in rows.items():
         path = tmp_path / f"{name}.jsonl"
-        path.write_text("".join(json.dumps(r) + "\n" for r in data))
+        write_rows(path, data)
         assert run(["--input", path, "--output-prefix", tmp_path / name]) == 0
     out = capsys.readouterr().out
     assert "question <- 'instruction' + 'input', answer <- 'output'" in out
@@ -169,7 +170,7 @@ def test_chat_documents_alternate_prompt_and_answer(tmp_path):
     ]
     for name, data in (("openai", rows), ("sharegpt", sharegpt)):
         path = tmp_path / f"{name}.jsonl"
-        path.write_text("".join(json.dumps(r) + "\n" for r in data))
+        write_rows(path, data)
         assert (
             run(
                 [
@@ -317,7 +318,7 @@ def test_template_with_context_is_recorded(tmp_path):
         for i in range(30)
     ]
     path = tmp_path / "ctx.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_rows(path, rows)
     template = "Context: {context}\nQuestion: {question} answer:"
     assert (
         run(["--input", path, "--output-prefix", tmp_path / "ctx", "--prompt-template", template])
@@ -337,11 +338,11 @@ def test_user_splits_are_kept_and_repeats_removed(tmp_path, capsys):
     pairs = make_pairs(60)
     train = tmp_path / "train.jsonl"
     test = tmp_path / "test.jsonl"
-    train.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    write_rows(train, pairs)
     # the test set repeats 5 training questions (one with another answer) and adds 5 new pairs
     held = [{**pairs[i], "answer": pairs[i]["answer"] + (" x" if i == 0 else "")} for i in range(5)]
     held += [{"question": f"new {i}?", "answer": f"new answer {i}."} for i in range(5)]
-    test.write_text("".join(json.dumps(p) + "\n" for p in held))
+    write_rows(test, held)
     assert (
         run(
             [
@@ -381,7 +382,7 @@ def test_splits_share_no_question_answer_or_group(tmp_path):
             }
         )
     path = tmp_path / "g.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_rows(path, rows)
     assert run(["--input", path, "--output-prefix", tmp_path / "g", "--group-field", "doc"]) == 0
     split_rows = {
         s: [json.loads(x) for x in (tmp_path / f"g_{s}.jsonl").read_text().splitlines()]
@@ -589,7 +590,7 @@ def test_a_split_smaller_than_asked_is_said_and_chats_group_by_conversation(tmp_
         }
         for i in range(30)
     ]
-    chats.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_rows(chats, rows)
     assert (
         run(
             [

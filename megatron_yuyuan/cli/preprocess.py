@@ -16,6 +16,24 @@ from megatron_yuyuan.data.medquad import CLEANERS
 from megatron_yuyuan.data.sample import SAMPLE_DIR
 
 
+def add_dataset_arguments(p: ArgumentParser, workers: str, unit: str) -> None:
+    """The flags every preprocessor shares: tokenizer, worker processes, split sizes and seed."""
+    p.add_argument(
+        "--tokenizer",
+        default="gpt2",
+        help="'gpt2' (built in, offline), an HF tokenizer dir, or a sentencepiece .model",
+    )
+    p.add_argument("--workers", type=positive_int, default=2, help=workers)
+    for split, name in (("valid", "validation"), ("test", "test")):
+        p.add_argument(
+            f"--{split}-size",
+            type=non_negative_int,
+            default=None,
+            help=f"{unit} in the {name} split (default: 500, at most 10%% of the {unit})",
+        )
+    p.add_argument("--seed", type=int, default=1234, help="split seed")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = ArgumentParser(
         prog="python -m tools.preprocess_medquad", description=__doc__.split("\n\n")[0]
@@ -24,25 +42,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "--input", default=str(SAMPLE_DIR), help="MedQuAD directory (default: the embedded sample)"
     )
     p.add_argument("--output-prefix", required=True, help="output path prefix, e.g. data/medquad")
-    p.add_argument(
-        "--tokenizer",
-        default="gpt2",
-        help="'gpt2' (built in, offline), an HF tokenizer dir, or a sentencepiece .model",
-    )
-    p.add_argument("--workers", type=positive_int, default=2, help="XML parser processes")
-    p.add_argument(
-        "--valid-size",
-        type=non_negative_int,
-        default=None,
-        help="pairs in the validation split (default: 500, at most 10%% of the pairs)",
-    )
-    p.add_argument(
-        "--test-size",
-        type=non_negative_int,
-        default=None,
-        help="pairs in the test split (default: 500, at most 10%% of the pairs)",
-    )
-    p.add_argument("--seed", type=int, default=1234, help="split seed")
+    add_dataset_arguments(p, workers="XML parser processes", unit="pairs")
     p.add_argument(
         "--clean",
         default="",

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from megatron_yuyuan.cli import ArgumentParser, non_negative_int, positive_int, run_cli
+from megatron_yuyuan.cli import ArgumentParser, run_cli
+from megatron_yuyuan.cli.preprocess import add_dataset_arguments
 from megatron_yuyuan.prompts import PROMPT_TEMPLATE
 
 
@@ -54,25 +55,7 @@ def build_parser() -> ArgumentParser:
         help=f"the prompt, with {{question}} and any other {{field}} of the row (default: "
         f"{PROMPT_TEMPLATE!r}); for chats, the template of each user turn",
     )
-    p.add_argument(
-        "--tokenizer",
-        default="gpt2",
-        help="'gpt2' (built in, offline), an HF tokenizer dir, or a sentencepiece .model",
-    )
-    p.add_argument("--workers", type=positive_int, default=2, help="tokenizer processes")
-    p.add_argument(
-        "--valid-size",
-        type=non_negative_int,
-        default=None,
-        help="validation examples split off (default: 500, at most 10%% of the rows)",
-    )
-    p.add_argument(
-        "--test-size",
-        type=non_negative_int,
-        default=None,
-        help="test examples split off (default: 500, at most 10%% of the rows)",
-    )
-    p.add_argument("--seed", type=int, default=1234, help="split seed")
+    add_dataset_arguments(p, workers="tokenizer processes", unit="examples")
     p.add_argument(
         "--strict", action="store_true", help="a row that would be dropped is an error instead"
     )

@@ -21,6 +21,7 @@ import torch
 from megatron_yuyuan import checkpointing, parallel
 from megatron_yuyuan.config import ModelConfig, RunConfig, validate_layout
 from megatron_yuyuan.convert.hf_io import (
+    EXPORT_MARKER,
     ShardedSafetensorsWriter,
     hf_config_dict,
     iter_hf_weights,
@@ -172,10 +173,6 @@ def convert_legacy_to_megatron(
         Path(save),
         str(mlm_dir),
     )
-
-
-EXPORT_MARKER = "megatron_yuyuan_export.json"
-"""Written into every HF export: its source and its files, so a later export may replace it."""
 
 
 def check_hf_out_dir(out: Path, load: Path) -> None:

@@ -15,6 +15,10 @@ from megatron_yuyuan.errors import UserError
 from megatron_yuyuan.files import read_json_object
 from megatron_yuyuan.tokenizer import GPT2_VOCAB_SIZE, gpt2_bpe_files
 
+EXPORT_MARKER = "megatron_yuyuan_export.json"
+"""Written into every HF export: its source, files and prompt template, so a later export may
+replace it and generation knows the template."""
+
 _TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 _SHARD_BYTES = 2 * 1024**3
 

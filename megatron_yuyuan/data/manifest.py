@@ -138,6 +138,16 @@ def publish(pending: dict[Path, Path], last: Path) -> None:
         backup.unlink(missing_ok=True)
 
 
+def publish_dataset(prefix: str | Path, pending: dict[Path, Path], meta: dict) -> None:
+    """Write ``{prefix}_meta.json`` (``meta`` plus the manifest of every file in ``pending``)
+    to its temporary name, added to ``pending``, then :func:`publish` the whole set."""
+    manifest = {final.name: file_digest(tmp) for final, tmp in pending.items()}
+    path = Path(f"{prefix}_meta.json")
+    pending[path] = tmp_name(path)
+    pending[path].write_text(json.dumps({**meta, "files": manifest}, indent=1))
+    publish(pending, path)
+
+
 def rerun_advice(prefix: str | Path) -> str:
     """What recreates dataset ``prefix``: the tool that wrote it, when its meta says so."""
     report = {}

@@ -24,8 +24,8 @@ from typing import Optional, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from megatron_yuyuan.data.indexed import SPLITS, file_digest, tmp_name, write_qa_documents
-from megatron_yuyuan.data.manifest import publish
+from megatron_yuyuan.data.indexed import SPLITS, tmp_name, write_qa_documents
+from megatron_yuyuan.data.manifest import publish_dataset
 from megatron_yuyuan.data.medquad import (
     ParseStats,
     clean_records,
@@ -202,28 +202,21 @@ def preprocess_medquad(
             (int(max(p.max(initial=0), a.max(initial=0))) for p, a in zip(prompts, answers)),
             default=0,
         )
-        manifest = {final.name: file_digest(tmp) for final, tmp in pending.items()}
-        meta = Path(f"{output_prefix}_meta.json")
-        meta_tmp = tmp_name(meta)
-        pending[meta] = meta_tmp
-        meta_tmp.write_text(
-            json.dumps(
-                {
-                    "tokenizer": tok.name,
-                    "vocab_size": tok.vocab_size,
-                    "max_token_id": max_token_id,
-                    "eod": tok.eod,
-                    "template": PROMPT_TEMPLATE + " {answer}<eod>",
-                    "seed": seed,
-                    "cleaners": list(cleaners),
-                    "report": report.to_dict(),
-                    "files": manifest,
-                },
-                indent=1,
-            )
-        )
         # All complete: publish the data files, then the manifest that vouches for them.
-        publish(pending, meta)
+        publish_dataset(
+            output_prefix,
+            pending,
+            {
+                "tokenizer": tok.name,
+                "vocab_size": tok.vocab_size,
+                "max_token_id": max_token_id,
+                "eod": tok.eod,
+                "template": PROMPT_TEMPLATE + " {answer}<eod>",
+                "seed": seed,
+                "cleaners": list(cleaners),
+                "report": report.to_dict(),
+            },
+        )
     except BaseException:
         for tmp in pending.values():
             tmp.unlink(missing_ok=True)

@@ -20,7 +20,6 @@ split's rows from the spool into its files. Outputs, as ``tools.preprocess_medqu
 from __future__ import annotations
 
 import hashlib
-import json
 import mmap
 import os
 import time
@@ -36,8 +35,8 @@ from tqdm import tqdm
 
 from megatron_yuyuan.data import rows as rowlib
 from megatron_yuyuan.data import sources
-from megatron_yuyuan.data.indexed import SPLITS, file_digest, tmp_name, write_documents
-from megatron_yuyuan.data.manifest import publish
+from megatron_yuyuan.data.indexed import SPLITS, tmp_name, write_documents
+from megatron_yuyuan.data.manifest import publish_dataset
 from megatron_yuyuan.data.preprocess import (
     check_output_dir,
     default_split_size,
@@ -335,9 +334,8 @@ def _read_all(resolved, fields, template, tok, opts, spool: _Spool, report: QARe
                 if len(shown) < EXAMPLES_PER_REASON:
                     shown.append(where)
             for line in res.records:
-                data = (line + "\n").encode("utf-8")
-                rec_f.write(data)
-                spool.rec_off.append(spool.rec_off[-1] + len(data))
+                rec_f.write(line)
+                spool.rec_off.append(spool.rec_off[-1] + len(line))
             tok_f.write(res.tokens.astype(np.int32, copy=False).tobytes())
             if len(res.tokens):
                 spool.max_token = max(spool.max_token, int(res.tokens.max()))
@@ -518,26 +516,19 @@ def _split_and_write(spool: _Spool, template, tok, opts, report: QAReport, start
                 rec_mm.close()
         every = np.concatenate(lengths_all)
         report.longer_than = {str(n): int((every > n).sum()) for n in (512, 1024)}
-        manifest = {final.name: file_digest(tmp) for final, tmp in pending.items()}
-        meta = Path(f"{prefix}_meta.json")
-        pending[meta] = tmp_name(meta)
-        pending[meta].write_text(
-            json.dumps(
-                {
-                    "tokenizer": tok.name,
-                    "vocab_size": tok.vocab_size,
-                    "max_token_id": spool.max_token,
-                    "eod": tok.eod,
-                    "template": template.to_meta(),
-                    "seed": opts.seed,
-                    "report": report.to_dict(),
-                    "files": manifest,
-                },
-                indent=1,
-                ensure_ascii=False,
-            )
+        publish_dataset(
+            prefix,
+            pending,
+            {
+                "tokenizer": tok.name,
+                "vocab_size": tok.vocab_size,
+                "max_token_id": spool.max_token,
+                "eod": tok.eod,
+                "template": template.to_meta(),
+                "seed": opts.seed,
+                "report": report.to_dict(),
+            },
         )
-        publish(pending, meta)  # data files first, the manifest that vouches last
     except BaseException:
         for tmp in pending.values():
             tmp.unlink(missing_ok=True)

@@ -61,17 +61,13 @@ class FieldMap:
             what += ", template fields " + ", ".join(f"'{f}'" for f in self.extra)
         return what
 
-    def required(self) -> tuple[str, ...]:
-        main = (self.chat,) if self.chat else (self.question, self.answer)
-        return tuple(f for f in (*main, *self.extra) if f)
-
 
 @dataclass
 class BatchResult:
     """What a worker sends back for one batch of rows."""
 
-    records: list[str] = field(default_factory=list)
-    """One JSON line (no newline) per kept row."""
+    records: list[bytes] = field(default_factory=list)
+    """One JSON line per kept row, UTF-8 encoded with its newline (as the split files hold it)."""
     ids: list[str] = field(default_factory=list)
     keys: list[tuple[int, int, int, int]] = field(default_factory=list)
     """(question key, answer key, duplicate key, group key) per kept row: 63-bit hashes."""
@@ -237,8 +233,8 @@ def process_rows(
         try:
             row = decode_line(item) if kind == "lines" else item
             rec, pieces, keys = make_example(row, fields, template, f"{input_no + 1}:{first + n}")
-            line = json.dumps(rec, ensure_ascii=False)
-            line.encode("utf-8")  # unpaired surrogates (from \udfff escapes) cannot be written
+            # encoding here also finds unpaired surrogates (from \udfff escapes): not writable
+            line = (json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8")
         except BadRow as exc:
             out.bad.append((str(exc), where))
             continue

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -46,10 +45,6 @@ class Source:
     format: str
     files: list[Path]
     """The files to read in order (a folder of JSONL files is several)."""
-
-    @property
-    def label(self) -> str:
-        return self.spec
 
 
 def resolve(spec: str, fmt: Optional[str] = None, flag: str = "--input") -> Source:
@@ -233,14 +228,18 @@ def _csv(path: Path, batch_rows: int, delimiter: str = ",") -> Iterator[Batch]:
                     yield "rows", items, where
                     items, where = [], []
         except UnicodeDecodeError as exc:
-            raise UserError(
-                f"--input {path}: not UTF-8 text near line {reader.line_num + 1}; save it as "
-                f"UTF-8 (a spreadsheet's 'CSV UTF-8' export)"
-            ) from exc
+            raise _not_utf8(path, f"near line {reader.line_num + 1}") from exc
         except csv.Error as exc:
             raise UserError(f"--input {path}:{reader.line_num}: {exc}; fix the file") from exc
     if items:
         yield "rows", items, where
+
+
+def _not_utf8(path: Path, where: str) -> UserError:
+    return UserError(
+        f"--input {path}: not UTF-8 text ({where}); save it as UTF-8 (a spreadsheet's 'CSV "
+        f"UTF-8' export)"
+    )
 
 
 def csv_columns(path: Path, delimiter: str) -> list[str]:
@@ -249,10 +248,7 @@ def csv_columns(path: Path, delimiter: str) -> list[str]:
         try:
             columns = next(csv.reader(f, delimiter=delimiter), [])
         except UnicodeDecodeError as exc:
-            raise UserError(
-                f"--input {path}: not UTF-8 text (byte {exc.start} of the first block read); "
-                f"save it as UTF-8 (a spreadsheet's 'CSV UTF-8' export)"
-            ) from exc
+            raise _not_utf8(path, f"byte {exc.start} of the first block read") from exc
         except csv.Error as exc:
             raise UserError(f"--input {path}: its header cannot be read ({exc})") from exc
     twice = sorted({c for c in columns if columns.count(c) > 1})
@@ -371,6 +367,3 @@ def columns_of(source: Source) -> tuple[Optional[dict], list[str]]:
     if source.format == "medquad":
         return None, ["id", "question", "answer", "qtype", "source", "focus"]
     return first_row(source)
-
-
-os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")

@@ -318,6 +318,15 @@ def sse(obj) -> str:
 
 
 # ------------------------------------------------------------------------------------ the app
+def token_usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    """OpenAI's ``usage`` object."""
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
 def origin_allowed(origin: str, host: str, allowed: Sequence[str]) -> bool:
     """The page's own origin (same host:port as the request), or one listed."""
     if "*" in allowed or origin in allowed:
@@ -543,7 +552,6 @@ def create_app(
                                 yield sse(chunk(i, "", reason_of(ids, stream)))
                                 usage[0] += len(ids)
                     if (body.stream_options or {}).get("include_usage"):
-                        prompt_tokens = sum(map(len, encoded))
                         yield sse(
                             {
                                 "id": rid,
@@ -551,11 +559,7 @@ def create_app(
                                 "created": created,
                                 "model": model.name,
                                 "choices": [],
-                                "usage": {
-                                    "prompt_tokens": prompt_tokens,
-                                    "completion_tokens": usage[0],
-                                    "total_tokens": prompt_tokens + usage[0],
-                                },
+                                "usage": token_usage(sum(map(len, encoded)), usage[0]),
                             }
                         )
                     yield sse("[DONE]")
@@ -587,18 +591,13 @@ def create_app(
             cancel_all()
         if len(choices) < len(prompts):
             return JSONResponse({}, status_code=499)
-        prompt_tokens = sum(map(len, encoded))
         return {
             "id": rid,
             "object": "text_completion",
             "created": created,
             "model": model.name,
             "choices": choices,
-            "usage": {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens,
-            },
+            "usage": token_usage(sum(map(len, encoded)), completion_tokens),
         }
 
     @app.post("/v1/chat/completions")
@@ -630,13 +629,6 @@ def create_app(
             r = finish(ids, budget, stream)
             return "stop" if r == "eos" else r
 
-        def usage(ids) -> dict:
-            return {
-                "prompt_tokens": len(prompt),
-                "completion_tokens": len(ids),
-                "total_tokens": len(prompt) + len(ids),
-            }
-
         def chunk(delta: dict, reason: Optional[str]) -> dict:
             return {
                 "id": rid,
@@ -661,7 +653,13 @@ def create_app(
                         if ids is not None:
                             yield sse(chunk({}, reason_of(ids)))
                             if (body.stream_options or {}).get("include_usage"):
-                                yield sse({**chunk({}, None), "choices": [], "usage": usage(ids)})
+                                yield sse(
+                                    {
+                                        **chunk({}, None),
+                                        "choices": [],
+                                        "usage": token_usage(len(prompt), len(ids)),
+                                    }
+                                )
                     yield sse("[DONE]")
                 except GenerationFailed as exc:
                     yield sse_error(exc)
@@ -686,7 +684,7 @@ def create_app(
                                 "finish_reason": reason_of(ids),
                             }
                         ],
-                        "usage": usage(ids),
+                        "usage": token_usage(len(prompt), len(ids)),
                     }
         except GenerationFailed as exc:
             raise APIError(500, f"generation failed: {exc}") from None
