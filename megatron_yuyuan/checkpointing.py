@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import pickle
+import queue
 import shutil
 import sys
+import threading
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -31,12 +34,14 @@ import yaml
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.core import CheckpointingException
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
+from megatron.core.dist_checkpointing.strategies import filesystem_async
+from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 from torch.distributed.checkpoint.api import CheckpointException as DCPReadError  # a BaseException
 
 from megatron_yuyuan import parallel
 from megatron_yuyuan.config import ModelConfig
 from megatron_yuyuan.errors import UserError
-from megatron_yuyuan.files import write_text_atomic
+from megatron_yuyuan.files import disk_full_error, write_text_atomic
 
 LATEST = "latest_checkpointed_iteration.txt"
 MODEL_CONFIG = "model_config.yaml"
@@ -77,7 +82,9 @@ def remove_partial_saves(save: str | Path) -> list[Path]:
 def complete_iterations(path: Path) -> list[Path]:
     """The complete ``iter_N`` checkpoints under ``path``, oldest first."""
     return sorted(
-        d for d in Path(path).glob("iter_[0-9]*") if d.is_dir() and (d / MODEL_CONFIG).is_file()
+        d
+        for d in Path(path).glob("iter_[0-9]*")
+        if d.is_dir() and not d.name.endswith(".tmp") and (d / MODEL_CONFIG).is_file()
     )
 
 
@@ -215,6 +222,110 @@ def _write_info(ckpt_dir: Path, info: CheckpointInfo) -> None:
     )
 
 
+class _SaveCancelled(Exception):
+    """Raised inside a writer thread, between two items, once the save is abandoned."""
+
+
+class _CancellableItems(list):
+    """A bucket's item list whose iteration raises :class:`_SaveCancelled` once ``stop`` is set,
+    so that a writer thread ends between two tensors instead of writing gigabytes more."""
+
+    def __init__(self, items: list, stop: threading.Event) -> None:
+        super().__init__(items)
+        self.stop = stop
+
+    def __iter__(self):
+        for item in list.__iter__(self):
+            if self.stop.is_set():
+                raise _SaveCancelled("checkpoint save abandoned")
+            yield item
+
+
+def _write_buckets_in_threads(
+    transforms: list, rank: int, write_buckets: list, results_queue: queue.Queue
+) -> None:
+    """Write megatron-core's planned shard files, a thread per file, and hand the results back the
+    way its own multi-process writer does (a dict ``{bucket: [WriteResult]}`` or the exception).
+    File writes release the GIL, so the threads still write in parallel.
+
+    On Ctrl-C (or a writer's error) the other writers stop after the item they are writing and are
+    joined before the exception leaves: a thread still inside torch's C++ code when the interpreter
+    exits aborts the process ("terminate called without an active exception")."""
+    del rank  # part of megatron-core's calling convention
+    stop = threading.Event()
+    local: queue.Queue = queue.Queue()
+    done: queue.Queue = queue.Queue()
+    threads = []
+    try:
+        for index, (path, key, (byte_items, tensor_items)) in enumerate(write_buckets):
+            bucket = (
+                path,
+                key,
+                (_CancellableItems(byte_items, stop), _CancellableItems(tensor_items, stop)),
+            )
+            done.put(index)  # the writer takes one item and marks it done when it finishes
+            write = functools.partial(
+                filesystem_async.FileSystemWriterAsync.write_preloaded_data,
+                transforms,
+                index,
+                bucket,
+                local,
+                done,
+                True,  # fsync: a checkpoint that survives a power cut
+            )
+            threads.append(threading.Thread(target=write, name=f"ckpt-writer-{index}", daemon=True))
+            threads[-1].start()
+        results: dict | Exception = {}
+        for _ in threads:
+            index, result = local.get()  # a writer puts its exception here too, never raises
+            if isinstance(result, Exception):
+                results = result
+                break
+            results[index] = result
+        results_queue.put(results)
+    finally:
+        stop.set()  # a no-op for writers that are done
+        for thread in threads:
+            thread.join()
+
+
+def _bytes_to_write(sharded: dict) -> int:
+    """Bytes of the tensors this rank writes (its main replicas), for a full disk's message."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import is_main_replica
+
+    return sum(
+        v.data.numel() * v.data.element_size()
+        for v in nested_values(sharded)
+        if isinstance(v, ShardedTensor) and v.data is not None and is_main_replica(v.replica_id)
+    )
+
+
+class _ThreadedSave(TorchDistSaveShardedStrategy):
+    """megatron-core's ``torch_dist`` save with the shard files written by threads of this process.
+
+    megatron-core forks a writer process per file for every save and collects their results through
+    a ``multiprocessing`` Manager (a spawned server process). A fork from a process that runs threads
+    can deadlock (a save then hangs for good); Ctrl-C during a save left the trainer blocked on the
+    writers' queue; a killed trainer left the writers and the Manager running with hundreds of MiB
+    each. Threads have none of these: they die with the process. The files are identical.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("torch_dist", 1)
+        # megatron-core's writer returns results through this module-level queue, which it would
+        # create as a Manager queue on first use: one in-process queue serves our threads.
+        if filesystem_async._results_queue is None:
+            filesystem_async._results_queue = queue.Queue()
+
+    def _get_save_and_finalize_callbacks(self, writer, save_state_dict_ret):
+        request = super()._get_save_and_finalize_callbacks(writer, save_state_dict_ret)
+        if request.async_fn is None:  # nothing to write on this rank
+            return request
+        transforms = [writer.transforms] if hasattr(writer, "transforms") else []
+        return request._replace(async_fn=functools.partial(_write_buckets_in_threads, transforms))
+
+
 def save_sharded(
     save: str | Path,
     sharded: dict,
@@ -231,7 +342,9 @@ def save_sharded(
 ) -> Path:
     """Save a sharded state dict as checkpoint ``iteration`` under ``save``.
 
-    Written to ``iter_N.tmp`` first, renamed when complete, then ``latest`` is updated.
+    Written to ``iter_N.tmp`` first, renamed when complete, then ``latest`` is updated. An
+    interrupt or an error during the write removes the temporary: the previous checkpoint stays the
+    one ``latest`` names.
     """
     save = Path(save)
     final = iteration_dir(save, iteration)
@@ -241,12 +354,11 @@ def save_sharded(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     parallel.barrier()
-    dist_checkpointing.save(sharded, str(tmp))
-    parallel.barrier()
-    if rank0:
-        _write_info(
-            tmp,
-            CheckpointInfo(
+    try:
+        dist_checkpointing.save(sharded, str(tmp), sharded_strategy=_ThreadedSave())
+        parallel.barrier()
+        if rank0:
+            info = CheckpointInfo(
                 model_cfg,
                 dtype,
                 padded_vocab_size,
@@ -255,15 +367,27 @@ def save_sharded(
                 layout,
                 lora,
                 prompt_template,
-            ),
-        )
-        if extra_files is not None:  # e.g. tokenizer files: inside before the rename, too
-            extra_files(tmp)
-        if run_config is not None:
-            (tmp / "run_config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
+            )
+            _write_info(tmp, info)
+            if extra_files is not None:  # e.g. tokenizer files: inside before the rename, too
+                extra_files(tmp)
+            if run_config is not None:
+                (tmp / "run_config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
+            # An iteration saved again (a resume from an older one) is moved aside, not deleted
+            # first: the pointer may name it until the new one is in place.
+            replaced = final.with_name(final.name + ".replaced.tmp")
+            if final.exists():
+                final.rename(replaced)
+            tmp.rename(final)
+            shutil.rmtree(replaced, ignore_errors=True)
+    except BaseException as exc:  # Ctrl-C, a full disk, a failed rank: no half checkpoint stays
+        if rank0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        full = disk_full_error(exc, tmp, _bytes_to_write(sharded), "the checkpoint")
+        if full is not None:
+            raise full from exc
+        raise
+    if rank0:
         pointer = save / LATEST
         pointer_tmp = save / (LATEST + ".tmp")
         pointer_tmp.write_text(str(iteration))

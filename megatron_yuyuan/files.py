@@ -10,7 +10,11 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
-from megatron_yuyuan.errors import DataError
+from megatron_yuyuan.errors import DataError, UserError
+
+
+class DiskFullError(UserError):
+    """An output that did not fit the disk; the unfinished output was removed."""
 
 
 def read_json_object(path: str | Path, advice: str, error: type = DataError) -> dict:
@@ -138,6 +142,59 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _no_space(exc: BaseException) -> Optional[OSError]:
+    """The "no space left" / "quota exceeded" OSError in ``exc``'s causes, if any (torch's
+    checkpoint writer wraps each rank's error: its ``failures`` are searched too)."""
+    seen: set[int] = set()
+    todo = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return e
+        todo += [e.__cause__, e.__context__]
+        for failure in (getattr(e, "failures", None) or {}).values():
+            todo += [
+                f
+                for f in (failure if isinstance(failure, tuple) else (failure,))
+                if isinstance(f, BaseException)
+            ]
+    return None
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def disk_full_error(
+    exc: BaseException, target: str | Path, needed: int, what: str
+) -> Optional[DiskFullError]:
+    """When ``exc`` comes from a full disk (or quota): one error naming the file being written, the
+    free space and about how much ``what`` needs, saying that ``target`` (the unfinished output) is
+    gone. ``None`` for any other error."""
+    full = _no_space(exc)
+    if full is None:
+        return None
+    target = Path(target)
+    where = Path(full.filename) if full.filename else target
+    probe = next((p for p in (where, *where.parents) if p.exists()), Path("/"))
+    try:
+        free = human_bytes(os.statvfs(probe).f_bavail * os.statvfs(probe).f_frsize)
+    except OSError:
+        free = "unknown"
+    return DiskFullError(
+        f"{where}: no space left on the device while writing {what} ({free} free there, it "
+        f"needs about {human_bytes(needed)}); free space or choose another location (the "
+        f"unfinished {target.name} was removed)"
+    )
 
 
 def default_file_mode() -> int:

@@ -72,6 +72,29 @@ def gpt2_models(tmp_path_factory):
     return root
 
 
+def _finetune_process(save: Path, save_interval: int) -> subprocess.Popen:
+    """A 400-iteration tiny finetune saving to ``save``, in a session of its own (so that a test
+    sees every process it starts); stderr is piped."""
+    from conftest import TORCHRUN_ENV
+
+    args = [*TINY, "--train-iters", "400", "--save", str(save)]
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "megatron_yuyuan.finetune",
+            *args,
+            "--save-interval",
+            str(save_interval),
+        ],
+        env=TORCHRUN_ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
 # --- 2. never destroy or corrupt what the user has ------------------------------------------------
 def test_to_hf_refuses_the_checkpoint_itself_and_unrelated_folders(trained, tmp_path, capsys):
     before = tree(trained)
@@ -629,16 +652,8 @@ def test_evaluate_never_overwrites_the_users_report_or_its_inputs(tmp_path, caps
 def test_two_runs_never_share_a_save_folder_and_a_killed_one_leaves_no_lock(tmp_path, capsys):
     import time
 
-    from conftest import TORCHRUN_ENV
-
     save = tmp_path / "ckpt"
-    args = [*TINY, "--train-iters", "400", "--save", str(save), "--save-interval", "1000"]
-    first = subprocess.Popen(
-        [sys.executable, "-m", "megatron_yuyuan.finetune", *args],
-        env=TORCHRUN_ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    first = _finetune_process(save, save_interval=1000)
     try:
         deadline = time.time() + 60
         while not (save / ".megatron_yuyuan.lock").is_file() and time.time() < deadline:
@@ -650,7 +665,7 @@ def test_two_runs_never_share_a_save_folder_and_a_killed_one_leaves_no_lock(tmp_
         assert tree(save) == before
     finally:
         first.kill()
-        first.wait()
+        first.communicate()
     # the killed run's lock died with it: the folder is usable again at once
     assert finetune([*TINY, "--train-iters", "2", "--save", str(save / "new")]) == 0
     assert finetune([*TINY, "--train-iters", "2", "--save", str(save), "--load", str(save)]) == 0
@@ -962,3 +977,66 @@ def test_a_filesystem_without_locks_only_warns(tmp_path, capsys, monkeypatch):
     save = tmp_path / "ckpt"
     assert finetune([*TINY, "--train-iters", "2", "--save", str(save)]) == 0
     assert "warning: --save" in capsys.readouterr().err and (save / "iter_0000002").is_dir()
+
+
+# --- 8. an interrupt during a checkpoint save ------------------------------------------------------
+def _start_saving_run(save: Path) -> subprocess.Popen:
+    """A finetune that saves every 3 iterations, returned once its first checkpoint is complete and
+    the next save is being written."""
+    import time
+
+    run = _finetune_process(save, save_interval=3)
+    deadline = time.time() + 120
+    while time.time() < deadline and run.poll() is None:
+        if (save / "latest_checkpointed_iteration.txt").is_file() and list(save.glob("*.tmp")):
+            time.sleep(0.05)  # 50 ms into the save
+            return run
+        time.sleep(0.002)
+    run.kill()
+    raise AssertionError(f"the run never started its second save: {run.communicate()[1][-2000:]}")
+
+
+def _session_processes(sid: int) -> list[str]:
+    ps = subprocess.run(["ps", "-e", "-o", "sid=,pid=,args="], capture_output=True, text=True)
+    return [ln for ln in ps.stdout.splitlines() if ln.split()[0] == str(sid)]
+
+
+def test_ctrl_c_during_a_save_exits_130_and_keeps_the_previous_checkpoint(tmp_path, capsys):
+    import time
+
+    save = tmp_path / "ckpt"
+    run = _start_saving_run(save)
+    previous = (save / "latest_checkpointed_iteration.txt").read_text()
+    os.killpg(run.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+    started = time.time()
+    try:
+        _, err = run.communicate(timeout=30)
+    finally:
+        run.kill()
+    assert run.returncode == 130, err[-3000:]
+    assert time.time() - started < 10
+    errors = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert errors == ["error: interrupted"] and "Traceback" not in err, err[-3000:]
+    assert _session_processes(run.pid) == []
+    # the save that was cut is gone, the pointer still names the previous one, which resumes
+    assert not list(save.glob("*.tmp"))
+    assert (save / "latest_checkpointed_iteration.txt").read_text() == previous
+    resume = [*TINY, "--train-iters", str(int(previous) + 1), "--save", str(save)]
+    assert finetune([*resume, "--load", str(save)]) == 0
+    assert f"resuming at iteration {previous} " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_a_trainer_killed_during_a_save_leaves_no_process_behind(tmp_path, sig):
+    import time
+
+    save = tmp_path / "ckpt"
+    run = _start_saving_run(save)
+    previous = (save / "latest_checkpointed_iteration.txt").read_text()
+    os.kill(run.pid, sig)  # the trainer only, as a scheduler or the OOM killer does
+    run.communicate(timeout=30)
+    deadline = time.time() + 5
+    while _session_processes(run.pid) and time.time() < deadline:
+        time.sleep(0.1)
+    assert _session_processes(run.pid) == []
+    assert (save / "latest_checkpointed_iteration.txt").read_text() == previous
