@@ -381,9 +381,9 @@ def save_sharded(
             tmp.rename(final)
             shutil.rmtree(replaced, ignore_errors=True)
     except BaseException as exc:  # Ctrl-C, a full disk, a failed rank: no half checkpoint stays
+        full = disk_full_error(exc, tmp, _bytes_to_write(sharded), "the checkpoint")
         if rank0:
             shutil.rmtree(tmp, ignore_errors=True)
-        full = disk_full_error(exc, tmp, _bytes_to_write(sharded), "the checkpoint")
         if full is not None:
             raise full from exc
         raise

@@ -8,7 +8,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Iterator, Optional, Sequence
 
 from megatron_yuyuan.errors import DataError, UserError
 
@@ -144,9 +144,13 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     return path
 
 
-def _no_space(exc: BaseException) -> Optional[OSError]:
-    """The "no space left" / "quota exceeded" OSError in ``exc``'s causes, if any (torch's
-    checkpoint writer wraps each rank's error: its ``failures`` are searched too)."""
+_NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_NO_SPACE_WORDS = ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122")
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and everything it was raised from, with the per-rank failures that torch's
+    checkpoint writer wraps."""
     seen: set[int] = set()
     todo = [exc]
     while todo:
@@ -154,46 +158,66 @@ def _no_space(exc: BaseException) -> Optional[OSError]:
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            return e
+        yield e
         todo += [e.__cause__, e.__context__]
         for failure in (getattr(e, "failures", None) or {}).values():
-            todo += [
-                f
-                for f in (failure if isinstance(failure, tuple) else (failure,))
-                if isinstance(f, BaseException)
-            ]
-    return None
+            todo += [f for f in (failure if isinstance(failure, tuple) else (failure,))]
+        todo = [t for t in todo if isinstance(t, BaseException)]
+
+
+def free_bytes(path: str | Path) -> int | None:
+    """Bytes an unprivileged write may still use on the filesystem of ``path`` (or its nearest
+    existing parent)."""
+    path = Path(path).absolute()
+    probe = next((p for p in (path, *path.parents) if p.exists()), Path("/"))
+    try:
+        st = os.statvfs(probe)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
 
 
 def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
-    raise AssertionError("unreachable")
+    return f"{n:.1f} TiB"
 
 
 def disk_full_error(
     exc: BaseException, target: str | Path, needed: int, what: str
-) -> Optional[DiskFullError]:
-    """When ``exc`` comes from a full disk (or quota): one error naming the file being written, the
-    free space and about how much ``what`` needs, saying that ``target`` (the unfinished output) is
-    gone. ``None`` for any other error."""
-    full = _no_space(exc)
-    if full is None:
-        return None
+) -> DiskFullError | None:
+    """When ``exc`` comes from a full disk (or quota), one error naming the file being written, the
+    free space and about how much ``what`` needs, saying that ``target`` (the unfinished output)
+    was removed; ``None`` for any other error. Call it *before* removing ``target``: the file that
+    was being written is found there, and the free space is measured while the disk is still full.
+
+    Libraries do not always say "no space": torch's zip writer reports a short write as
+    "unexpected pos", safetensors as "os error 28". A write error is taken for a full disk when an
+    ENOSPC/EDQUOT is among its causes, or its text says so, or less space is free than ``what``
+    needs."""
     target = Path(target)
-    where = Path(full.filename) if full.filename else target
-    probe = next((p for p in (where, *where.parents) if p.exists()), Path("/"))
-    try:
-        free = human_bytes(os.statvfs(probe).f_bavail * os.statvfs(probe).f_frsize)
-    except OSError:
-        free = "unknown"
+    free = free_bytes(target)
+    errors = list(_causes(exc))
+    os_error = next(
+        (e for e in errors if isinstance(e, OSError) and e.errno in _NO_SPACE_ERRNOS), None
+    )
+    said = any(word in str(e) for e in errors for word in _NO_SPACE_WORDS)
+    if os_error is None and not said and not (free is not None and free < needed):
+        return None
+    if isinstance(exc, (KeyboardInterrupt, SystemExit)):  # Ctrl-C stays Ctrl-C
+        return None
+    where = Path(os_error.filename) if os_error is not None and os_error.filename else None
+    if where is None and target.is_dir():  # the file written last is the one that did not fit
+        files = [p for p in target.rglob("*") if p.is_file()]
+        where = max(files, key=lambda p: p.stat().st_mtime_ns) if files else target
+    where = where or target
     return DiskFullError(
-        f"{where}: no space left on the device while writing {what} ({free} free there, it "
-        f"needs about {human_bytes(needed)}); free space or choose another location (the "
-        f"unfinished {target.name} was removed)"
+        f"{where}: no space left on the device while writing {what} "
+        f"({'unknown' if free is None else human_bytes(free)} free there, it needs about "
+        f"{human_bytes(needed)}); free space or choose another location (the unfinished "
+        f"{target.name} was removed)"
     )
 
 

@@ -1040,3 +1040,49 @@ def test_a_trainer_killed_during_a_save_leaves_no_process_behind(tmp_path, sig):
         time.sleep(0.1)
     assert _session_processes(run.pid) == []
     assert (save / "latest_checkpointed_iteration.txt").read_text() == previous
+
+
+# --- 11. a full disk ----------------------------------------------------------------------------
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tmpfs of the requested size mounted under ``tmp_path`` (root only: skipped otherwise)."""
+    mounted = []
+
+    def mount(size: str) -> Path:
+        if os.geteuid() != 0:
+            pytest.skip("mounting a small tmpfs to fill needs root")
+        point = tmp_path / f"disk{len(mounted)}"
+        point.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)])
+        if done.returncode != 0:
+            pytest.skip("this machine refuses tmpfs mounts (no CAP_SYS_ADMIN)")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", str(point)], check=True)
+
+
+def test_a_disk_that_fills_during_a_save_keeps_the_previous_checkpoint(small_disk, capsys):
+    disk = small_disk("6m")  # one tiny training checkpoint (3.7 MB) fits, a second does not
+    save = disk / "ckpt"
+    args = [*TINY, "--train-iters", "4", "--save", str(save), "--save-interval", "2"]
+    assert finetune(args) == 2
+    one_error_line(capsys, f"{save}/iter_0000004.tmp/", "no space left", " free there", "removed")
+    assert sorted(p.name for p in save.iterdir() if p.name.startswith("iter_")) == ["iter_0000002"]
+    assert (save / "latest_checkpointed_iteration.txt").read_text() == "2"
+
+
+def test_a_disk_that_fills_during_a_conversion_is_one_line(trained, small_disk, tmp_path, capsys):
+    before = tree(trained)
+    disk = small_disk("300k")
+    assert to_hf(["--load", str(trained), "--out", str(disk / "hf")]) == 2
+    one_error_line(capsys, f"{disk}/.hf.tmp.", "model", ".safetensors", "no space left", "removed")
+    assert list(disk.iterdir()) == []
+    assert tree(trained) == before
+
+    assert to_hf(["--load", str(trained), "--out", str(tmp_path / "hf")]) == 0
+    assert to_megatron(["--hf-dir", str(tmp_path / "hf"), "--save", str(disk / "mc")]) == 2
+    one_error_line(capsys, f"{disk}/mc/iter_0000000.tmp/", "no space left", "removed")
+    assert [p.name for p in (disk / "mc").iterdir()] == []

@@ -26,6 +26,7 @@ from megatron_yuyuan.convert.hf_io import (
     hf_config_dict,
     iter_hf_weights,
     model_config_from_hf,
+    save_safetensors,
     write_generation_config,
     write_tokenizer_files,
 )
@@ -37,7 +38,7 @@ from megatron_yuyuan.convert.weight_map import (
     mcore_to_hf,
 )
 from megatron_yuyuan.errors import ConversionError
-from megatron_yuyuan.files import default_file_mode, read_json_object
+from megatron_yuyuan.files import default_file_mode, disk_full_error, read_json_object
 from megatron_yuyuan.model import build_model
 from megatron_yuyuan.prompts import PromptTemplate
 
@@ -326,6 +327,7 @@ def convert_megatron_to_hf(
     m = info.model
     shapes = Shapes(m.hidden_size, m.num_attention_heads, m.vocab_size, info.padded_vocab_size)
     out.parent.mkdir(parents=True, exist_ok=True)
+    needed = sum(t.numel() * t.element_size() for t in state.values())  # for a full disk
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp."))
     umask = os.umask(0)
     os.umask(umask)
@@ -349,8 +351,11 @@ def convert_megatron_to_hf(
         for f in tmp.iterdir():  # some writers create files 0600: give them the umask's mode
             os.chmod(f, default_file_mode())
         _publish_export(tmp, out)
-    except BaseException:
+    except BaseException as exc:
+        full = disk_full_error(exc, tmp, needed, "the export")
         shutil.rmtree(tmp, ignore_errors=True)  # made by mkdtemp above
+        if full is not None:
+            raise full from exc
         raise
     return [out / p.name for p in files] + sorted(
         p
@@ -398,14 +403,12 @@ def write_chat_template(folder: Path, template: PromptTemplate) -> None:
 def _write_peft_adapter(tmp: Path, state, shapes: Shapes, adapters, info) -> Path:
     """``adapter_model.safetensors`` + ``adapter_config.json`` of a PEFT LoRA adapter for
     GPT2LMHeadModel in ``tmp``; returns the weights file."""
-    from safetensors.torch import save_file
-
     tensors = {}
     for name in list(state):
         hname, tensor = mcore_to_hf(name, state.pop(name), shapes)
         tensors[f"base_model.model.{hname}"] = tensor.contiguous()
     path = tmp / "adapter_model.safetensors"
-    save_file(tensors, str(path), metadata={"format": "pt"})
+    save_safetensors(tensors, path)
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",

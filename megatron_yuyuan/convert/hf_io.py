@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -282,6 +284,22 @@ def _weight_files(hf_dir: Path, single: str, index: str) -> list[Path]:
     return [hf_dir / single] if (hf_dir / single).is_file() else []
 
 
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """``safetensors.torch.save_file``; its write errors (a Rust error that names no file) become
+    an ``OSError`` naming ``path``, with ENOSPC when the disk is full."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    except SafetensorError as exc:
+        text = str(exc)
+        if "os error" not in text and "I/O error" not in text:
+            raise
+        code = errno.ENOSPC if "os error 28" in text else errno.EIO
+        raise OSError(code, os.strerror(code) if code == errno.ENOSPC else text, str(path)) from exc
+
+
 class ShardedSafetensorsWriter:
     """Writes tensors into ~2 GB safetensors shards as they come, then the index (HF layout)."""
 
@@ -301,12 +319,10 @@ class ShardedSafetensorsWriter:
             self._flush()
 
     def _flush(self) -> None:
-        from safetensors.torch import save_file
-
         if not self.pending:
             return
         path = self.out_dir / f"model-{len(self.files) + 1:05d}.safetensors"
-        save_file(self.pending, str(path), metadata={"format": "pt"})
+        save_safetensors(self.pending, path)
         self.files.append((path, list(self.pending)))
         self.pending, self.pending_bytes = {}, 0
 
