@@ -4,6 +4,7 @@ BLEU = nltk; the baselines, the paired bootstrap and the rendered reports."""
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -40,9 +41,7 @@ TRAIN = [
 
 
 def stats(refs, hyps, eos=None, smoothing="method1"):
-    return answer_statistics(
-        refs, hyps, [tokenize(r) for r in refs], [tokenize(h) for h in hyps], smoothing, eos
-    )
+    return answer_statistics(refs, hyps, smoothing, eos)
 
 
 def test_metrics_equal_their_reference_libraries():
@@ -285,3 +284,74 @@ def test_inputs_that_used_to_crash_or_mislead(files, tmp_path, capsys):
     report = json.loads((one / "report.json").read_text())
     assert "skipped" in report["bootstrap"] and "ci" not in report["systems"]["ours"]
     assert "No intervals: 1 questions" in (one / "report.md").read_text()
+
+
+def _random_pairs(count: int, seed: int = 0) -> list[tuple[str, str]]:
+    """Texts over a small vocabulary (so n-grams repeat and match), from empty to 600 words."""
+    import random
+
+    rng = random.Random(seed)
+    words = "the a of cell gene is rare pain fever , . ( ) treatment may cause 5,000 people".split()
+    lengths = [0, 1, 2, 3, 5, 40, 600]
+    return [
+        tuple(" ".join(rng.choices(words, k=rng.choice(lengths))) for _ in range(2))
+        for _ in range(count)
+    ]
+
+
+def test_rouge_with_the_fast_lcs_equals_rouge_score():
+    from rouge_score import rouge_scorer
+
+    from megatron_yuyuan.eval.metrics import RougeF1
+
+    for stem in (False, True):
+        ours = RougeF1(stem)
+        scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=stem)
+        for ref, hyp in _random_pairs(150):
+            want = scorer.score(ref, hyp)
+            got = ours(ref, hyp)
+            assert got == [want[k].fmeasure for k in ("rouge1", "rouge2", "rougeL")], (ref, hyp)
+
+
+@pytest.mark.parametrize("method", [f"method{i}" for i in (0, 1, 2, 3, 4, 5, 7)])  # 6: see below
+def test_bleu_from_counts_equals_nltk_for_every_smoothing(method):
+    from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu, sentence_bleu
+
+    from megatron_yuyuan.eval.bleu import VARIANTS, bleu_report, bleu_weights, pair_bleus
+    from megatron_yuyuan.eval.bleu import pair_counts as counts_of
+
+    fn = getattr(SmoothingFunction(), method)
+    pairs = [(tokenize(r), tokenize(h)) for r, h in _random_pairs(60, seed=1)]
+    counts = np.asarray([counts_of(r, h) for r, h in pairs], np.float64)
+    sentence = np.asarray([pair_bleus(c, fn, r, h) for c, (r, h) in zip(counts, pairs)])
+    report = bleu_report(sentence, counts, fn, pairs[-1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for col, (kind, n) in enumerate(VARIANTS):
+            w = bleu_weights(n, kind)
+            want = [sentence_bleu([r], h, weights=w, smoothing_function=fn) for r, h in pairs]
+            assert sentence[:, col].tolist() == pytest.approx(want, abs=1e-12, rel=1e-12)
+            corpus = corpus_bleu([[r] for r, _ in pairs], [h for _, h in pairs], w, fn)
+            assert report["corpus"][kind][n] == pytest.approx(corpus, abs=1e-12, rel=1e-12)
+
+
+def test_smoothing_method6_is_refused_in_one_line(tmp_path, capsys):
+    # nltk's method6 indexes the trigram precision even for BLEU-1: it cannot score this report
+    refs = tmp_path / "refs.jsonl"
+    refs.write_text(json.dumps({"id": "1", "answer": "a b c"}) + "\n")
+    args = ["--references", str(refs), "--predictions", f"x={refs}", "--out", str(tmp_path / "o")]
+    assert main([*args, "--smoothing", "method6"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error: ") == 1 and "--smoothing method6" in err and "Traceback" not in err
+
+
+def test_scoring_on_worker_processes_equals_scoring_in_process():
+    from megatron_yuyuan.eval.metrics import score_system
+
+    refs, hyps = zip(*_random_pairs(130, seed=2))
+    one = score_system(list(refs), list(hyps), "method1", workers=1, chunk=40)
+    two = score_system(list(refs), list(hyps), "method1", workers=2, chunk=40)
+    assert one.bleu == two.bleu and one.sacrebleu == two.sacrebleu
+    for key, stat in one.statistics.items():
+        if stat is not None:
+            assert np.array_equal(stat.stats, two.statistics[key].stats), key

@@ -64,6 +64,12 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--rouge-stem", action="store_true", help="Porter-stem words before ROUGE")
     g.add_argument(
+        "--workers",
+        type=non_negative_int,
+        default=0,
+        help="processes that score the answers (default 0: one per CPU core, at most 8)",
+    )
+    g.add_argument(
         "--examples",
         type=non_negative_int,
         default=20,
@@ -90,6 +96,7 @@ def eval_options_from_args(args: argparse.Namespace):
         bootstrap=args.bootstrap,
         seed=args.bootstrap_seed,
         examples=args.examples,
+        workers=args.workers,
     )
     opts.check()
     return opts

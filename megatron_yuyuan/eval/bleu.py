@@ -5,13 +5,23 @@
 * BLEU-n **cumulative**: nltk weights ``(1/n,) * n``; **individual**: weight 1 on n-grams of size n;
 * smoothing: none (nltk ``method0``) and one named ``SmoothingFunction`` method (``--smoothing``);
 * **sentence**: mean of ``sentence_bleu`` over questions; **corpus**: ``corpus_bleu``.
+
+Speed without a second implementation: each pair's n-gram counts are taken once with nltk's own
+``modified_precision`` and ``closest_ref_length`` (:func:`pair_counts`); every variant is then
+nltk's ``corpus_bleu`` final step (its smoothing function, ``brevity_penalty``, the weighted log
+sum) on those counts (:func:`bleu_from_counts`), which is what ``sentence_bleu`` (a one-pair
+``corpus_bleu``) and ``corpus_bleu`` (summed counts) compute. One variant costs a few Fraction
+operations instead of a pass over the n-grams; memory holds counts, not texts.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
-from typing import Optional, Sequence
+from typing import Sequence
+
+import numpy as np
 
 from megatron_yuyuan.errors import UserError
 
@@ -32,6 +42,69 @@ def bleu_weights(n: int, kind: str) -> tuple[float, ...]:
     return tuple(1.0 if i == n - 1 else 0.0 for i in range(n))
 
 
+VARIANTS = tuple((kind, n) for kind in KINDS for n in NS)
+"""The per-pair BLEU columns, in this order: cumulative 1..4, individual 1..4."""
+COUNTS = 2 * len(NS) + 2
+"""Per pair: n-gram matches (n = 1..4), n-grams of the answer (n = 1..4, at least 1 each, as nltk
+counts them), answer length, closest reference length."""
+
+
+def pair_counts(ref: list[str], hyp: list[str]) -> list[int]:
+    """nltk's BLEU counts of one tokenised pair (see :data:`COUNTS`)."""
+    from nltk.translate.bleu_score import closest_ref_length, modified_precision
+
+    p = [modified_precision([ref], hyp, n) for n in NS]
+    hyp_len = len(hyp)
+    return (
+        [x.numerator for x in p]
+        + [x.denominator for x in p]
+        + [
+            hyp_len,
+            closest_ref_length([ref], hyp_len),
+        ]
+    )
+
+
+def bleu_from_counts(
+    counts: Sequence[int], weights: tuple[float, ...], fn, ref: list[str], hyp: list[str]
+) -> float:
+    """nltk ``corpus_bleu(..., weights)``'s score from (summed) :func:`pair_counts`, exactly as a
+    call with these weights alone computes it: precisions up to ``len(weights)``, smoothed by
+    ``fn``, which nltk hands the last pair's reference and answer (``ref``, ``hyp``)."""
+    from nltk.translate.bleu_score import Fraction, brevity_penalty
+
+    k, half = len(weights), len(NS)
+    if counts[0] == 0:  # no unigram matches: nltk returns 0 before smoothing
+        return 0.0
+    p_n = [Fraction(int(counts[i]), int(counts[half + i]), _normalize=False) for i in range(k)]
+    hyp_len, ref_len = int(counts[2 * half]), int(counts[2 * half + 1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # nltk warns on zero n-gram overlaps, which are expected
+        p_n = fn(p_n, references=[ref], hypothesis=hyp, hyp_len=hyp_len)
+    bp = brevity_penalty(ref_len, hyp_len)
+    return bp * math.exp(math.fsum(w * math.log(p) for w, p in zip(weights, p_n) if p > 0))
+
+
+def pair_bleus(counts: Sequence[int], fn, ref: list[str], hyp: list[str]) -> list[float]:
+    """Sentence BLEU of one pair for every :data:`VARIANTS` column."""
+    return [bleu_from_counts(counts, bleu_weights(n, kind), fn, ref, hyp) for kind, n in VARIANTS]
+
+
+def bleu_report(
+    sentence: np.ndarray, counts: np.ndarray, fn, last: tuple[list[str], list[str]]
+) -> dict:
+    """{level: {kind: {n: score}}} from per-pair sentence BLEUs ``[questions, len(VARIANTS)]`` and
+    BLEU counts ``[questions, COUNTS]``; ``last``: the last pair's tokens (nltk's corpus smoothing
+    sees them)."""
+    total = counts.sum(axis=0) if len(counts) else np.zeros(COUNTS)
+    out: dict = {level: {kind: {} for kind in KINDS} for level in LEVELS}
+    for col, (kind, n) in enumerate(VARIANTS):
+        scores = sentence[:, col].tolist()
+        out["sentence"][kind][n] = sum(scores) / len(scores) if scores else 0.0
+        out["corpus"][kind][n] = bleu_from_counts(total, bleu_weights(n, kind), fn, *last)
+    return out
+
+
 def smoothing_function(name: str):
     from nltk.translate.bleu_score import SmoothingFunction
 
@@ -41,52 +114,3 @@ def smoothing_function(name: str):
             f"--smoothing {name!r}: use an nltk SmoothingFunction method (method0..method7)"
         )
     return fn
-
-
-def sentence_bleus(
-    refs: Sequence[list[str]], hyps: Sequence[list[str]], smoothing: str, kind: str = "cumulative"
-) -> dict[int, list[float]]:
-    """{n: [sentence BLEU-n of each pair]} for tokenised references and hypotheses."""
-    from nltk.translate.bleu_score import sentence_bleu
-
-    fn = smoothing_function(smoothing)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # nltk warns on zero n-gram overlaps, which are expected
-        return {
-            n: [
-                sentence_bleu([r], h, weights=bleu_weights(n, kind), smoothing_function=fn)
-                for r, h in zip(refs, hyps)
-            ]
-            for n in NS
-        }
-
-
-def bleu_scores(
-    refs: Sequence[list[str]],
-    hyps: Sequence[list[str]],
-    smoothing: str,
-    cumulative: Optional[dict[int, list[float]]] = None,
-) -> dict:
-    """{level: {kind: {n: score}}}: sentence averages and corpus BLEU, cumulative and individual.
-    ``cumulative``: the per-pair cumulative sentence BLEU when already computed (not redone)."""
-    from nltk.translate.bleu_score import corpus_bleu
-
-    fn = smoothing_function(smoothing)
-    out: dict = {level: {kind: {} for kind in KINDS} for level in LEVELS}
-    for kind in KINDS:
-        if kind == "cumulative" and cumulative is not None:
-            per_pair = cumulative
-        else:
-            per_pair = sentence_bleus(refs, hyps, smoothing, kind)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            for n in NS:
-                scores = per_pair[n]
-                out["sentence"][kind][n] = sum(scores) / len(scores) if scores else 0.0
-                out["corpus"][kind][n] = corpus_bleu(
-                    [[r] for r in refs],
-                    list(hyps),
-                    weights=bleu_weights(n, kind),
-                    smoothing_function=fn,
-                )
-    return out

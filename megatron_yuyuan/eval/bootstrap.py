@@ -9,7 +9,7 @@ differences excludes 0 (two-sided, alpha = 0.05), as in Koehn (2004) and sacreBL
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 
@@ -18,18 +18,25 @@ from megatron_yuyuan.eval.metrics import Statistic
 ALPHA = 0.05
 
 
-def resample_counts(questions: int, resamples: int, seed: int) -> np.ndarray:
-    """[resamples, questions]: how often each question is drawn in each resample."""
+RESAMPLES_PER_BLOCK = 64
+"""Resamples drawn at once: their [block, questions] count matrix is the bootstrap's memory
+(64 x 50,000 questions: 25 MB), whatever ``resamples`` is."""
+
+
+def resample_blocks(questions: int, resamples: int, seed: int) -> Iterator[np.ndarray]:
+    """[block, questions] arrays: how often each question is drawn in each resample, for
+    ``resamples`` resamples in blocks of :data:`RESAMPLES_PER_BLOCK`. One seeded generator draws
+    the questions in order, so the draws are those of a single ``[resamples, questions]`` call."""
     rng = np.random.default_rng(seed)
-    idx = rng.integers(0, questions, size=(resamples, questions))  # [B, n]
-    counts = np.zeros((resamples, questions), dtype=np.float64)
-    np.add.at(counts, (np.arange(resamples)[:, None], idx), 1.0)
-    return counts
+    for start in range(0, resamples, RESAMPLES_PER_BLOCK):
+        block = min(RESAMPLES_PER_BLOCK, resamples - start)
+        idx = rng.integers(0, questions, size=(block, questions))  # [b, n]
+        yield np.stack([np.bincount(row, minlength=questions) for row in idx]).astype(np.float64)
 
 
 def resampled(stat: Statistic, counts: np.ndarray) -> np.ndarray:
-    """[B] metric values, one per resample."""
-    return stat.reduce(counts @ stat.stats)  # [B, n] @ [n, k] -> [B, k] -> [B]
+    """[b] metric values, one per resample of ``counts`` [b, n]."""
+    return stat.reduce(counts @ stat.stats)  # [b, n] @ [n, k] -> [b, k] -> [b]
 
 
 def interval(values: np.ndarray) -> list[float]:
@@ -48,11 +55,14 @@ def paired_bootstrap(
     two-sided bootstrap p-value."""
     first = next(iter(systems.values()))
     questions = next(s for s in first.values() if s is not None).stats.shape[0]
-    counts = resample_counts(questions, resamples, seed)
-    samples = {
-        name: {m: resampled(s, counts) for m, s in stats.items() if s is not None}
-        for name, stats in systems.items()
+    parts: dict[str, dict[str, list[np.ndarray]]] = {
+        name: {m: [] for m, s in stats.items() if s is not None} for name, stats in systems.items()
     }
+    for counts in resample_blocks(questions, resamples, seed):
+        for name, stats in systems.items():
+            for m, values in parts[name].items():
+                values.append(resampled(stats[m], counts))
+    samples = {name: {m: np.concatenate(v) for m, v in per.items()} for name, per in parts.items()}
     ci = {name: {m: interval(v) for m, v in per.items()} for name, per in samples.items()}
     versus: dict = {}
     if baseline is not None:

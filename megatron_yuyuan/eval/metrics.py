@@ -22,12 +22,21 @@ is ``(numerator, denominator)`` summed, chrF sums sacrebleu's character n-gram c
 
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from megatron_yuyuan.eval.bleu import NS, sentence_bleus
+from megatron_yuyuan.eval.bleu import (
+    NS,
+    VARIANTS,
+    bleu_report,
+    pair_bleus,
+    pair_counts,
+    smoothing_function,
+    tokenize,
+)
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 
@@ -65,32 +74,62 @@ def mean_statistic(values: Sequence[float], weights: Optional[Sequence[float]] =
     return Statistic(np.stack([v * w, w], axis=1), _ratio)
 
 
-def rouge_f1s(refs: Sequence[str], hyps: Sequence[str], stem: bool = False) -> dict[str, list]:
-    """{rouge type: [F1 of each pair]}."""
-    from rouge_score import rouge_scorer
+def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
+    """Length of the longest common subsequence of two token lists: the value at the corner of
+    rouge_score's ``len(a) x len(b)`` table, computed bit-parallel (Crochemore et al. 2001): one
+    big-integer step per token of ``a``, the positions of ``b`` as bits. A 500 x 500-word pair
+    takes microseconds instead of the table's quarter-million Python steps."""
+    if not a or not b:
+        return 0
+    where: dict[str, int] = {}
+    for i, token in enumerate(b):
+        where[token] = where.get(token, 0) | (1 << i)
+    full = (1 << len(b)) - 1
+    v = full  # a 0 bit marks a column where the LCS grew
+    for token in a:
+        u = v & where.get(token, 0)
+        v = ((v + u) | (v - u)) & full
+    return len(b) - v.bit_count()
 
-    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=stem)
-    out: dict[str, list] = {key: [] for key in ROUGE_TYPES}
-    for ref, hyp in zip(refs, hyps):
-        scores = scorer.score(ref, hyp)  # (target, prediction)
-        for key in ROUGE_TYPES:
-            out[key].append(scores[key].fmeasure)
-    return out
+
+class RougeF1:
+    """ROUGE-1/2/L F1 of rouge_score (Google's reference implementation): its tokeniser (and
+    stemmer), its n-gram scoring; ROUGE-L's LCS by :func:`lcs_length`."""
+
+    def __init__(self, stem: bool = False) -> None:
+        from rouge_score import tokenizers
+
+        self.tokenizer = tokenizers.DefaultTokenizer(use_stemmer=stem)
+
+    def __call__(self, ref: str, hyp: str) -> list[float]:
+        """[rouge1, rouge2, rougeL] F1 of one pair."""
+        from rouge_score import rouge_scorer, scoring
+
+        target, prediction = self.tokenizer.tokenize(ref), self.tokenizer.tokenize(hyp)
+        out = [
+            rouge_scorer._score_ngrams(
+                rouge_scorer._create_ngrams(target, n), rouge_scorer._create_ngrams(prediction, n)
+            ).fmeasure
+            for n in (1, 2)
+        ]
+        if not target or not prediction:
+            return [*out, 0.0]
+        lcs = lcs_length(target, prediction)
+        return [*out, scoring.fmeasure(lcs / len(prediction), lcs / len(target))]
 
 
-def chrf_statistic(refs: Sequence[str], hyps: Sequence[str]) -> Statistic:
-    """Corpus chrF from sacrebleu's own per-sentence counts (what its paired bootstrap sums)."""
+def _chrf():
     from sacrebleu.metrics import CHRF
 
-    metric = CHRF()
-    stats = np.asarray(metric._extract_corpus_statistics(list(hyps), [list(refs)]), np.float64)
+    return CHRF()
 
-    def reduce(sums: np.ndarray) -> np.ndarray:
-        flat = sums.reshape(-1, sums.shape[-1])
-        scores = [metric._compute_score_from_stats(list(row)).score / 100.0 for row in flat]
-        return np.asarray(scores).reshape(sums.shape[:-1])
 
-    return Statistic(stats, reduce)
+def _chrf_reduce(sums: np.ndarray) -> np.ndarray:
+    """Corpus chrF of summed sacrebleu chrF statistics [..., k] -> [...]."""
+    metric = _chrf()
+    flat = sums.reshape(-1, sums.shape[-1])
+    scores = [metric._compute_score_from_stats(list(row)).score / 100.0 for row in flat]
+    return np.asarray(scores).reshape(sums.shape[:-1])
 
 
 def repetition(tokens: list[str], n: int = 4) -> Optional[float]:
@@ -99,29 +138,118 @@ def repetition(tokens: list[str], n: int = 4) -> Optional[float]:
     return 1.0 - len(set(grams)) / len(grams) if grams else None
 
 
+def pair_statistics(
+    refs: Sequence[str], hyps: Sequence[str], smoothing: str, stem: bool = False
+) -> dict[str, np.ndarray]:
+    """Every per-question statistic of these pairs (one chunk of the questions), by kind:
+    ``[pairs, k]`` arrays; the texts are not kept."""
+    from sacrebleu.metrics import BLEU
+
+    smoothed, unsmoothed = smoothing_function(smoothing), smoothing_function("method0")
+    rouge = RougeF1(stem)
+    rows: dict[str, list] = {k: [] for k in ("bleu", "bleu_unsmoothed", "bleu_counts", "rouge")}
+    rows |= {"lengths": [], "repetition": []}
+    for ref, hyp in zip(refs, hyps):
+        r, h = tokenize(ref), tokenize(hyp)
+        counts = pair_counts(r, h)
+        rows["bleu_counts"].append(counts)
+        rows["bleu"].append(pair_bleus(counts, smoothed, r, h))
+        rows["bleu_unsmoothed"].append(pair_bleus(counts, unsmoothed, r, h))
+        rows["rouge"].append(rouge(ref, hyp))
+        rows["lengths"].append((len(h), len(r)))
+        rep = repetition(h)
+        rows["repetition"].append((rep or 0.0, float(rep is not None)))
+    out = {k: np.asarray(v, np.float64).reshape(len(refs), -1) for k, v in rows.items()}
+    for key, metric in (("chrf", _chrf()), ("sacrebleu", BLEU())):
+        stats = metric._extract_corpus_statistics(list(hyps), [list(refs)])
+        out[key] = np.asarray(stats, np.float64).reshape(len(refs), -1)
+    return out
+
+
+def _pair_statistics_job(job: tuple) -> dict[str, np.ndarray]:
+    return pair_statistics(*job)
+
+
+def _run_jobs(jobs: list[tuple], workers: int) -> Iterator[dict[str, np.ndarray]]:
+    """:func:`pair_statistics` of each job, in order; on a pool of fresh (spawned) processes when
+    ``workers > 1``, with at most two jobs per worker in flight."""
+    if workers <= 1 or len(jobs) < 2:
+        yield from map(_pair_statistics_job, jobs)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    context = multiprocessing.get_context("spawn")  # no fork of a process that may run threads
+    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context) as pool:
+        pending = collections.deque()
+        for job in jobs:
+            pending.append(pool.submit(_pair_statistics_job, job))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+@dataclass
+class SystemScores:
+    """One system's scores: the bootstrappable statistics and the BLEU tables of the report."""
+
+    statistics: dict[str, Optional[Statistic]]
+    """Every metric of ``report.json``'s ``metrics``, as per-question statistics."""
+    bleu: dict
+    """``{"smoothed" | "unsmoothed": {level: {kind: {n: score}}}}``."""
+    sacrebleu: float
+    """sacreBLEU's corpus BLEU (its own tokeniser), divided by 100."""
+
+
+def score_system(
+    refs: Sequence[str],
+    hyps: Sequence[str],
+    smoothing: str,
+    finished_at_eos: Optional[Sequence[bool]] = None,
+    stem: bool = False,
+    workers: int = 1,
+    chunk: int = 500,
+) -> SystemScores:
+    """Score one system's answers ``chunk`` pairs at a time, on ``workers`` processes when there
+    is more than one chunk: memory holds the per-question statistics (a few dozen numbers each),
+    never every pair's tokens."""
+    from sacrebleu.metrics import BLEU
+
+    jobs = [
+        (refs[i : i + chunk], hyps[i : i + chunk], smoothing, stem)
+        for i in range(0, len(refs), chunk)
+    ]
+    parts = list(_run_jobs(jobs, workers))
+    arr = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    out: dict[str, Optional[Statistic]] = {}
+    for suffix, key in (("", "bleu"), ("_unsmoothed", "bleu_unsmoothed")):
+        for n in NS:
+            out[f"bleu{n}{suffix}"] = mean_statistic(arr[key][:, VARIANTS.index(("cumulative", n))])
+    for col, key in enumerate(ROUGE_TYPES):
+        out[key] = mean_statistic(arr["rouge"][:, col])
+    out["chrf"] = Statistic(arr["chrf"], _chrf_reduce)
+    out["length_ratio"] = Statistic(arr["lengths"], _ratio)
+    out["eos_rate"] = None if finished_at_eos is None else mean_statistic(finished_at_eos)
+    out["repetition_4gram"] = mean_statistic(arr["repetition"][:, 0], arr["repetition"][:, 1])
+    last = (tokenize(refs[-1]), tokenize(hyps[-1]))
+    bleu = {
+        label: bleu_report(arr[key], arr["bleu_counts"], smoothing_function(method), last)
+        for label, key, method in (
+            ("unsmoothed", "bleu_unsmoothed", "method0"),
+            ("smoothed", "bleu", smoothing),
+        )
+    }
+    sacre = BLEU()._compute_score_from_stats(list(arr["sacrebleu"].sum(axis=0))).score / 100.0
+    return SystemScores(out, bleu, sacre)
+
+
 def answer_statistics(
     refs: Sequence[str],
     hyps: Sequence[str],
-    ref_tokens: Sequence[list[str]],
-    hyp_tokens: Sequence[list[str]],
     smoothing: str,
     finished_at_eos: Optional[Sequence[bool]] = None,
     stem: bool = False,
 ) -> dict[str, Optional[Statistic]]:
-    """Every metric above for one system, keyed as in ``report.json``."""
-    out: dict[str, Optional[Statistic]] = {}
-    for suffix, method in (("", smoothing), ("_unsmoothed", "method0")):
-        per_pair = sentence_bleus(ref_tokens, hyp_tokens, method)
-        for n in NS:
-            out[f"bleu{n}{suffix}"] = mean_statistic(per_pair[n])
-    for key, values in rouge_f1s(refs, hyps, stem).items():
-        out[key] = mean_statistic(values)
-    out["chrf"] = chrf_statistic(refs, hyps)
-    lengths = [(len(h), len(r)) for h, r in zip(hyp_tokens, ref_tokens)]
-    out["length_ratio"] = Statistic(np.asarray(lengths, np.float64).reshape(-1, 2), _ratio)
-    out["eos_rate"] = None if finished_at_eos is None else mean_statistic(finished_at_eos)
-    reps = [repetition(t) for t in hyp_tokens]
-    out["repetition_4gram"] = mean_statistic(
-        [r or 0.0 for r in reps], [r is not None for r in reps]
-    )
-    return out
+    """Every metric above for one system, keyed as in ``report.json`` (in this process)."""
+    return score_system(refs, hyps, smoothing, finished_at_eos, stem).statistics

@@ -129,9 +129,16 @@ def _md_cell(text: str, limit: int = 1500) -> str:
     return text if len(text) <= limit else text[:limit] + f" … ({len(text) - limit} more chars)"
 
 
-def examples(refs: list[dict], answers: dict[str, list[str]], n: int, seed: int) -> str:
-    """``n`` random questions (seeded), each with the reference and every system's answer."""
-    picked = sorted(random.Random(seed).sample(range(len(refs)), min(n, len(refs))))
+def example_rows(questions: int, n: int, seed: int) -> list[int]:
+    """The ``n`` random questions (seeded) that ``examples.md`` shows."""
+    return sorted(random.Random(seed).sample(range(questions), min(n, questions)))
+
+
+def examples(
+    refs: list[dict], answers: dict[str, dict[int, str]], picked: list[int], seed: int
+) -> str:
+    """The questions ``picked`` (:func:`example_rows`), each with the reference and every
+    system's answer (``answers[system][question]``)."""
     out = [
         f"# {len(picked)} random questions of {len(refs)} (seed {seed}), answers side by side",
         "",

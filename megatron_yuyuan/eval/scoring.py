@@ -9,6 +9,7 @@ in :mod:`.bleu` and :mod:`.metrics`, the intervals in :mod:`.bootstrap`, the fil
 from __future__ import annotations
 
 import json
+import os
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +19,9 @@ from megatron_yuyuan.data.manifest import check_member
 from megatron_yuyuan.errors import DataError, UserError
 from megatron_yuyuan.eval import report as render
 from megatron_yuyuan.eval.baselines import BASELINES, baseline_answers
-from megatron_yuyuan.eval.bleu import NS, bleu_scores, smoothing_function, tokenize
+from megatron_yuyuan.eval.bleu import smoothing_function
 from megatron_yuyuan.eval.bootstrap import paired_bootstrap
-from megatron_yuyuan.eval.metrics import answer_statistics
+from megatron_yuyuan.eval.metrics import score_system
 from megatron_yuyuan.files import claim_outputs, read_jsonl, write_jsonl, write_text_atomic
 from megatron_yuyuan.prompts import extract_answer
 
@@ -47,10 +48,18 @@ class EvalOptions:
     """Seed of the bootstrap draws and of the example questions."""
     examples: int = 20
     """Random questions shown with every system's answer in ``examples.md`` (0: none)."""
+    workers: int = 0
+    """Processes that score the answers (0: one per CPU core, at most 8); inputs of
+    500 questions or fewer are scored in this process."""
 
     def check(self) -> None:
         """Every option error before any work."""
         smoothing_function(self.smoothing)
+        if self.smoothing == "method6":  # nltk's method6 reads p_3: IndexError on BLEU-1 and -2
+            raise UserError(
+                "--smoothing method6: nltk's method6 needs trigram precisions and fails on BLEU-1 "
+                "and BLEU-2; choose another method (method1 is the usual one)"
+            )
         unknown = [b for b in self.baselines if b not in BASELINES]
         if unknown:
             raise UserError(f"--baselines {unknown[0]!r}: choose from {', '.join(BASELINES)}")
@@ -67,6 +76,7 @@ class EvalOptions:
             ("bootstrap", "--bootstrap"),
             ("examples", "--examples"),
             ("seed", "--bootstrap-seed"),
+            ("workers", "--workers"),
         ):
             if getattr(self, name) < 0:
                 raise UserError(f"{flag}: must be >= 0, got {getattr(self, name)}")
@@ -207,8 +217,6 @@ def evaluate(
     opts: Optional[EvalOptions] = None,
 ) -> dict:
     """Score every system and baseline; write the report files into ``out_dir``."""
-    import sacrebleu
-
     opts = opts or EvalOptions()
     opts.check()
     # a dataset's split file (beside its P_meta.json) must match the manifest: after an
@@ -231,7 +239,6 @@ def evaluate(
     paths = {**systems, **baselines}
 
     ref_text = [r["answer"] for r in refs]
-    ref_tok = [tokenize(t) for t in ref_text]
     qtypes = [str(r.get("qtype", "all")) for r in refs]
     groups = defaultdict(list)
     for i, q in enumerate(qtypes):
@@ -247,37 +254,27 @@ def evaluate(
         "systems": {},
     }
     statistics = {}
+    # examples.md shows a few questions: only their answers are kept once a system is scored
+    shown = render.example_rows(len(refs), opts.examples, opts.seed)
+    workers = opts.workers or min(8, os.cpu_count() or 1)
     answers = {}
-    for name, rows in predictions.items():
+    for name in list(predictions):
+        rows = predictions.pop(name)  # scored, then dropped: one system's texts in memory
         hyps = [prediction_text(r, paths[name]) for r in rows]
         check_lengths(ref_text, hyps, paths[name])
-        answers[name] = hyps
-        hyp_tok = [tokenize(h) for h in hyps]
-        stats = answer_statistics(
-            ref_text,
-            hyps,
-            ref_tok,
-            hyp_tok,
-            opts.smoothing,
-            finished_at_eos(rows),
-            opts.rouge_stem,
+        answers[name] = {i: hyps[i] for i in shown}
+        scores = score_system(
+            ref_text, hyps, opts.smoothing, finished_at_eos(rows), opts.rouge_stem, workers
         )
-        statistics[name] = stats
+        del rows, hyps
+        stats = statistics[name] = scores.statistics
         entry = {
             "predictions": str(paths[name]),
             "baseline": name in baselines,
             "metrics": {m: (None if s is None else s.value()) for m, s in stats.items()},
-            # the cumulative sentence BLEU of the metrics above, not computed again
-            "unsmoothed": bleu_scores(
-                ref_tok,
-                hyp_tok,
-                "method0",
-                {n: stats[f"bleu{n}_unsmoothed"].per_question() for n in NS},
-            ),
-            "smoothed": bleu_scores(
-                ref_tok, hyp_tok, opts.smoothing, {n: stats[f"bleu{n}"].per_question() for n in NS}
-            ),
-            "sacrebleu": sacrebleu.corpus_bleu(hyps, [ref_text]).score / 100.0,
+            "unsmoothed": scores.bleu["unsmoothed"],
+            "smoothed": scores.bleu["smoothed"],
+            "sacrebleu": scores.sacrebleu,
             "by_qtype": {},
         }
         for q, idx in sorted(groups.items()):
@@ -299,8 +296,6 @@ def evaluate(
                 entry["vs_baseline"] = versus[name]
     write_text_atomic(out_dir / "report.json", json.dumps(report, indent=1))
     write_text_atomic(out_dir / "report.md", render.markdown(report))
-    write_text_atomic(
-        out_dir / "examples.md", render.examples(refs, answers, opts.examples, opts.seed)
-    )
+    write_text_atomic(out_dir / "examples.md", render.examples(refs, answers, shown, opts.seed))
     render.plot_by_qtype(report, out_dir / "bleu_by_qtype.png")
     return report
