@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import write_gpt2
+from slow_server import WordTokenizer
 
 httpx = pytest.importorskip("httpx")
 
@@ -359,16 +360,6 @@ class SlowEngine:
         return out
 
 
-class WordTokenizer:
-    eod = 0
-
-    def encode(self, text):
-        return [1] * len(text.split())
-
-    def decode(self, ids):
-        return " x" * len(ids)
-
-
 def test_full_queue_answers_503_with_retry_after():
     from fastapi.testclient import TestClient
 
@@ -525,3 +516,151 @@ def test_a_chunked_body_is_read_no_further_than_the_limit():
     with pytest.raises(APIError) as err:
         asyncio.run(read_limited(StarletteRequest(scope, receive)))
     assert err.value.status == 413 and len(served) <= MAX_BODY_BYTES // (1 << 20) + 1
+
+
+# --- a server that strangers can reach: shutdown, idle and slow connections ----------------------
+class SlowServer(Server):
+    """``tests/slow_server.py``: the real HTTP layer over an engine taking 50 ms per token."""
+
+    def __init__(self, log: Path, head_timeout_s: float = 2.0, grace_s: float = 30.0) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        script = Path(__file__).with_name("slow_server.py")
+        self.proc = subprocess.Popen(
+            [sys.executable, str(script), str(self.port), str(head_timeout_s), str(grace_s)],
+            stdout=log.open("w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        self.stop()
+        raise AssertionError(f"server did not start:\n{log.read_text()[-3000:]}")
+
+    def answered_within(self, seconds: float = 5.0) -> bool:
+        """A normal request still gets its answer in time."""
+        r = httpx.post(
+            self.url + "/api/answer", json={"question": "a b", "max_new_tokens": 2}, timeout=seconds
+        )
+        return r.status_code == 200 and r.json()["tokens"] == 2
+
+
+async def _ask(url: str, tokens: int) -> httpx.Response:
+    async with httpx.AsyncClient(timeout=60) as client:
+        return await client.post(
+            url + "/api/answer", json={"question": "a b", "max_new_tokens": tokens}
+        )
+
+
+def test_sigterm_finishes_the_running_request_and_refuses_the_queued_ones(tmp_path):
+    server = SlowServer(tmp_path / "log")
+
+    async def scenario():
+        running = asyncio.create_task(_ask(server.url, 40))  # 2 s of generation
+        await asyncio.sleep(0.3)
+        queued = [asyncio.create_task(_ask(server.url, 40)) for _ in range(5)]
+        await asyncio.sleep(0.3)
+        started = time.time()
+        os.kill(server.proc.pid, signal.SIGTERM)
+        replies = await asyncio.gather(*queued)
+        refused_after = time.time() - started
+        return await running, replies, refused_after
+
+    running, queued, refused_after = asyncio.run(scenario())
+    assert [r.status_code for r in queued] == [503] * 5 and refused_after < 1.0
+    assert all(r.headers["retry-after"] == "1" and "shutting down" in r.text for r in queued)
+    assert running.status_code == 200 and running.json()["tokens"] == 40  # finished, not cut
+    assert server.proc.wait(timeout=10) == 0
+    assert "server stopped" in server.log.read_text()
+
+
+def test_a_second_sigterm_stops_waiting_for_the_running_request(tmp_path):
+    server = SlowServer(tmp_path / "log", grace_s=60)
+
+    async def scenario():
+        running = asyncio.create_task(_ask(server.url, 1000))  # 50 s of generation
+        await asyncio.sleep(0.5)
+        os.kill(server.proc.pid, signal.SIGTERM)
+        await asyncio.sleep(0.5)
+        started = time.time()
+        os.kill(server.proc.pid, signal.SIGTERM)
+        code = await asyncio.get_running_loop().run_in_executor(None, server.proc.wait, 20)
+        try:
+            await running
+        except httpx.HTTPError:
+            pass  # the connection ends with the server
+        return code, time.time() - started
+
+    code, stopped_after = asyncio.run(scenario())
+    assert code == 0 and stopped_after < 5, (code, stopped_after)
+
+
+def test_idle_and_slow_header_connections_are_closed_and_the_server_keeps_answering(tmp_path):
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1300:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
+    server = SlowServer(tmp_path / "log", head_timeout_s=2.0)
+    idle = []
+    try:
+        for _ in range(1100):  # more than the usual 1,024 descriptor limit
+            idle.append(socket.create_connection(("127.0.0.1", server.port)))
+        drip = socket.create_connection(("127.0.0.1", server.port))
+        drip.sendall(b"POST /api/answer HTTP/1.1\r\nHost: x\r\n")
+        assert server.answered_within(5)
+        started = time.time()
+        while time.time() - started < 4:  # a header byte every 0.2 s: never a complete head
+            drip.sendall(b"X")
+            time.sleep(0.2)
+            drip.settimeout(0.01)
+            try:
+                if drip.recv(1) == b"":
+                    break
+            except (socket.timeout, BlockingIOError):
+                pass
+            except ConnectionResetError:
+                break
+        else:
+            raise AssertionError("a connection dripping its header was never closed")
+        for s in idle[:50]:
+            s.settimeout(5)
+            assert s.recv(1) == b""  # closed by the server after the head deadline
+        assert server.answered_within(5)
+    finally:
+        for s in idle:
+            s.close()
+        assert server.stop() == 0
+    log = server.log.read_text()
+    assert len(log) < 20_000 and "Too many open files" not in log, log[-2000:]
+
+
+def test_repeated_accept_errors_are_logged_once_per_interval():
+    import logging
+
+    from megatron_yuyuan.serve.http import _RepeatFilter
+
+    logger = logging.getLogger("test_repeat_filter")
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    logger.addHandler(Keep())
+    logger.propagate = False
+    logger.addFilter(_RepeatFilter(every_s=0.5))
+    for _ in range(1000):
+        logger.error("socket.accept() out of system resource")
+    time.sleep(0.6)
+    logger.error("socket.accept() out of system resource")
+    logger.error("something else")
+    assert records[0] == "socket.accept() out of system resource"
+    assert records[1].startswith("socket.accept() out of system resource (999 more like it")
+    assert records[2:] == ["something else"]

@@ -19,7 +19,13 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from megatron_yuyuan.cli import ArgumentParser, positive_int, run_cli
+from megatron_yuyuan.cli import (
+    ArgumentParser,
+    non_negative_float,
+    positive_float,
+    positive_int,
+    run_cli,
+)
 from megatron_yuyuan.cli.generate import add_model_arguments, generator_from_args
 from megatron_yuyuan.errors import UserError
 
@@ -83,6 +89,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         help="an idle keep-alive connection is closed after this many seconds",
     )
     p.add_argument(
+        "--request-head-timeout-s",
+        type=positive_float,
+        default=10.0,
+        help="a connection that sends no complete request head within this many seconds (of "
+        "connecting, or of its last answer) is closed: idle and slow-header clients",
+    )
+    p.add_argument(
+        "--shutdown-grace-s",
+        type=non_negative_float,
+        default=30.0,
+        help="on SIGTERM / Ctrl-C: queued requests get 503 at once, running ones may finish "
+        "within this many seconds; a second signal stops at once",
+    )
+    p.add_argument(
         "--log-level",
         default="warning",
         choices=["critical", "error", "warning", "info", "debug", "trace"],
@@ -123,11 +143,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def serve(generator, args) -> int:
-    import uvicorn
-
     from megatron_yuyuan.serve.app import ServedModel, create_app
     from megatron_yuyuan.serve.batcher import Batcher
     from megatron_yuyuan.serve.engine import Engine
+    from megatron_yuyuan.serve.http import run_server
 
     source = args.load or args.hf_dir
     path = Path(source).resolve()
@@ -166,16 +185,19 @@ def serve(generator, args) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
     try:
-        uvicorn.run(
+        run_server(
             app,
             host=args.host,
             port=args.port,
             log_level=args.log_level,
-            limit_concurrency=args.max_connections,  # beyond it: 503, not exhausted descriptors
-            timeout_keep_alive=args.keep_alive_s,
+            max_connections=args.max_connections,
+            keep_alive_s=args.keep_alive_s,
+            head_timeout_s=args.request_head_timeout_s,
+            grace_s=args.shutdown_grace_s,
+            on_signal=batcher.drain,
         )
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C stops a stuck shutdown
+        for sig in (signal.SIGINT, signal.SIGTERM):  # another signal now stops a stuck exit
             signal.signal(sig, signal.SIG_DFL)
         eng.shutdown()  # the followers leave their loop
     print("> server stopped", flush=True)

@@ -217,6 +217,17 @@ class GenerationFailed(Exception):
     """The engine failed on a batch (a server fault, not the client's)."""
 
 
+class ShuttingDown(GenerationFailed):
+    """A queued request that the server refused when it began to shut down (503)."""
+
+
+def failed(exc: GenerationFailed) -> APIError:
+    """The HTTP error of a request whose generation did not happen."""
+    if isinstance(exc, ShuttingDown):
+        return APIError(503, str(exc), headers={"Retry-After": "1"})
+    return APIError(500, f"generation failed: {exc}")
+
+
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: Optional[str] = None, headers=None):
         self.status, self.message, self.param, self.headers = status, message, param, headers
@@ -392,7 +403,9 @@ def create_app(
         if batcher.room() < len(jobs):
             raise APIError(
                 503,
-                "the server is busy: too many requests waiting; retry shortly",
+                "the server is shutting down; retry shortly"
+                if batcher.draining
+                else "the server is busy: too many requests waiting; retry shortly",
                 headers={"Retry-After": "1"},
             )
         requests = [Request(prompt, cfg, tokens) for prompt, cfg in jobs]
@@ -433,6 +446,8 @@ def create_app(
                     return
                 elif kind == "error":
                     raise GenerationFailed(value)
+                elif kind == "unavailable":  # queued when the server began to shut down
+                    raise ShuttingDown(value)
         finally:
             request.cancel()
 
@@ -495,7 +510,7 @@ def create_app(
                 if ids is not None:
                     return result(ids)
         except GenerationFailed as exc:
-            raise APIError(500, f"generation failed: {exc}") from None
+            raise failed(exc) from None
         return JSONResponse({}, status_code=499)  # the client closed the request
 
     @app.post("/v1/completions")
@@ -586,7 +601,7 @@ def create_app(
                             }
                         )
         except GenerationFailed as exc:
-            raise APIError(500, f"generation failed: {exc}") from None
+            raise failed(exc) from None
         finally:
             cancel_all()
         if len(choices) < len(prompts):
@@ -687,7 +702,7 @@ def create_app(
                         "usage": token_usage(len(prompt), len(ids)),
                     }
         except GenerationFailed as exc:
-            raise APIError(500, f"generation failed: {exc}") from None
+            raise failed(exc) from None
         return JSONResponse({}, status_code=499)  # the client closed the request
 
     @app.get("/health")

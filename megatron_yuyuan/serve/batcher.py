@@ -68,6 +68,7 @@ class Batcher:
         self.max_queue = max_queue
         self.batches = 0  # batches run, for /health
         self.running: list[Request] = []
+        self.draining = False  # shutting down: no new requests, the waiting ones were refused
 
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._loop())
@@ -84,13 +85,27 @@ class Batcher:
                 pass
         await asyncio.get_running_loop().run_in_executor(None, self.executor.shutdown, True)
 
+    def drain(self, first: bool = True) -> None:
+        """Shutting down: refuse new requests and answer every waiting one ``("unavailable",
+        message)`` at once; the running batch goes on (the server's grace period bounds it),
+        unless this is not the ``first`` call (a second signal): then it stops at its next step."""
+        self.draining = True
+        if not first:
+            for r in self.running:
+                r.cancel()
+        waiting = self.pending + [self.queue.get_nowait() for _ in range(self.queue.qsize())]
+        self.pending = []
+        for r in waiting:
+            r.cancel()
+            r.events.put_nowait(("unavailable", "the server is shutting down; retry shortly"))
+
     def waiting(self) -> int:
         """Requests accepted and not yet running."""
         return self.queue.qsize() + len(self.pending)
 
     def room(self) -> int:
         """How many more requests may wait."""
-        return max(self.max_queue - self.waiting(), 0)
+        return 0 if self.draining else max(self.max_queue - self.waiting(), 0)
 
     def submit(self, request: Request) -> None:
         if self.room() < 1:
