@@ -170,24 +170,25 @@ def _pair_statistics_job(job: tuple) -> dict[str, np.ndarray]:
     return pair_statistics(*job)
 
 
+def _ignore_interrupts() -> None:
+    """In a scoring worker: Ctrl-C is the parent's to handle (one line, exit 130), which then
+    terminates its workers."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _run_jobs(jobs: list[tuple], workers: int) -> Iterator[dict[str, np.ndarray]]:
     """:func:`pair_statistics` of each job, in order; on a pool of fresh (spawned) processes when
-    ``workers > 1``, with at most two jobs per worker in flight."""
+    ``workers > 1``. Leaving early (Ctrl-C, an error) terminates the workers at once."""
     if workers <= 1 or len(jobs) < 2:
         yield from map(_pair_statistics_job, jobs)
         return
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
 
     context = multiprocessing.get_context("spawn")  # no fork of a process that may run threads
-    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context) as pool:
-        pending = collections.deque()
-        for job in jobs:
-            pending.append(pool.submit(_pair_statistics_job, job))
-            if len(pending) >= 2 * workers:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
+    with context.Pool(min(workers, len(jobs)), initializer=_ignore_interrupts) as pool:
+        yield from pool.imap(_pair_statistics_job, jobs)
 
 
 @dataclass
