@@ -355,3 +355,38 @@ def test_scoring_on_worker_processes_equals_scoring_in_process():
     for key, stat in one.statistics.items():
         if stat is not None:
             assert np.array_equal(stat.stats, two.statistics[key].stats), key
+
+
+def test_ctrl_c_while_workers_score_exits_130_and_leaves_no_process(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    refs, preds = tmp_path / "refs.jsonl", tmp_path / "preds.jsonl"
+    pairs = [(r or "x", h) for r, h in _random_pairs(4000, seed=3)]  # references are never empty
+    refs.write_text(
+        "".join(json.dumps({"id": str(i), "answer": r}) + "\n" for i, (r, _) in enumerate(pairs))
+    )
+    preds.write_text(
+        "".join(
+            json.dumps({"id": str(i), "prediction": h}) + "\n" for i, (_, h) in enumerate(pairs)
+        )
+    )
+    cmd = [sys.executable, "-m", "megatron_yuyuan.evaluate", "--references", str(refs)]
+    cmd += ["--predictions", f"x={preds}", "--out", str(tmp_path / "out"), "--workers", "2"]
+    run = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    time.sleep(4)  # imports, reading, the workers started
+    assert run.poll() is None, "finished before the interrupt: make the input larger"
+    os.killpg(run.pid, signal.SIGINT)
+    _, err = run.communicate(timeout=30)
+    assert run.returncode == 130 and err.strip() == "error: interrupted", err[-2000:]
+    ps = subprocess.run(["ps", "-e", "-o", "sid=,stat=,args="], capture_output=True, text=True)
+    alive = [
+        ln
+        for ln in ps.stdout.splitlines()
+        if ln.split()[0] == str(run.pid) and "Z" not in ln.split()[1]
+    ]
+    assert alive == []
+    assert not (tmp_path / "out" / "report.json").exists()
