@@ -350,11 +350,13 @@ def save_sharded(
     final = iteration_dir(save, iteration)
     tmp = final.with_name(final.name + ".tmp")
     rank0 = parallel.is_rank_0()
-    if rank0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    parallel.barrier()
+    pointer = save / LATEST
+    renamed = False
     try:
+        if rank0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        parallel.barrier()
         dist_checkpointing.save(sharded, str(tmp), sharded_strategy=_ThreadedSave())
         parallel.barrier()
         if rank0:
@@ -379,21 +381,28 @@ def save_sharded(
             if final.exists():
                 final.rename(replaced)
             tmp.rename(final)
+            renamed = True
             shutil.rmtree(replaced, ignore_errors=True)
+            write_text_atomic(pointer, str(iteration))
     except BaseException as exc:  # Ctrl-C, a full disk, a failed rank: no half checkpoint stays
-        full = disk_full_error(exc, tmp, _bytes_to_write(sharded), "the checkpoint")
+        unfinished = final if renamed else tmp
+        full = disk_full_error(exc, unfinished, _bytes_to_write(sharded), "the checkpoint")
         if rank0:
             shutil.rmtree(tmp, ignore_errors=True)
+            if renamed and _pointer_value(pointer) != iteration:  # the pointer did not move
+                shutil.rmtree(final, ignore_errors=True)
         if full is not None:
             raise full from exc
         raise
-    if rank0:
-        pointer = save / LATEST
-        pointer_tmp = save / (LATEST + ".tmp")
-        pointer_tmp.write_text(str(iteration))
-        os.replace(pointer_tmp, pointer)
     parallel.barrier()
     return final
+
+
+def _pointer_value(pointer: Path) -> Optional[int]:
+    try:
+        return int(pointer.read_text(encoding="utf-8").strip())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
 
 
 LOCK_FILE = ".megatron_yuyuan.lock"

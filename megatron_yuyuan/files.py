@@ -130,7 +130,8 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``."""
+    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``. A failed
+    write (a full disk) is an ``OSError`` naming ``path``; the temporary is removed."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -138,6 +139,11 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
             f.write(text)
         os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if exc.filename is None:  # a write error names no file
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -215,10 +221,32 @@ def disk_full_error(
     where = where or target
     return DiskFullError(
         f"{where}: no space left on the device while writing {what} "
-        f"({'unknown' if free is None else human_bytes(free)} free there, it needs about "
-        f"{human_bytes(needed)}); free space or choose another location (the unfinished "
+        f"({'unknown' if free is None else human_bytes(free)} free there when it failed, it "
+        f"needs at least {human_bytes(needed)}); free space or choose another location (the "
+        f"unfinished "
         f"{target.name} was removed)"
     )
+
+
+def save_figure_atomic(fig, path: str | Path, dpi: int) -> Path:
+    """Save a matplotlib figure to a temporary name beside ``path``, then rename it; closes the
+    figure. A failed write (a full disk) is an ``OSError`` naming ``path``; nothing is left."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
+    try:
+        fig.savefig(tmp, dpi=dpi)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
+    return path
 
 
 def default_file_mode() -> int:

@@ -11,6 +11,8 @@ from typing import Optional
 
 import torch
 
+from megatron_yuyuan.files import save_figure_atomic
+
 # Dense bf16 tensor-core peak per GPU, FLOP/s, from the vendors' datasheets, keyed by the exact
 # name CUDA reports: PCIe, NVL and SXM parts of one chip differ (H100 SXM 989, NVL 835, PCIe 756).
 PEAK_BF16_FLOPS = {
@@ -186,8 +188,4 @@ def plot_loss_curve(history: list[StepMetrics], valid: list[tuple[int, float]], 
     ax.legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure_atomic(fig, path, dpi=100)

@@ -980,7 +980,7 @@ def test_a_filesystem_without_locks_only_warns(tmp_path, capsys, monkeypatch):
 
 
 # --- 8. an interrupt during a checkpoint save ------------------------------------------------------
-def _start_saving_run(save: Path) -> subprocess.Popen:
+def _start_saving_run(save: Path, delay_s: float = 0.05) -> subprocess.Popen:
     """A finetune that saves every 3 iterations, returned once its first checkpoint is complete and
     the next save is being written."""
     import time
@@ -989,7 +989,7 @@ def _start_saving_run(save: Path) -> subprocess.Popen:
     deadline = time.time() + 120
     while time.time() < deadline and run.poll() is None:
         if (save / "latest_checkpointed_iteration.txt").is_file() and list(save.glob("*.tmp")):
-            time.sleep(0.05)  # 50 ms into the save
+            time.sleep(delay_s)  # into the save
             return run
         time.sleep(0.002)
     run.kill()
@@ -1001,11 +1001,14 @@ def _session_processes(sid: int) -> list[str]:
     return [ln for ln in ps.stdout.splitlines() if ln.split()[0] == str(sid)]
 
 
-def test_ctrl_c_during_a_save_exits_130_and_keeps_the_previous_checkpoint(tmp_path, capsys):
+@pytest.mark.parametrize("delay_s", [0.0, 0.05])
+def test_ctrl_c_during_a_save_exits_130_and_keeps_the_previous_checkpoint(
+    tmp_path, capsys, delay_s
+):
     import time
 
     save = tmp_path / "ckpt"
-    run = _start_saving_run(save)
+    run = _start_saving_run(save, delay_s)
     previous = (save / "latest_checkpointed_iteration.txt").read_text()
     os.killpg(run.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
     started = time.time()
@@ -1086,3 +1089,26 @@ def test_a_disk_that_fills_during_a_conversion_is_one_line(trained, small_disk, 
     assert to_megatron(["--hf-dir", str(tmp_path / "hf"), "--save", str(disk / "mc")]) == 2
     one_error_line(capsys, f"{disk}/mc/iter_0000000.tmp/", "no space left", "removed")
     assert [p.name for p in (disk / "mc").iterdir()] == []
+
+
+def test_a_disk_that_fills_when_the_pointer_moves_takes_the_new_checkpoint_back(
+    tmp_path, capsys, monkeypatch
+):
+    import errno
+
+    from megatron_yuyuan import checkpointing
+
+    real = checkpointing.write_text_atomic
+
+    def full_disk(path, text):
+        if Path(path).name == checkpointing.LATEST:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, text)
+
+    monkeypatch.setattr(checkpointing, "write_text_atomic", full_disk)
+    save = tmp_path / "ckpt"
+    assert finetune([*TINY, "--train-iters", "2", "--save", str(save)]) == 2
+    one_error_line(
+        capsys, f"{save / checkpointing.LATEST}: no space left", "iter_0000002 was removed"
+    )
+    assert not [p.name for p in save.iterdir() if p.name.startswith(("iter_", "latest"))]

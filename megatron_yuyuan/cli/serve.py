@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 from megatron_yuyuan.cli import (
     ArgumentParser,
     non_negative_float,
+    non_negative_int,
     positive_float,
     positive_int,
     run_cli,
@@ -78,9 +79,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     p.add_argument(
         "--max-connections",
-        type=positive_int,
-        default=512,
-        help="open connections at most (more get 503); keep it below the open-files limit",
+        type=non_negative_int,
+        default=0,
+        help="open connections at most (more get 503); default 0: what the open-files limit "
+        "allows (raised to its hard limit at start), at most 8192",
     )
     p.add_argument(
         "--keep-alive-s",

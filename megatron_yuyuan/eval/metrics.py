@@ -22,7 +22,6 @@ is ``(numerator, denominator)`` summed, chrF sums sacrebleu's character n-gram c
 
 from __future__ import annotations
 
-import collections
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -170,12 +169,20 @@ def _pair_statistics_job(job: tuple) -> dict[str, np.ndarray]:
     return pair_statistics(*job)
 
 
-def _ignore_interrupts() -> None:
-    """In a scoring worker: Ctrl-C is the parent's to handle (one line, exit 130), which then
-    terminates its workers."""
+def _worker_setup() -> None:
+    """In a scoring worker: Ctrl-C is the parent's to handle (one line, exit 130; it then
+    terminates the workers), and on Linux the worker dies with its parent (a parent killed by
+    SIGTERM/SIGKILL leaves no worker behind)."""
     import signal
+    import sys
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked while it started
+    if sys.platform == "linux":
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _run_jobs(jobs: list[tuple], workers: int) -> Iterator[dict[str, np.ndarray]]:
@@ -185,9 +192,17 @@ def _run_jobs(jobs: list[tuple], workers: int) -> Iterator[dict[str, np.ndarray]
         yield from map(_pair_statistics_job, jobs)
         return
     import multiprocessing
+    import signal
 
     context = multiprocessing.get_context("spawn")  # no fork of a process that may run threads
-    with context.Pool(min(workers, len(jobs)), initializer=_ignore_interrupts) as pool:
+    # The workers start with SIGINT blocked (the mask survives exec): a Ctrl-C while one is still
+    # importing would print its traceback. A Ctrl-C meanwhile reaches this process when unblocked.
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        pool = context.Pool(min(workers, len(jobs)), initializer=_worker_setup)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    with pool:
         yield from pool.imap(_pair_statistics_job, jobs)
 
 

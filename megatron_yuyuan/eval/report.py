@@ -8,6 +8,7 @@ import random
 from pathlib import Path
 
 from megatron_yuyuan.eval.bleu import KINDS, NS
+from megatron_yuyuan.files import save_figure_atomic
 
 # (title, [(metric key, column header)]) — the families of report.md's main tables
 FAMILIES = (
@@ -185,10 +186,7 @@ def _plot(report: dict, path: Path, plt) -> None:
     ax.set_title(f"BLEU-4 by question type ({report['questions']} questions)")
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure_atomic(fig, path, dpi=110)
 
 
 def print_summary(report: dict) -> None:

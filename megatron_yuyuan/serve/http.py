@@ -6,7 +6,8 @@
   byte a second (slowloris), would hold a descriptor forever; a thousand of them exhaust the
   process's open-files limit and nobody else is answered.
 * **Descriptors**: the soft open-files limit is raised to the hard one at start (often 1,024 of
-  1,048,576), and ``max_connections`` bounds the connections uvicorn serves (more get 503).
+  1,048,576), and ``max_connections`` bounds the connections uvicorn serves (more get 503; 0:
+  what the descriptors allow, at most 8,192).
 * **A quiet log under attack**: asyncio logs every failed ``accept()`` (e.g. "Too many open
   files"); the same message is let through once per ``LOG_EVERY_S`` with a count of those held back.
 * **Shutdown**: the first SIGTERM / Ctrl-C stops accepting, answers every queued request 503 at
@@ -117,7 +118,9 @@ def run_server(
     log_filter: Optional[logging.Filter] = None,
 ) -> None:
     """Serve ``app`` until SIGINT/SIGTERM (see the module docstring)."""
-    raise_open_files_limit()
+    files = raise_open_files_limit()
+    if not max_connections:  # as many as the descriptors allow, keeping some for the process
+        max_connections = max(64, min(8192, files - 128))
     asyncio_log = logging.getLogger("asyncio")
     log_filter = log_filter or _RepeatFilter()
     asyncio_log.addFilter(log_filter)
