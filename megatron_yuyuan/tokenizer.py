@@ -141,9 +141,12 @@ def load_hf_dir(path: Path) -> Tokenizer:
     eod = hf.eos_token_id
     if eod is None:
         raise UserError(f"HF tokenizer in {path} has no eos_token; set it in tokenizer_config.json")
-    if len(hf) == 0:
+    # transformers builds a tokenizer from a model folder without tokenizer files too: it knows
+    # only its special tokens and encodes every text to nothing
+    if len(hf) <= len(hf.all_special_tokens):
         raise UserError(
-            f"HF tokenizer in {path} is empty: it needs tokenizer.json or vocab.json + merges.txt"
+            f"HF tokenizer in {path} is empty (no tokenizer files there): it needs tokenizer.json "
+            f"or vocab.json + merges.txt; copy them in, or pass --tokenizer"
         )
 
     def encode_batch(texts):

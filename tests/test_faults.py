@@ -1112,3 +1112,17 @@ def test_a_disk_that_fills_when_the_pointer_moves_takes_the_new_checkpoint_back(
         capsys, f"{save / checkpointing.LATEST}: no space left", "iter_0000002 was removed"
     )
     assert not [p.name for p in save.iterdir() if p.name.startswith(("iter_", "latest"))]
+
+
+def test_an_export_without_tokenizer_files_is_refused_before_serving(trained, tmp_path, capsys):
+    # a --mock-data model has no GPT-2 vocabulary, so its export carries no tokenizer files:
+    # transformers still builds a "tokenizer" there that encodes every question to nothing
+    assert to_hf(["--load", str(trained), "--out", str(tmp_path / "hf")]) == 0
+    assert not (tmp_path / "hf" / "vocab.json").exists()
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"question": "What is glaucoma ?"}) + "\n")
+    capsys.readouterr()
+    args = ["--hf-dir", str(tmp_path / "hf"), "--input", str(questions)]
+    assert generate([*args, "--output", str(tmp_path / "out.jsonl")]) == 2
+    one_error_line(capsys, f"{tmp_path / 'hf'} is empty", "--tokenizer")
+    assert not (tmp_path / "out.jsonl").exists()
