@@ -3,6 +3,7 @@ name the file (and line), atomic writes with the umask's file mode, and writable
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -112,41 +113,53 @@ def is_valid_unicode(value) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
+    """A temporary file beside ``path`` for the block to write, renamed over ``path`` (with the
+    umask's file mode) when the block succeeds and removed when it fails. A write error (a full
+    disk) is an ``OSError`` naming ``path``, not the temporary."""
+    path = Path(path)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.chmod(tmp, default_file_mode())  # mkstemp's 0600 would hide the file from others
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename in (None, name):
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+        raise
+
+
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
     """Write rows to a temporary file beside ``path``, then rename it over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.chmod(tmp, default_file_mode())  # mkstemp's 0600 would hide the file from others
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
     return path
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``. A failed
-    write (a full disk) is an ``OSError`` naming ``path``; the temporary is removed."""
+    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def save_figure_atomic(fig, path: str | Path, dpi: int) -> Path:
+    """Save a matplotlib figure beside ``path``, then rename it over ``path``; closes the figure."""
+    import matplotlib.pyplot as plt
+
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, default_file_mode())
-        os.replace(tmp, path)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if exc.filename is None:  # a write error names no file
-            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
-        raise
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with atomic_path(path, suffix=f".tmp{path.suffix}") as tmp:  # the suffix picks the format
+            fig.savefig(tmp, dpi=dpi)
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -203,6 +216,8 @@ def disk_full_error(
     "unexpected pos", safetensors as "os error 28". A write error is taken for a full disk when an
     ENOSPC/EDQUOT is among its causes, or its text says so, or less space is free than ``what``
     needs."""
+    if isinstance(exc, (KeyboardInterrupt, SystemExit)):  # Ctrl-C stays Ctrl-C
+        return None
     target = Path(target)
     free = free_bytes(target)
     errors = list(_causes(exc))
@@ -211,8 +226,6 @@ def disk_full_error(
     )
     said = any(word in str(e) for e in errors for word in _NO_SPACE_WORDS)
     if os_error is None and not said and not (free is not None and free < needed):
-        return None
-    if isinstance(exc, (KeyboardInterrupt, SystemExit)):  # Ctrl-C stays Ctrl-C
         return None
     where = Path(os_error.filename) if os_error is not None and os_error.filename else None
     if where is None and target.is_dir():  # the file written last is the one that did not fit
@@ -226,27 +239,6 @@ def disk_full_error(
         f"unfinished "
         f"{target.name} was removed)"
     )
-
-
-def save_figure_atomic(fig, path: str | Path, dpi: int) -> Path:
-    """Save a matplotlib figure to a temporary name beside ``path``, then rename it; closes the
-    figure. A failed write (a full disk) is an ``OSError`` naming ``path``; nothing is left."""
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
-    try:
-        fig.savefig(tmp, dpi=dpi)
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    finally:
-        plt.close(fig)
-    return path
 
 
 def default_file_mode() -> int:

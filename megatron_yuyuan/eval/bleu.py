@@ -44,25 +44,16 @@ def bleu_weights(n: int, kind: str) -> tuple[float, ...]:
 
 VARIANTS = tuple((kind, n) for kind in KINDS for n in NS)
 """The per-pair BLEU columns, in this order: cumulative 1..4, individual 1..4."""
-COUNTS = 2 * len(NS) + 2
-"""Per pair: n-gram matches (n = 1..4), n-grams of the answer (n = 1..4, at least 1 each, as nltk
-counts them), answer length, closest reference length."""
 
 
 def pair_counts(ref: list[str], hyp: list[str]) -> list[int]:
-    """nltk's BLEU counts of one tokenised pair (see :data:`COUNTS`)."""
+    """nltk's BLEU counts of one tokenised pair: n-gram matches (n = 1..4), n-grams of the answer
+    (n = 1..4, at least 1 each, as nltk counts them), answer length, closest reference length."""
     from nltk.translate.bleu_score import closest_ref_length, modified_precision
 
     p = [modified_precision([ref], hyp, n) for n in NS]
-    hyp_len = len(hyp)
-    return (
-        [x.numerator for x in p]
-        + [x.denominator for x in p]
-        + [
-            hyp_len,
-            closest_ref_length([ref], hyp_len),
-        ]
-    )
+    lengths = [len(hyp), closest_ref_length([ref], len(hyp))]
+    return [x.numerator for x in p] + [x.denominator for x in p] + lengths
 
 
 def bleu_from_counts(
@@ -94,13 +85,13 @@ def bleu_report(
     sentence: np.ndarray, counts: np.ndarray, fn, last: tuple[list[str], list[str]]
 ) -> dict:
     """{level: {kind: {n: score}}} from per-pair sentence BLEUs ``[questions, len(VARIANTS)]`` and
-    BLEU counts ``[questions, COUNTS]``; ``last``: the last pair's tokens (nltk's corpus smoothing
+    BLEU counts ``[questions, 10]`` (:func:`pair_counts`); ``last``: the last pair's tokens (nltk's corpus smoothing
     sees them)."""
-    total = counts.sum(axis=0) if len(counts) else np.zeros(COUNTS)
+    total = counts.sum(axis=0)
     out: dict = {level: {kind: {} for kind in KINDS} for level in LEVELS}
     for col, (kind, n) in enumerate(VARIANTS):
         scores = sentence[:, col].tolist()
-        out["sentence"][kind][n] = sum(scores) / len(scores) if scores else 0.0
+        out["sentence"][kind][n] = sum(scores) / len(scores)
         out["corpus"][kind][n] = bleu_from_counts(total, bleu_weights(n, kind), fn, *last)
     return out
 
@@ -112,5 +103,10 @@ def smoothing_function(name: str):
     if fn is None or not name.startswith("method"):
         raise UserError(
             f"--smoothing {name!r}: use an nltk SmoothingFunction method (method0..method7)"
+        )
+    if name == "method6":  # nltk's method6 reads p_3: IndexError on BLEU-1 and BLEU-2
+        raise UserError(
+            "--smoothing method6: nltk's method6 needs trigram precisions and fails on BLEU-1 "
+            "and BLEU-2; choose another method (method1 is the usual one)"
         )
     return fn

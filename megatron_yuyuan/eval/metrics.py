@@ -146,8 +146,8 @@ def pair_statistics(
 
     smoothed, unsmoothed = smoothing_function(smoothing), smoothing_function("method0")
     rouge = RougeF1(stem)
-    rows: dict[str, list] = {k: [] for k in ("bleu", "bleu_unsmoothed", "bleu_counts", "rouge")}
-    rows |= {"lengths": [], "repetition": []}
+    kinds = ("bleu", "bleu_unsmoothed", "bleu_counts", "rouge", "lengths", "repetition")
+    rows: dict[str, list] = {k: [] for k in kinds}
     for ref, hyp in zip(refs, hyps):
         r, h = tokenize(ref), tokenize(hyp)
         counts = pair_counts(r, h)

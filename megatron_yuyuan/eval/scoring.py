@@ -55,11 +55,6 @@ class EvalOptions:
     def check(self) -> None:
         """Every option error before any work."""
         smoothing_function(self.smoothing)
-        if self.smoothing == "method6":  # nltk's method6 reads p_3: IndexError on BLEU-1 and -2
-            raise UserError(
-                "--smoothing method6: nltk's method6 needs trigram precisions and fails on BLEU-1 "
-                "and BLEU-2; choose another method (method1 is the usual one)"
-            )
         unknown = [b for b in self.baselines if b not in BASELINES]
         if unknown:
             raise UserError(f"--baselines {unknown[0]!r}: choose from {', '.join(BASELINES)}")

@@ -37,7 +37,7 @@ from megatron_yuyuan.errors import UserError
 from megatron_yuyuan.files import is_valid_unicode
 from megatron_yuyuan.generation import SamplingConfig, finish_reason, prompt_ids
 from megatron_yuyuan.prompts import DEFAULT_TEMPLATE, PromptTemplate
-from megatron_yuyuan.serve.batcher import Batcher, Request
+from megatron_yuyuan.serve.batcher import SHUTTING_DOWN, Batcher, Request
 
 
 @dataclass
@@ -403,7 +403,7 @@ def create_app(
         if batcher.room() < len(jobs):
             raise APIError(
                 503,
-                "the server is shutting down; retry shortly"
+                SHUTTING_DOWN
                 if batcher.draining
                 else "the server is busy: too many requests waiting; retry shortly",
                 headers={"Retry-After": "1"},

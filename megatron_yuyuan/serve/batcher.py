@@ -19,6 +19,8 @@ from typing import Optional
 from megatron_yuyuan.generation import SamplingConfig
 from megatron_yuyuan.serve.engine import Engine, Job
 
+SHUTTING_DOWN = "the server is shutting down; retry shortly"
+
 
 class QueueFull(Exception):
     """The request queue is at its limit."""
@@ -97,7 +99,7 @@ class Batcher:
         self.pending = []
         for r in waiting:
             r.cancel()
-            r.events.put_nowait(("unavailable", "the server is shutting down; retry shortly"))
+            r.events.put_nowait(("unavailable", SHUTTING_DOWN))
 
     def waiting(self) -> int:
         """Requests accepted and not yet running."""

@@ -21,7 +21,7 @@ import asyncio
 import logging
 import resource
 import time
-from typing import Callable, Optional
+from typing import Callable
 
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -115,14 +115,13 @@ def run_server(
     head_timeout_s: float,
     grace_s: float,
     on_signal: Callable[[bool], None],
-    log_filter: Optional[logging.Filter] = None,
 ) -> None:
     """Serve ``app`` until SIGINT/SIGTERM (see the module docstring)."""
     files = raise_open_files_limit()
     if not max_connections:  # as many as the descriptors allow, keeping some for the process
         max_connections = max(64, min(8192, files - 128))
     asyncio_log = logging.getLogger("asyncio")
-    log_filter = log_filter or _RepeatFilter()
+    log_filter = _RepeatFilter()
     asyncio_log.addFilter(log_filter)
     config = uvicorn.Config(
         app,
