@@ -2,7 +2,7 @@
 
 * baseline: ``dist_checkpointing.save`` with megatron-core's default ``torch_dist`` strategy, which
   forks a writer process per shard file on every save (and starts a Manager process once).
-* ours: :func:`megatron_yuyuan.checkpointing.save_sharded`, whose writer threads live in the
+* ours: :func:`megatron_yuyuan.checkpoint.storage.save_sharded`, whose writer threads live in the
   trainer's process (no fork: no deadlock on Ctrl-C, nothing outlives a killed run).
 
 Both write the same state (``--gib`` of fp32 tensors in 64 MiB pieces plus a small object) to
@@ -48,7 +48,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     from megatron.core import dist_checkpointing
 
-    from megatron_yuyuan import checkpointing, parallel
+    from megatron_yuyuan import parallel
+    from megatron_yuyuan.checkpoint import storage
     from megatron_yuyuan.config import get_preset
 
     parallel.init_distributed()
@@ -64,9 +65,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             dist_checkpointing.save(state, str(out))
             times["baseline"].append(time.perf_counter() - start)
             start = time.perf_counter()
-            checkpointing.save_sharded(
-                root / f"ours_{i}", state, get_preset("tiny"), 1, 1, torch.float32
-            )
+            storage.save_sharded(root / f"ours_{i}", state, get_preset("tiny"), 1, 1, torch.float32)
             times["ours"].append(time.perf_counter() - start)
             shutil.rmtree(out)
             shutil.rmtree(root / f"ours_{i}")

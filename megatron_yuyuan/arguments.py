@@ -68,7 +68,10 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     """Load --config, then apply every flag given on the command line."""
     load = vars(args).get("train.load") or vars(args).get("train.pretrained_checkpoint")
     if args.config is None and load:
-        from megatron_yuyuan.checkpointing import read_info, resolve  # the checkpoint's own model
+        from megatron_yuyuan.checkpoint.storage import (
+            read_info,
+            resolve,
+        )  # the checkpoint's own model
 
         cfg = RunConfig(model=read_info(resolve(load)).model)
     else:

@@ -220,12 +220,12 @@ class MegatronGenerator:
     ) -> MegatronGenerator:
         """Load a checkpoint (saved at any TP/PP) at this layout (launch tp * pp * dp processes).
         The tokenizer defaults to the checkpoint's own files, else GPT-2."""
-        from megatron_yuyuan import checkpointing, lora
+        from megatron_yuyuan.checkpoint import loader, storage
 
-        ckpt = checkpointing.resolve(load)
+        ckpt = storage.resolve(load)
         layout = parallel.init_distributed(tp, pp)
         # a LoRA checkpoint: its base plus the adapters, merged into the weights
-        model, info = lora.load_checkpoint_model(ckpt, layout, dtype, base=lora_base)
+        model, info = loader.load_model(ckpt, layout, dtype, lora_base=lora_base)
         if torch.cuda.is_available():
             model = model.cuda()
         tok_dir = ckpt / "tokenizer"

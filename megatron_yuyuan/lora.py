@@ -20,26 +20,23 @@ checkpoint as TP-sharded tensors, so checkpoints reshard like the base model's. 
 parameter is frozen. The init draws each full ``A`` from ``crc32(seed:global name)`` and slices it,
 so TP/PP/DP layouts start from the same adapters.
 
-A LoRA checkpoint holds the adapters (and their optimizer state), plus the path and a fingerprint
-of the base checkpoint; :func:`load_checkpoint_model` rebuilds base + adapters for inference and
-conversion, refusing a base whose fingerprint changed.
+What a LoRA checkpoint records (its settings, the base checkpoint and its fingerprint) and how it
+loads is :mod:`megatron_yuyuan.checkpoint`'s; this module is the adapter math only.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 import zlib
-from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from megatron.core.utils import make_tp_sharded_tensor_for_checkpoint
 
-from megatron_yuyuan import checkpointing, parallel
-from megatron_yuyuan.checkpointing import CheckpointError, CheckpointInfo
-from megatron_yuyuan.config import LoraConfig, ModelConfig
+from megatron_yuyuan import parallel
+from megatron_yuyuan.config import LoraConfig
+from megatron_yuyuan.model import global_param_name
 from megatron_yuyuan.parallel import Layout
 
 ADAPTERS = ("lora_A", "lora_B")
@@ -72,7 +69,7 @@ def attach(model: torch.nn.Module, lora: LoraConfig, full_recompute: bool = Fals
         # With the embedding frozen its output needs no gradient, and megatron's full recompute
         # (a reentrant checkpoint per layer chunk) would then cut the adapters off from the loss:
         # make the first stage's input differentiable, as transformers'
-        # enable_input_require_grads does for gradient checkpointing. Only then: it costs the
+        # enable_input_require_grads does for gradient storage. Only then: it costs the
         # first layer's input-gradient GEMMs.
         model._lora_input_grads = model.embedding.register_forward_hook(_require_grad)
     r = lora.lora_rank
@@ -94,6 +91,22 @@ def attach(model: torch.nn.Module, lora: LoraConfig, full_recompute: bool = Fals
         module.sharded_state_dict = _adapted_sharded_state_dict(
             module, module.sharded_state_dict, "lora_B" if kind in _COLUMN else "lora_A", dim
         )
+
+
+def add_adapters(
+    model: torch.nn.Module,
+    lora: LoraConfig,
+    layout: Layout,
+    seed: Optional[int] = None,
+    full_recompute: bool = False,
+) -> torch.nn.Module:
+    """``model`` (from :func:`megatron_yuyuan.model.build_model`) with ``lora``'s adapters, when
+    enabled: attached, and initialised from ``seed`` when given (None: to be loaded)."""
+    if lora.enabled:
+        attach(model, lora, full_recompute=full_recompute)
+        if seed is not None:
+            init_adapters(model, layout, seed)
+    return model
 
 
 def _require_grad(_module, _inputs, output: torch.Tensor) -> torch.Tensor:
@@ -146,8 +159,6 @@ def _adapted_sharded_state_dict(module, base_fn, split_name: str, dim: int):
 def init_adapters(model: torch.nn.Module, layout: Layout, seed: int) -> None:
     """``A`` ~ U(-1/sqrt(in), 1/sqrt(in)) (PEFT's Kaiming-uniform with a = sqrt(5)) from
     ``crc32(seed:global name)``, drawn whole and sliced; ``B`` = 0."""
-    from megatron_yuyuan.model import global_param_name
-
     for name, module in adapted_layers(model):
         a = module.lora_A
         split = getattr(a, "tensor_model_parallel", False)
@@ -188,8 +199,6 @@ def merged_weights(state: dict[str, torch.Tensor], scale: float) -> dict[str, to
 
 def parameter_counts(model: torch.nn.Module, layout: Layout) -> tuple[int, int]:
     """(trainable, total) parameters of the whole model (every TP/PP rank's share, each once)."""
-    from megatron_yuyuan.model import global_param_name
-
     counts = torch.zeros(2, dtype=torch.float64)
     for name, p in model.named_parameters():
         if global_param_name(model, name) != name and name == "output_layer.weight":
@@ -199,139 +208,3 @@ def parameter_counts(model: torch.nn.Module, layout: Layout) -> tuple[int, int]:
         counts += torch.tensor([p.numel() if p.requires_grad else 0, p.numel()])
     parallel.all_reduce_model_parallel(counts)
     return int(counts[0]), int(counts[1])
-
-
-# -- checkpoints ------------------------------------------------------------------------------
-
-_SAMPLE = 1 << 20  # bytes read from each end of every data file by the fingerprint
-
-
-def fingerprint(load: str | Path) -> str:
-    """A fingerprint of a checkpoint's weights: SHA-256 over every file's name and size and its
-    first and last MiB (all of the small config and metadata files). It reads ~2 MiB per file
-    instead of 7 GB, and tells apart any two conversions or training steps in practice (their
-    metadata and shards differ); it is not a proof that every byte in the middle is unchanged."""
-    ckpt = checkpointing.resolve(load)
-    h = hashlib.sha256()
-    for f in sorted(p for p in ckpt.iterdir() if p.is_file()):
-        size = f.stat().st_size
-        h.update(f"{f.name}:{size}\n".encode())
-        with open(f, "rb") as fh:
-            h.update(fh.read(_SAMPLE))
-            if size > _SAMPLE:
-                fh.seek(max(size - _SAMPLE, _SAMPLE))
-                h.update(fh.read(_SAMPLE))
-    return h.hexdigest()
-
-
-def checkpoint_record(lora: LoraConfig, base: str | Path) -> dict:
-    """What a LoRA checkpoint's ``model_config.yaml`` records under ``lora``."""
-    ckpt = checkpointing.resolve(base)
-    return {
-        "lora_rank": lora.lora_rank,
-        "lora_alpha": lora.lora_alpha,
-        "lora_dropout": lora.lora_dropout,
-        "lora_target_modules": ",".join(lora.targets),
-        "base": str(ckpt.resolve()),
-        "base_fingerprint": fingerprint(ckpt),
-    }
-
-
-def config_of(info: CheckpointInfo) -> LoraConfig:
-    """The LoRA settings a checkpoint was trained with (disabled for a full checkpoint)."""
-    if not info.lora:
-        return LoraConfig()
-    return LoraConfig(**{k: v for k, v in info.lora.items() if k.startswith("lora_")})
-
-
-def check_base(info: CheckpointInfo, where: Path, base: Optional[str | Path] = None) -> Path:
-    """The base checkpoint of a LoRA checkpoint (``base`` or the recorded path), after checking
-    that it is the one the adapters were trained on.
-
-    Raises:
-        CheckpointError: the base is missing or its fingerprint differs.
-    """
-    recorded = info.lora["base"]
-    path = Path(base) if base else Path(recorded)
-    try:
-        ckpt = checkpointing.resolve(path)
-    except CheckpointError as exc:
-        if base:
-            raise CheckpointError(f"--lora-base {base}: no checkpoint there") from exc
-        raise CheckpointError(
-            f"{where}: the LoRA adapters' base checkpoint {path} is gone; restore it there or "
-            f"give its new place with --lora-base (training: --pretrained-checkpoint)"
-        ) from exc
-    if fingerprint(ckpt) != info.lora["base_fingerprint"]:
-        raise CheckpointError(
-            f"{where}: the adapters were trained on {recorded}, but {ckpt} holds other weights "
-            f"(fingerprint mismatch); load them with the base they were trained on"
-        )
-    return ckpt
-
-
-def check_stored_adapters(ckpt: Path, model: torch.nn.Module) -> None:
-    """The adapters a LoRA checkpoint holds are exactly those of ``model`` (built from its
-    recorded settings), shapes included: a hand-edited rank or target list is refused instead of
-    silently dropping adapters.
-
-    Raises:
-        CheckpointError: naming what differs.
-    """
-    stored = {
-        k: shape
-        for k, shape in checkpointing.stored_tensor_shapes(ckpt).items()
-        if is_adapter(k) and not k.startswith("optimizer.")
-    }
-    wanted = {  # checkpoint keys stack the layers: [layers, ...] under one key per module
-        sh.key: tuple(sh.global_shape)
-        for k, sh in model.sharded_state_dict().items()
-        if is_adapter(k) and hasattr(sh, "global_shape")
-    }
-    if stored != wanted:
-        differ = sorted(k for k in stored.keys() | wanted.keys() if stored.get(k) != wanted.get(k))
-        raise CheckpointError(
-            f"{ckpt}: the adapters it holds do not match its model_config.yaml's lora settings "
-            f"(first difference: {differ[0]}: stored {stored.get(differ[0])}, expected "
-            f"{wanted.get(differ[0])}); the checkpoint is damaged: use another one"
-        )
-
-
-def load_adapters(ckpt: Path, model: torch.nn.Module, model_cfg: ModelConfig, layout: Layout):
-    """Load a LoRA checkpoint's adapters into ``model`` (which must carry adapters)."""
-    check_stored_adapters(ckpt, model)
-    checkpointing.load_model(ckpt, model, model_cfg, layout, only=is_adapter)
-
-
-def load_checkpoint_model(
-    load: str | Path,
-    layout: Layout,
-    params_dtype: torch.dtype,
-    merge_adapters: bool = True,
-    base: Optional[str | Path] = None,
-) -> tuple[torch.nn.Module, CheckpointInfo]:
-    """The model a checkpoint describes, with its weights, at this process's layout.
-
-    For a LoRA checkpoint: the base checkpoint's weights (the recorded path, or ``base`` where it
-    has moved; fingerprint checked) plus the adapters, folded into the weights when
-    ``merge_adapters`` (inference), else kept as adapters.
-    """
-    from megatron_yuyuan.config import RunConfig
-    from megatron_yuyuan.model import build_model
-
-    ckpt = checkpointing.resolve(load)
-    info = checkpointing.read_info(ckpt)
-    model = build_model(
-        RunConfig(model=info.model, lora=config_of(info)), layout, params_dtype=params_dtype
-    )
-    if base and not info.lora:
-        raise CheckpointError(f"--lora-base: {ckpt} is not a LoRA checkpoint; drop --lora-base")
-    if not info.lora:
-        checkpointing.load_model(ckpt, model, info.model, layout)
-        return model, info
-    base = check_base(info, ckpt, base)
-    checkpointing.load_model(base, model, info.model, layout, only=is_base_weight)
-    load_adapters(ckpt, model, info.model, layout)
-    if merge_adapters:
-        merge(model)
-    return model, info

@@ -30,7 +30,7 @@ from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import Float16Module
 
-from megatron_yuyuan import lora, parallel
+from megatron_yuyuan import parallel
 from megatron_yuyuan.config import ModelConfig, RunConfig
 from megatron_yuyuan.parallel import Layout
 
@@ -313,7 +313,8 @@ def build_model(
     padded_vocab_size: Optional[int] = None,
     params_dtype: Optional[torch.dtype] = None,
 ) -> GPTModel:
-    """Build this rank's pipeline stage of the model.
+    """Build this rank's pipeline stage of the base model (LoRA adapters, if any, are added by
+    :func:`megatron_yuyuan.lora.add_adapters`).
 
     Args:
         cfg: run config (model shape, precision, parallel sizes).
@@ -351,10 +352,6 @@ def build_model(
         model = model.cuda(torch.cuda.current_device())
     if seed is not None:
         initialize_weights(model, cfg.model, layout, seed)
-    if cfg.lora.enabled:  # after the base init: adapters have their own
-        lora.attach(model, cfg.lora, full_recompute=cfg.train.recompute_granularity == "full")
-        if seed is not None:
-            lora.init_adapters(model, layout, seed)
     return model
 
 

@@ -24,7 +24,8 @@ from megatron.core.distributed import (
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from tqdm import tqdm
 
-from megatron_yuyuan import checkpointing, lora, parallel
+from megatron_yuyuan import lora, parallel
+from megatron_yuyuan.checkpoint import adapters, loader, storage
 from megatron_yuyuan.config import RunConfig
 from megatron_yuyuan.data.batching import micro_batch_indices
 from megatron_yuyuan.data.blend import BlendedQA
@@ -43,7 +44,7 @@ from megatron_yuyuan.model import build_model, thd_params, training_flops_per_to
 from megatron_yuyuan.optim import build_optimizer, build_scheduler, seed_main_params, use_fused_adam
 from megatron_yuyuan.parallel import Layout
 from megatron_yuyuan.prompts import PromptTemplate
-from megatron_yuyuan.training_checkpoint import load_training_checkpoint, save_training_checkpoint
+from megatron_yuyuan.checkpoint.resume import load_training_checkpoint, save_training_checkpoint
 
 MAX_SKIPPED_IN_A_ROW = 30
 """fp16: a loss scale that halves every other skipped step reaches its floor from 2^12 in ~26
@@ -131,19 +132,17 @@ def setup(cfg: RunConfig) -> TrainState:
     t = cfg.train
     source = start_checkpoint(cfg)
     gpt = build_model(cfg, layout, seed=None if source else t.seed)
+    lora.add_adapters(
+        gpt, cfg.lora, layout, seed=t.seed, full_recompute=cfg.train.recompute_granularity == "full"
+    )
     adapters_saved = False
     if cfg.lora.enabled:
         # The frozen base comes from its own checkpoint; the adapters start from the seed, or
         # come back (with their optimizer state) from the LoRA checkpoint being resumed.
-        saved = checkpointing.resolve(source)
-        info = checkpointing.read_info(saved)
-        adapters_saved = info.lora is not None  # resumed, or (--finetune) their weights only
-        base = source
-        if adapters_saved:
-            lora.check_stored_adapters(saved, gpt)
-            base = lora.check_base(info, saved, base_override(cfg, source))
-        checkpointing.load_model(base, gpt, cfg.model, layout, only=lora.is_base_weight)
-        lora.init_adapters(gpt, layout, t.seed)
+        saved = loader.open_checkpoint(source, base_override(cfg, source))
+        adapters_saved = saved.info.lora is not None  # resumed, or (--finetune) their weights only
+        base = saved.weights
+        loader.load_weights(saved, gpt, cfg.model, layout, with_adapters=False)
     model = wrap_float16(gpt.to(device()), cfg)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
@@ -177,7 +176,9 @@ def setup(cfg: RunConfig) -> TrainState:
             f"{','.join(cfg.lora.targets)}: {trainable:,} trainable of {total:,} parameters "
             f"({100 * trainable / total:.2f}%), base {base}"
         )
-        state.lora_record = lora.checkpoint_record(cfg.lora, base) if parallel.is_rank_0() else None
+        state.lora_record = (
+            adapters.checkpoint_record(cfg.lora, base) if parallel.is_rank_0() else None
+        )
     if cfg.lora.enabled and not adapters_saved:
         parallel.print_rank_0(f"> loaded base weights {base}; adapters initialised from the seed")
     elif source:
@@ -215,18 +216,21 @@ def run_template(cfg: RunConfig) -> Optional[str]:
         prefix = cfg.data.blend()[0][1]
         return PromptTemplate.from_meta(read_meta(prefix), f"{prefix}_meta.json").text
     start = start_checkpoint(cfg)
-    if start and checkpointing.has_checkpoint(start):
-        return checkpointing.read_info(checkpointing.resolve(start)).prompt_template
+    if start and storage.has_checkpoint(start):
+        return storage.read_info(storage.resolve(start)).prompt_template
     return None
 
 
 def base_override(cfg: RunConfig, source: str) -> Optional[str]:
     """--pretrained-checkpoint as the base of the LoRA checkpoint ``source`` (a moved base), unless
-    it is that checkpoint or another LoRA one (then the recorded base is used)."""
+    it is that checkpoint or another LoRA one (then the recorded base is used), or ``source`` is a
+    full checkpoint (the base itself)."""
     pretrained = cfg.train.pretrained_checkpoint
     if not pretrained or Path(pretrained).resolve() == Path(source).resolve():
         return None
-    if checkpointing.read_info(checkpointing.resolve(pretrained)).lora:
+    if not storage.read_info(storage.resolve(source)).lora:
+        return None
+    if storage.read_info(storage.resolve(pretrained)).lora:
         return None
     return pretrained
 
@@ -282,7 +286,7 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 def start_checkpoint(cfg: RunConfig) -> Optional[str]:
     """What to load: --load when it holds a checkpoint, else --pretrained-checkpoint, else None."""
     t = cfg.train
-    if t.load and checkpointing.has_checkpoint(t.load):
+    if t.load and storage.has_checkpoint(t.load):
         return t.load
     return t.pretrained_checkpoint
 

@@ -1096,21 +1096,19 @@ def test_a_disk_that_fills_when_the_pointer_moves_takes_the_new_checkpoint_back(
 ):
     import errno
 
-    from megatron_yuyuan import checkpointing
+    from megatron_yuyuan.checkpoint import storage
 
-    real = checkpointing.write_text_atomic
+    real = storage.write_text_atomic
 
     def full_disk(path, text):
-        if Path(path).name == checkpointing.LATEST:
+        if Path(path).name == storage.LATEST:
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         return real(path, text)
 
-    monkeypatch.setattr(checkpointing, "write_text_atomic", full_disk)
+    monkeypatch.setattr(storage, "write_text_atomic", full_disk)
     save = tmp_path / "ckpt"
     assert finetune([*TINY, "--train-iters", "2", "--save", str(save)]) == 2
-    one_error_line(
-        capsys, f"{save / checkpointing.LATEST}: no space left", "iter_0000002 was removed"
-    )
+    one_error_line(capsys, f"{save / storage.LATEST}: no space left", "iter_0000002 was removed")
     assert not [p.name for p in save.iterdir() if p.name.startswith(("iter_", "latest"))]
 
 

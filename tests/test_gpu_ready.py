@@ -113,7 +113,8 @@ def test_main_weights_are_seeded_from_the_checkpoint_dtype():
 @pytest.mark.parametrize("distopt", [False, True], ids=["float16-optimizer", "distributed"])
 def test_bf16_finetune_from_fp16_weights_keeps_their_precision(tmp_path, distopt):
     from checkpoints_convert.to_megatron import main as to_megatron
-    from megatron_yuyuan import checkpointing, training
+    from megatron_yuyuan import training
+    from megatron_yuyuan.checkpoint import storage
     from megatron_yuyuan.config import RunConfig
     from megatron_yuyuan.parallel import destroy_distributed
 
@@ -130,7 +131,7 @@ def test_bf16_finetune_from_fp16_weights_keeps_their_precision(tmp_path, distopt
     try:
         state = training.setup(cfg)
         gpt = training.unwrap(state.model)
-        _, fp16 = checkpointing.load_model(tmp_path / "mc", gpt, cfg.model, state.layout)
+        _, fp16 = storage.load_model(tmp_path / "mc", gpt, cfg.model, state.layout)
         inner = getattr(state.optimizer, "chained_optimizers", [state.optimizer])[0]
         mains = [p for g in inner.optimizer.param_groups for p in g["params"]]
         assert all(m.dtype == torch.float32 for m in mains)

@@ -77,7 +77,8 @@ def test_lora_log_counts_trainable_parameters(runs):
 
 
 def test_base_weights_stay_bit_identical(base, tmp_path):
-    from megatron_yuyuan import checkpointing, lora, training
+    from megatron_yuyuan import lora, training
+    from megatron_yuyuan.checkpoint import storage
     from megatron_yuyuan.arguments import parse_config
     from megatron_yuyuan.parallel import destroy_distributed
 
@@ -87,7 +88,7 @@ def test_base_weights_stay_bit_identical(base, tmp_path):
         gpt = training.unwrap(result.state.model)
         trained = {n: p.detach().clone() for n, p in gpt.named_parameters()}
         assert result.history[-1].loss < result.history[0].loss
-        _, loaded = checkpointing.load_model(
+        _, loaded = storage.load_model(
             base, gpt, cfg.model, result.state.layout, only=lora.is_base_weight
         )
     finally:

@@ -152,14 +152,14 @@ def test_a_template_gives_one_prompt_everywhere(context_run, tmp_path):
     from transformers import AutoTokenizer
 
     from checkpoints_convert.to_hf import main as to_hf
-    from megatron_yuyuan import checkpointing
+    from megatron_yuyuan.checkpoint import storage
     from megatron_yuyuan.generation import prompt_ids
     from megatron_yuyuan.serve.app import ServedModel, create_app
     from megatron_yuyuan.serve.batcher import Batcher
 
     tmp, prefix, save = context_run
     tok = load_tokenizer("gpt2")
-    info = checkpointing.read_info(checkpointing.resolve(save))
+    info = storage.read_info(storage.resolve(save))
     assert info.prompt_template == TEMPLATE
     template = PromptTemplate(info.prompt_template)
     rows = [json.loads(x) for x in Path(f"{prefix}_test.jsonl").read_text().splitlines()]

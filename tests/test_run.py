@@ -124,16 +124,16 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_run(uninterrupted, tmp
 
 
 def test_a_save_killed_midway_leaves_the_previous_checkpoint(uninterrupted, tmp_path, monkeypatch):
-    from megatron_yuyuan import checkpointing
+    from megatron_yuyuan.checkpoint import storage
 
     ckpt = copy_checkpoint(uninterrupted[0], 2, tmp_path / "ckpt")
-    real_save = checkpointing.dist_checkpointing.save
+    real_save = storage.dist_checkpointing.save
 
     def dying_save(sharded, directory, **kwargs):
         Path(directory, "__0_0.distcp").write_bytes(b"half a shard")
         raise KeyboardInterrupt("killed during save")
 
-    monkeypatch.setattr(checkpointing.dist_checkpointing, "save", dying_save)
+    monkeypatch.setattr(storage.dist_checkpointing, "save", dying_save)
     # Ctrl-C ends the CLI with exit 130 and no traceback
     assert 130 == main(
         [
@@ -154,7 +154,7 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint(uninterrupted, tmp_
     # the interrupted save's half-written iter_0000004.tmp is removed (a SIGKILL would leave it:
     # the next run removes it, see test_faults.py)
     assert not (ckpt / "iter_0000004.tmp").exists() and not (ckpt / "iter_0000004").exists()
-    monkeypatch.setattr(checkpointing.dist_checkpointing, "save", real_save)
+    monkeypatch.setattr(storage.dist_checkpointing, "save", real_save)
     assert (
         main(
             [

@@ -24,7 +24,7 @@ from megatron_yuyuan.config import ConfigError, RunConfig, validate_layout
 
 def check_config(cfg: RunConfig, world_size: int) -> None:
     """Every check that needs no process group: fail before any work is done."""
-    from megatron_yuyuan.checkpointing import (
+    from megatron_yuyuan.checkpoint.storage import (
         check_compatible,
         has_checkpoint,
         holds_checkpoints,
@@ -85,8 +85,8 @@ def check_config(cfg: RunConfig, world_size: int) -> None:
 
 def check_lora(cfg: RunConfig) -> None:
     """LoRA needs a base checkpoint, and a LoRA checkpoint is continued with its own settings."""
-    from megatron_yuyuan.checkpointing import has_checkpoint, read_info, resolve
-    from megatron_yuyuan.lora import config_of
+    from megatron_yuyuan.checkpoint.storage import has_checkpoint, read_info, resolve
+    from megatron_yuyuan.checkpoint.adapters import config_of
 
     t, want = cfg.train, cfg.lora
     flags = {"--load": t.load, "--pretrained-checkpoint": t.pretrained_checkpoint}
@@ -140,7 +140,7 @@ def warn_replaced_iterations(load: Path, save: Path) -> None:
     will replace (the ``latest`` pointer moves back at its first save)."""
     import sys
 
-    from megatron_yuyuan.checkpointing import complete_iterations, read_info, resolve
+    from megatron_yuyuan.checkpoint.storage import complete_iterations, read_info, resolve
 
     start = read_info(resolve(load)).iteration
     later = [
@@ -317,7 +317,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     def body() -> int:
         cfg = parse_config(argv, description=__doc__.split("\n\n")[0])
-        from megatron_yuyuan.checkpointing import remove_partial_saves, save_dir_lock
+        from megatron_yuyuan.checkpoint.storage import remove_partial_saves, save_dir_lock
 
         # One lock per job, held by its rank 0 from before the checks to the end of the run.
         locked = cfg.train.save if int(os.environ.get("RANK", "0")) == 0 else None

@@ -70,7 +70,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from megatron_yuyuan import cpu_compat
 
         cpu_compat.apply_if_no_cuda()
-        from megatron_yuyuan.checkpointing import check_new_save_dir
+        from megatron_yuyuan.checkpoint.storage import check_new_save_dir
         from megatron_yuyuan.convert.api import convert_hf_to_megatron, convert_legacy_to_megatron
         from megatron_yuyuan.convert.verify import report_verify
 

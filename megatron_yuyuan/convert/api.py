@@ -18,7 +18,8 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
-from megatron_yuyuan import checkpointing, parallel
+from megatron_yuyuan import parallel
+from megatron_yuyuan.checkpoint import storage
 from megatron_yuyuan.config import ModelConfig, RunConfig, validate_layout
 from megatron_yuyuan.convert.hf_io import (
     EXPORT_MARKER,
@@ -99,7 +100,7 @@ def _fill_and_save(
             f"{source}: missing weights (megatron names) {missing[:8]}"
             f"{' ...' if len(missing) > 8 else ''}"
         )
-    return checkpointing.save_sharded(
+    return storage.save_sharded(
         save,
         sharded,
         model_cfg,
@@ -184,20 +185,20 @@ def check_hf_out_dir(out: Path, load: Path) -> None:
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise checkpointing.CheckpointError(f"--out {out}: is a file; give a directory")
+        raise storage.CheckpointError(f"--out {out}: is a file; give a directory")
     if not out.exists():
         return
     if (
         out.resolve() == Path(load).resolve()
-        or checkpointing.holds_checkpoints(out)
+        or storage.holds_checkpoints(out)
         or any(out.resolve() == p.resolve() for p in Path(load).resolve().parents)
     ):
-        raise checkpointing.CheckpointError(
+        raise storage.CheckpointError(
             f"--out {out}: holds (or is) the megatron-core checkpoint; write the export to a new "
             f"directory"
         )
     if any(out.iterdir()) and not (out / EXPORT_MARKER).is_file():
-        raise checkpointing.CheckpointError(
+        raise storage.CheckpointError(
             f"--out {out}: is not empty and is not an earlier export of this tool; choose a new "
             f"or empty directory (nothing there is deleted)"
         )
@@ -245,14 +246,14 @@ def _publish_export(tmp: Path, out: Path) -> None:
         return
     marker = out / EXPORT_MARKER
     advice = "it is corrupt: export to a new directory"
-    listed = read_json_object(marker, advice, checkpointing.CheckpointError).get("files", [])
+    listed = read_json_object(marker, advice, storage.CheckpointError).get("files", [])
     # The marker is a file anyone can edit: only plain names of files an export writes count,
     # so an entry such as "../victim.txt" or "/etc/x" can never be replaced or deleted.
     earlier = {n for n in listed if isinstance(n, str) and is_export_file_name(n)}
     new = {p.name for p in tmp.iterdir()}
     clash = sorted(n for n in new if (out / n).exists() and n not in earlier and n != EXPORT_MARKER)
     if clash:
-        raise checkpointing.CheckpointError(
+        raise storage.CheckpointError(
             f"--out {out}: holds your own {', '.join(clash)}, which this export would replace; "
             f"move them away or export to a new directory"
         )
@@ -290,40 +291,28 @@ def convert_megatron_to_hf(
     ``out`` must be new, empty or an earlier export (see :func:`check_hf_out_dir`).
     """
     from megatron_yuyuan import lora
+    from megatron_yuyuan.checkpoint import loader
 
     out = Path(out)
     check_hf_out_dir(out, Path(load))
-    ckpt = checkpointing.resolve(load)
-    info = checkpointing.read_info(ckpt)
+    # the adapters alone need no base (a --lora-base is then not used)
+    source = loader.open_checkpoint(
+        load, None if adapter_only else lora_base, need_base=not adapter_only
+    )
+    info = source.info
     if adapter_only and not info.lora:
-        raise checkpointing.CheckpointError(
-            f"--adapter-only: {ckpt} holds no LoRA adapters (a full model); drop --adapter-only"
+        raise storage.CheckpointError(
+            f"--adapter-only: {source.path} holds no LoRA adapters (a full model); drop "
+            f"--adapter-only"
         )
     layout = parallel.init_distributed(1, 1)
-    adapters = lora.config_of(info)
     with torch.device("meta"):  # a template for the keys only: no second copy of the weights
-        template = build_model(
-            RunConfig(model=info.model, lora=adapters),
-            layout,
-            padded_vocab_size=info.padded_vocab_size,
-            params_dtype=info.dtype,
-        )
-    if lora_base and not adapters.enabled:
-        raise checkpointing.CheckpointError(
-            f"--lora-base: {ckpt} is not a LoRA checkpoint; drop --lora-base"
-        )
-    if not adapters.enabled:
-        state, _ = checkpointing.load_full_state(ckpt, template)
-    else:
-        lora.check_stored_adapters(ckpt, template)
-        state, _ = checkpointing.load_full_state(ckpt, template, only=lora.is_adapter)
-        if not adapter_only:
-            base = lora.check_base(info, ckpt, lora_base)
-            weights, base_info = checkpointing.load_full_state(
-                base, template, only=lora.is_base_weight
-            )
-            state = lora.merged_weights({**weights, **state}, adapters.scale)
-            info = dataclasses.replace(info, dtype=base_info.dtype)  # merged into the base's
+        template = loader.build(source, layout, info.dtype, info.padded_vocab_size)
+    state, dtype = loader.load_full_state(source, template, with_base=not adapter_only)
+    if info.lora and not adapter_only:
+        state = lora.merged_weights(state, source.adapters.scale)
+        info = dataclasses.replace(info, dtype=dtype)  # merged into the base's
+    ckpt, adapters = source.path, source.adapters
     m = info.model
     shapes = Shapes(m.hidden_size, m.num_attention_heads, m.vocab_size, info.padded_vocab_size)
     out.parent.mkdir(parents=True, exist_ok=True)

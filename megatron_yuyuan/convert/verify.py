@@ -8,7 +8,8 @@ from typing import Optional
 
 import torch
 
-from megatron_yuyuan import checkpointing, lora, parallel
+from megatron_yuyuan import parallel
+from megatron_yuyuan.checkpoint import loader, storage
 from megatron_yuyuan.tokenizer import load_tokenizer
 
 SAMPLE_TEXT = (
@@ -44,8 +45,8 @@ def megatron_logits(
     (launch ``tp`` processes with torchrun for tp > 1)."""
     layout = parallel.init_distributed(tp, 1)
     # a LoRA checkpoint: the model as trained, base plus unmerged adapters
-    model, info = lora.load_checkpoint_model(
-        load, layout, torch.float32, merge_adapters=False, base=lora_base
+    model, info = loader.load_model(
+        load, layout, torch.float32, merge_adapters=False, lora_base=lora_base
     )
     model.eval()
     device = next(model.parameters()).device  # megatron builds on the GPU when there is one
@@ -81,7 +82,7 @@ def verify(
     lora_base: Optional[str | Path] = None,
 ) -> tuple[Parity, bool]:
     """Parity between an HF directory and a megatron-core checkpoint of the same weights."""
-    info = checkpointing.read_info(checkpointing.resolve(load))
+    info = storage.read_info(storage.resolve(load))
     ids = sample_ids(info.model.vocab_size, min(64, info.model.max_position_embeddings))
     parity = compare(hf_logits(hf_dir, ids), megatron_logits(load, ids, tp, lora_base))
     return parity, parity.max_abs_diff <= tolerance and parity.top1_agreement == 1.0

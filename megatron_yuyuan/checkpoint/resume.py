@@ -1,5 +1,5 @@
 """Resumable training checkpoints: what a run adds to the model weights of
-:mod:`megatron_yuyuan.checkpointing` (the file format) so that a killed job continues exactly:
+:mod:`megatron_yuyuan.checkpoint.storage` (the file format) so that a killed job continues exactly:
 optimizer state (fully reshardable), LR schedule, RNG states, the iteration and the number of
 samples consumed (the data position, independent of the batch size)."""
 
@@ -13,8 +13,9 @@ from typing import Optional
 import numpy as np
 import torch
 
-from megatron_yuyuan import checkpointing, parallel
-from megatron_yuyuan.checkpointing import CheckpointError
+from megatron_yuyuan import parallel
+from megatron_yuyuan.checkpoint import storage
+from megatron_yuyuan.checkpoint.storage import CheckpointError
 from megatron_yuyuan.config import ModelConfig
 from megatron_yuyuan.lora import is_adapter
 
@@ -71,7 +72,7 @@ def _training_sharded_dict(
         "optimizer": optimizer.sharded_state_dict(
             model_sd, is_loading=loading, metadata=_OPT_METADATA
         ),
-        "rng_state": checkpointing.rank_object("rng_state", rng, layout),
+        "rng_state": storage.rank_object("rng_state", rng, layout),
     }
 
 
@@ -90,7 +91,7 @@ def save_training_checkpoint(
 ) -> Path:
     """Model, optimizer, LR schedule, RNG states and the data position. A LoRA run saves only
     the model's adapters (``adapters_only``, every rank) and rank 0 records ``lora`` (see
-    ``lora.checkpoint_record``) beside them."""
+    ``adapters.checkpoint_record``) beside them."""
     sharded = _training_sharded_dict(
         model, optimizer, layout, loading=False, rng=_rng_state(), adapters_only=adapters_only
     )
@@ -98,7 +99,7 @@ def save_training_checkpoint(
     sharded["iteration"] = iteration
     sharded["consumed_samples"] = consumed_samples
     dtype = next(model.parameters()).dtype
-    return checkpointing.save_sharded(
+    return storage.save_sharded(
         save,
         sharded,
         run_config.model,
@@ -131,14 +132,14 @@ def load_training_checkpoint(
     were saved at (they are per rank). Checkpoints from before ``consumed_samples`` was saved
     derive it from the iteration and ``global_batch_size`` (which must then be unchanged).
     """
-    ckpt = checkpointing.resolve(load)
-    info = checkpointing.read_info(ckpt)
-    checkpointing.check_compatible(info.model, model_cfg, ckpt)
+    ckpt = storage.resolve(load)
+    info = storage.read_info(ckpt)
+    storage.check_compatible(info.model, model_cfg, ckpt)
     if adapters_only and not info.lora:
         raise CheckpointError(f"{ckpt}: holds no LoRA adapters to resume")
     if finetune or not info.training_state:
         only = is_adapter if adapters_only else None
-        _, weights = checkpointing.load_model(ckpt, model, model_cfg, layout, only=only)
+        _, weights = storage.load_model(ckpt, model, model_cfg, layout, only=only)
         return Resumed(iteration=0, consumed_samples=0, weights=weights)
     same_layout = tuple(info.layout) == (layout.tp, layout.pp, layout.dp)
     from megatron_yuyuan.optim import finish_optimizer_loading, prepare_optimizer_for_loading
@@ -151,7 +152,7 @@ def load_training_checkpoint(
         sharded.pop("rng_state")
     for key in ("scheduler", "iteration", "consumed_samples"):
         sharded[key] = None
-    loaded = checkpointing.load_sharded(sharded, ckpt)
+    loaded = storage.load_sharded(sharded, ckpt)
     model_state = {k: v for k, v in loaded["model"].items() if not k.endswith("_extra_state")}
     missing, unexpected = model.load_state_dict(model_state, strict=False)
     missing = [

@@ -2,7 +2,7 @@
 
 The only module that imports ``megatron.core.dist_checkpointing``. It knows paths, the ``latest``
 pointer, the saved model config, atomic saves and loading weights; what a *training* checkpoint
-adds (optimizer, schedule, RNG, data position) is :mod:`megatron_yuyuan.training_checkpoint`.
+adds (optimizer, schedule, RNG, data position) is :mod:`megatron_yuyuan.checkpoint.resume`.
 Layout, as in Megatron-LM::
 
     SAVE/latest_checkpointed_iteration.txt      "100"
