@@ -2,7 +2,7 @@
 
 Field names are Megatron-LM's argument names (``tensor_model_parallel_size``, ``micro_batch_size``,
 ``train_iters``...), so every field is also a command-line flag with Megatron's spelling
-(``--tensor-model-parallel-size``); see :mod:`megatron_yuyuan.arguments`. Each field carries a
+(``--tensor-model-parallel-size``); see :mod:`megatron_yuyuan.cli.arguments`. Each field carries a
 docstring (the string below it), which is the flag's ``--help`` text.
 
 A YAML file mirrors :class:`RunConfig`::

@@ -23,13 +23,12 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from megatron_yuyuan import parallel
+from megatron_yuyuan import parallel, runtime
 from megatron_yuyuan.data.manifest import check_member
 from megatron_yuyuan.errors import UserError
 from megatron_yuyuan.files import read_jsonl, write_jsonl
 from megatron_yuyuan.prompts import DEFAULT_TEMPLATE, PromptTemplate, answer_from_continuation
 from megatron_yuyuan.tokenizer import Tokenizer, load_tokenizer
-
 
 SAMPLING_RANGE = (0.01, 100.0)
 """Temperature and repetition penalty bounds: the logits are divided by them."""
@@ -172,7 +171,7 @@ def stopped_rows(
         for row in on_step(nxt.tolist(), active.tolist()):
             stop[row] = True
     if sync and dist.is_initialized() and dist.get_world_size() > 1:
-        flags = stop.to(torch.uint8).to(default_device())
+        flags = stop.to(torch.uint8).to(runtime.device())
         dist.broadcast(flags, src=0)  # rank 0 serves the requests and decides
         stop = flags.cpu().bool()
     return stop
@@ -340,14 +339,6 @@ def check_prompt_lengths(prompts: Sequence[Sequence[int]], max_positions: int) -
     return longest
 
 
-def default_device() -> torch.device:
-    return (
-        torch.device("cuda", torch.cuda.current_device())
-        if torch.cuda.is_available()
-        else (torch.device("cpu"))
-    )
-
-
 class HFGenerator:
     """The same interface over a transformers causal LM (e.g. an exported checkpoint).
 
@@ -372,7 +363,7 @@ class HFGenerator:
                 f"--hf-dir {hf_dir}: no config.json there; give a transformers model directory "
                 f"(e.g. one written by checkpoints_convert.to_hf)"
             )
-        self.device = device or default_device()
+        self.device = device or runtime.device()
         try:
             model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype)
         except (OSError, ValueError, KeyError) as exc:

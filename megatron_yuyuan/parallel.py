@@ -28,6 +28,7 @@ from megatron.core.tensor_parallel import (  # noqa: F401 (re-exported for the m
 
 from megatron_yuyuan import cpu_compat
 from megatron_yuyuan.errors import UserError
+from megatron_yuyuan.runtime import launch_local_rank, launch_rank, launch_world_size
 
 
 @dataclass(frozen=True)
@@ -52,15 +53,6 @@ class Layout:
         return self.pp_rank == self.pp - 1
 
 
-def env_world_size() -> int:
-    """World size as torchrun announces it (1 for a plain process)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def env_rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
 def init_distributed(tp: int = 1, pp: int = 1, timeout_s: int = 600) -> Layout:
     """Create the default process group and megatron's TP/PP/DP groups.
 
@@ -70,7 +62,7 @@ def init_distributed(tp: int = 1, pp: int = 1, timeout_s: int = 600) -> Layout:
         timeout_s: collective timeout.
     """
     cpu_compat.apply_if_no_cuda()
-    world_size = env_world_size()
+    world_size = launch_world_size()
     if world_size % (tp * pp):
         raise UserError(
             f"--tensor-model-parallel-size {tp} x --pipeline-model-parallel-size {pp} needs a "
@@ -87,13 +79,13 @@ def init_distributed(tp: int = 1, pp: int = 1, timeout_s: int = 600) -> Layout:
                     f"visible: launch --nproc-per-node {torch.cuda.device_count()}, or set "
                     f"CUDA_VISIBLE_DEVICES= to run on CPU processes (gloo)"
                 )
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(launch_local_rank())
         # A single process needs no rendezvous: an in-memory store, no port to collide on.
         store = dist.HashStore() if world_size == 1 and "MASTER_ADDR" not in os.environ else None
         dist.init_process_group(
             backend=backend,
             world_size=world_size,
-            rank=env_rank(),
+            rank=launch_rank(),
             store=store,
             timeout=timedelta(seconds=timeout_s),
         )

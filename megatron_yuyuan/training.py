@@ -24,8 +24,9 @@ from megatron.core.distributed import (
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from tqdm import tqdm
 
-from megatron_yuyuan import lora, parallel
+from megatron_yuyuan import lora, parallel, runtime
 from megatron_yuyuan.checkpoint import adapters, loader, storage
+from megatron_yuyuan.checkpoint.resume import load_training_checkpoint, save_training_checkpoint
 from megatron_yuyuan.config import RunConfig
 from megatron_yuyuan.data.batching import micro_batch_indices
 from megatron_yuyuan.data.blend import BlendedQA
@@ -44,7 +45,6 @@ from megatron_yuyuan.model import build_model, thd_params, training_flops_per_to
 from megatron_yuyuan.optim import build_optimizer, build_scheduler, seed_main_params, use_fused_adam
 from megatron_yuyuan.parallel import Layout
 from megatron_yuyuan.prompts import PromptTemplate
-from megatron_yuyuan.checkpoint.resume import load_training_checkpoint, save_training_checkpoint
 
 MAX_SKIPPED_IN_A_ROW = 30
 """fp16: a loss scale that halves every other skipped step reaches its floor from 2^12 in ~26
@@ -115,14 +115,6 @@ class TrainState:
     """The data's prompt template, recorded in every checkpoint (None: mock data)."""
 
 
-def device() -> torch.device:
-    return (
-        torch.device("cuda", torch.cuda.current_device())
-        if torch.cuda.is_available()
-        else torch.device("cpu")
-    )
-
-
 def setup(cfg: RunConfig) -> TrainState:
     """Process groups, seeded model, DDP wrapper, optimizer and LR schedule."""
     layout = parallel.init_distributed(
@@ -143,7 +135,7 @@ def setup(cfg: RunConfig) -> TrainState:
         adapters_saved = saved.info.lora is not None  # resumed, or (--finetune) their weights only
         base = saved.weights
         loader.load_weights(saved, gpt, cfg.model, layout, with_adapters=False)
-    model = wrap_float16(gpt.to(device()), cfg)
+    model = wrap_float16(gpt.to(runtime.device()), cfg)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=overlap_grad_reduce(cfg),
@@ -396,7 +388,7 @@ def _run_schedule(
     cfg = state.cfg
     thd = packed_thd(cfg)
     return forward_backward(
-        forward_step_func=partial(forward_step, device=device()),
+        forward_step_func=partial(forward_step, device=runtime.device()),
         data_iterator=data_iterator,
         model=[state.model],
         num_microbatches=state.num_microbatches,

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 from conftest import REPO
 
-from megatron_yuyuan.arguments import parse_config
+from megatron_yuyuan.cli.arguments import parse_config
 from megatron_yuyuan.config import (
     PRESETS,
     SECTIONS,

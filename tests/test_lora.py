@@ -79,7 +79,7 @@ def test_lora_log_counts_trainable_parameters(runs):
 def test_base_weights_stay_bit_identical(base, tmp_path):
     from megatron_yuyuan import lora, training
     from megatron_yuyuan.checkpoint import storage
-    from megatron_yuyuan.arguments import parse_config
+    from megatron_yuyuan.cli.arguments import parse_config
     from megatron_yuyuan.parallel import destroy_distributed
 
     cfg = parse_config([*RUN, *LORA, "--pretrained-checkpoint", str(base), "--train-iters", "3"])

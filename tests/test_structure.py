@@ -19,13 +19,32 @@ def module_name(path: Path) -> str:
 MODULES = {module_name(p): p for p in (REPO / PKG).rglob("*.py")}
 
 
+def is_main_block(node: ast.AST) -> bool:
+    """``if __name__ == "__main__":``: runs as a script only, never on import."""
+    return (
+        isinstance(node, ast.If)
+        and isinstance(node.test, ast.Compare)
+        and isinstance(node.test.left, ast.Name)
+        and node.test.left.id == "__name__"
+    )
+
+
+def walk(tree: ast.AST):
+    """Every node of ``tree``, function bodies included, ``__main__`` blocks excluded."""
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        yield node
+        todo.extend(c for c in ast.iter_child_nodes(node) if not is_main_block(c))
+
+
 def imports_of(name: str) -> set[str]:
     """The package modules ``name`` imports anywhere in its code (each with its parent packages,
     whose ``__init__`` runs first)."""
     path = MODULES[name]
     package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom):

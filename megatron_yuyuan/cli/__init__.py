@@ -1,8 +1,9 @@
 """The command-line layer: every CLI is ``main(argv=None)`` in a module of this package, parsing
 flags and calling the library. :func:`run_cli` gives them one behaviour on failure.
 
-Entry points users type (``python -m megatron_yuyuan.finetune``, ``python -m tools.preprocess_medquad``,
-``python -m checkpoints_convert.to_hf`` ...) are thin wrappers around these modules.
+Users reach them through the ``yuyuan`` command (:mod:`.main`: ``yuyuan finetune ...``) or the
+thin wrappers kept for scripts (``python -m megatron_yuyuan.finetune``, ``python
+tools/preprocess_medquad.py``, ``python checkpoints_convert/to_hf.py`` ...).
 """
 
 from __future__ import annotations
@@ -10,17 +11,13 @@ from __future__ import annotations
 import argparse
 import errno
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Callable, Optional
 
 from megatron_yuyuan.errors import UserError
 from megatron_yuyuan.files import directory_problem
-
-
-def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))
+from megatron_yuyuan.runtime import launch_rank
 
 
 def describe_os_error(exc: OSError) -> str:
@@ -40,12 +37,21 @@ def describe_os_error(exc: OSError) -> str:
 
 def print_error(message: str) -> None:
     """``error: message`` on stderr, once per job (global rank 0 under torchrun)."""
-    if _rank() == 0:
+    if launch_rank() == 0:
         print(f"error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
 
 
+_invoked_as: Optional[str] = None  # "yuyuan finetune" while the yuyuan command runs a subcommand
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with the CLIs' error format: one ``error:`` line (no usage block), exit 2."""
+    """argparse with the CLIs' error format: one ``error:`` line (no usage block), exit 2. Its
+    ``prog`` is how the user called the command (``yuyuan finetune`` or ``python -m ...``)."""
+
+    def __init__(self, *args, **kwargs):
+        if _invoked_as:
+            kwargs["prog"] = _invoked_as
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         print_error(f"{message} (see {self.prog} --help)")

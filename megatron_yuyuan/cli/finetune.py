@@ -14,12 +14,12 @@ line (exit 2).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Optional, Sequence
 
 from megatron_yuyuan.cli import check_writable_dir, check_writable_file, run_cli
 from megatron_yuyuan.config import ConfigError, RunConfig, validate_layout
+from megatron_yuyuan.runtime import launch_rank
 
 
 def check_config(cfg: RunConfig, world_size: int) -> None:
@@ -85,8 +85,8 @@ def check_config(cfg: RunConfig, world_size: int) -> None:
 
 def check_lora(cfg: RunConfig) -> None:
     """LoRA needs a base checkpoint, and a LoRA checkpoint is continued with its own settings."""
-    from megatron_yuyuan.checkpoint.storage import has_checkpoint, read_info, resolve
     from megatron_yuyuan.checkpoint.adapters import config_of
+    from megatron_yuyuan.checkpoint.storage import has_checkpoint, read_info, resolve
 
     t, want = cfg.train, cfg.lora
     flags = {"--load": t.load, "--pretrained-checkpoint": t.pretrained_checkpoint}
@@ -148,7 +148,7 @@ def warn_replaced_iterations(load: Path, save: Path) -> None:
         for p in complete_iterations(save)
         if p.name[5:].isdigit() and int(p.name[5:]) > start  # iter_0000004
     ]
-    if later and int(os.environ.get("RANK", "0")) == 0:
+    if later and launch_rank() == 0:
         print(
             f"warning: --load {load} resumes {save} at iteration {start}; its later "
             f"checkpoint(s) {', '.join(later)} will be replaced as this run saves (and the latest "
@@ -310,8 +310,8 @@ def score_validation_answers(result, out_dir: Path) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from megatron_yuyuan import cpu_compat
-    from megatron_yuyuan.arguments import parse_config
-    from megatron_yuyuan.parallel import env_world_size
+    from megatron_yuyuan.cli.arguments import parse_config
+    from megatron_yuyuan.runtime import launch_world_size
 
     cpu_compat.apply_if_no_cuda()
 
@@ -320,9 +320,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from megatron_yuyuan.checkpoint.storage import remove_partial_saves, save_dir_lock
 
         # One lock per job, held by its rank 0 from before the checks to the end of the run.
-        locked = cfg.train.save if int(os.environ.get("RANK", "0")) == 0 else None
+        locked = cfg.train.save if launch_rank() == 0 else None
         with save_dir_lock(locked) as announce:
-            check_config(cfg, env_world_size())
+            check_config(cfg, launch_world_size())
             announce()
             if locked:
                 for tmp in remove_partial_saves(locked):  # a save killed before its rename

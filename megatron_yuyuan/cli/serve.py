@@ -29,6 +29,7 @@ from megatron_yuyuan.cli import (
 )
 from megatron_yuyuan.cli.generate import add_model_arguments, generator_from_args
 from megatron_yuyuan.errors import UserError
+from megatron_yuyuan.runtime import launch_rank
 
 
 def check_port(host: str, port: int) -> None:
@@ -126,12 +127,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             )
         if args.hf_dir and world > 1:
             raise UserError("--hf-dir serves in one process; use --load for TP/PP under torchrun")
-        if int(os.environ.get("RANK", "0")) == 0:
+        if launch_rank() == 0:
             check_port(args.host, args.port)
         generator = generator_from_args(args)
         from megatron_yuyuan.serve import engine
 
-        if int(os.environ.get("RANK", "0")) != 0:
+        if launch_rank() != 0:
             # Ctrl-C / SIGTERM reach every rank; the followers leave when rank 0, which shuts
             # the HTTP server down gracefully, tells them to (a killed follower would leave rank
             # 0 stuck in its next collective).

@@ -97,30 +97,9 @@ def report_verify(
     return 0 if ok else 1
 
 
-def main(argv=None) -> int:
-    """``torchrun --nproc-per-node N -m megatron_yuyuan.convert.verify --hf-dir H --load C
-    --tensor-model-parallel-size N``: logit parity with the megatron model split over N ranks."""
-    import argparse
+if (
+    __name__ == "__main__"
+):  # `python -m megatron_yuyuan.convert.verify`: see megatron_yuyuan.cli.verify
+    from megatron_yuyuan.cli.verify import main
 
-    from megatron_yuyuan import cpu_compat
-
-    p = argparse.ArgumentParser(description=main.__doc__)
-    p.add_argument("--hf-dir", required=True)
-    p.add_argument("--load", required=True)
-    p.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    p.add_argument("--tolerance", type=float, default=1e-4)
-    args = p.parse_args(argv)
-    cpu_compat.apply_if_no_cuda()
-    try:
-        parity, ok = verify(args.hf_dir, args.load, args.tolerance, args.tensor_model_parallel_size)
-        parallel.print_rank_0(
-            f"> TP={args.tensor_model_parallel_size} {parity.line()} "
-            f"[{'OK' if ok else 'FAIL'}, tolerance {args.tolerance:g}]"
-        )
-    finally:
-        parallel.destroy_distributed()
-    return 0 if ok else 1
-
-
-if __name__ == "__main__":
     raise SystemExit(main())
