@@ -29,6 +29,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 from megatron_yuyuan.errors import UserError
+from megatron_yuyuan.sampling import SamplingConfig, SamplingLimitError
 
 
 class ConfigError(UserError):
@@ -265,16 +266,13 @@ class TrainConfig:
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        if self.eval_no_repeat_ngram_size < 0:
-            raise ConfigError(
-                f"train.eval_no_repeat_ngram_size must be >= 0 (0: off), "
-                f"got {self.eval_no_repeat_ngram_size}"
+        try:  # the end-of-training answers' sampling values, by the generator's own bounds
+            SamplingConfig(
+                repetition_penalty=self.eval_repetition_penalty,
+                no_repeat_ngram_size=self.eval_no_repeat_ngram_size,
             )
-        if not self.eval_repetition_penalty > 0:
-            raise ConfigError(
-                f"train.eval_repetition_penalty must be > 0 (1.0: off), "
-                f"got {self.eval_repetition_penalty}"
-            )
+        except SamplingLimitError as exc:
+            raise ConfigError(f"train.eval_{exc.field} {exc.problem}") from None
         for name in ("save_interval", "eval_interval"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")

@@ -15,7 +15,6 @@ generated before EOS. Data-parallel ranks split the questions.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
@@ -28,58 +27,8 @@ from megatron_yuyuan.data.manifest import check_member
 from megatron_yuyuan.errors import UserError
 from megatron_yuyuan.files import read_jsonl, write_jsonl
 from megatron_yuyuan.prompts import DEFAULT_TEMPLATE, PromptTemplate, answer_from_continuation
+from megatron_yuyuan.sampling import SamplingConfig
 from megatron_yuyuan.tokenizer import Tokenizer, load_tokenizer
-
-SAMPLING_RANGE = (0.01, 100.0)
-"""Temperature and repetition penalty bounds: the logits are divided by them."""
-
-
-@dataclass
-class SamplingConfig:
-    """How the next token is chosen."""
-
-    max_new_tokens: int = 128
-    """Generate at most this many tokens after the prompt."""
-    do_sample: bool = False
-    """Sample (with temperature / top-k / top-p) instead of greedy argmax."""
-    temperature: float = 1.0
-    """Divide logits by this before sampling."""
-    top_k: int = 0
-    """Keep only the k most likely tokens (0: all)."""
-    top_p: float = 1.0
-    """Keep the smallest set of tokens whose probability reaches p (1.0: all)."""
-    seed: int = 1234
-    """Seed of the sampling generator."""
-    repetition_penalty: float = 1.0
-    """transformers' repetition penalty: logits of tokens already in the row (prompt and padding
-    included) are divided by it when positive, multiplied when negative (1.0: off)."""
-    no_repeat_ngram_size: int = 0
-    """Never repeat an n-gram of this size within the row, prompt included (0: off)."""
-
-    def __post_init__(self) -> None:
-        """The one place sampling values are bounded (the CLIs and the server build this): a
-        value that passes here never turns logits into Inf/NaN."""
-        if self.max_new_tokens < 1:
-            raise UserError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
-        lo, hi = SAMPLING_RANGE
-        if not lo <= self.temperature <= hi:
-            raise UserError(
-                f"--temperature must be in [{lo:g}, {hi:g}], got {self.temperature:g} (lower "
-                f"values divide the logits into Inf: use greedy decoding for the top token)"
-            )
-        if self.top_k < 0:
-            raise UserError(f"--top-k must be >= 0 (0: no limit), got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise UserError(f"--top-p must be in (0, 1], got {self.top_p}")
-        if not lo <= self.repetition_penalty <= hi:
-            raise UserError(
-                f"--repetition-penalty must be in [{lo:g}, {hi:g}] (1: off), got "
-                f"{self.repetition_penalty:g}"
-            )
-        if self.no_repeat_ngram_size < 0:
-            raise UserError(
-                f"--no-repeat-ngram-size must be >= 0 (0: off), got {self.no_repeat_ngram_size}"
-            )
 
 
 def apply_penalties(

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from conftest import write_gpt2
 from slow_server import WordTokenizer
 
@@ -474,8 +475,9 @@ def test_prompt_limits_name_the_prompt_and_streams_start_stripped():
 def test_bodies_beyond_the_limit_and_foreign_origins_are_refused_and_the_server_still_answers():
     from fastapi.testclient import TestClient
 
-    from megatron_yuyuan.serve.app import MAX_BODY_BYTES, ServedModel, create_app
+    from megatron_yuyuan.serve.app import ServedModel, create_app
     from megatron_yuyuan.serve.batcher import Batcher
+    from megatron_yuyuan.serve.schemas import MAX_BODY_BYTES
 
     engine = SlowEngine()
     app = create_app(
@@ -504,7 +506,8 @@ def test_a_chunked_body_is_read_no_further_than_the_limit():
 
     from starlette.requests import Request as StarletteRequest
 
-    from megatron_yuyuan.serve.app import MAX_BODY_BYTES, APIError, read_limited
+    from megatron_yuyuan.serve.errors import APIError
+    from megatron_yuyuan.serve.schemas import MAX_BODY_BYTES, read_limited
 
     served = []
 

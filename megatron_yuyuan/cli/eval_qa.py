@@ -59,6 +59,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not refs:
             raise UserError(f"--references {refs_path}: no rows")
         opts = eval_options_from_args(args)
+        sampling = sampling_from_args(args)  # bad sampling values stop before the model loads
         if name in opts.baselines:
             raise UserError(f"--name {name!r} is a baseline's name; choose another")
         out = check_writable_dir(args.out, "--out")
@@ -69,7 +70,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             generator_from_args(args),
             refs_path,
             out / f"predictions_{name}.jsonl",
-            sampling_from_args(args),
+            sampling,
             args.batch_size,
             args.limit,
         )

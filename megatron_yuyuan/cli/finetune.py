@@ -269,8 +269,9 @@ def score_validation_answers(result, out_dir: Path) -> None:
     from megatron_yuyuan.eval.report import print_summary
     from megatron_yuyuan.eval.scoring import EvalOptions, evaluate
     from megatron_yuyuan.files import read_jsonl, write_jsonl
-    from megatron_yuyuan.generation import MegatronGenerator, SamplingConfig, generate_file
+    from megatron_yuyuan.generation import MegatronGenerator, generate_file
     from megatron_yuyuan.prompts import PromptTemplate
+    from megatron_yuyuan.sampling import SamplingConfig
     from megatron_yuyuan.tokenizer import load_tokenizer
     from megatron_yuyuan.training import unwrap
 

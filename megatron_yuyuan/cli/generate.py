@@ -17,10 +17,7 @@ from typing import Optional, Sequence
 from megatron_yuyuan.cli import (
     ArgumentParser,
     check_writable_file,
-    non_negative_int,
-    positive_float,
     positive_int,
-    probability,
     run_cli,
 )
 from megatron_yuyuan.errors import UserError
@@ -53,28 +50,29 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=positive_int, default=128)
+    # typed here, bounded once by SamplingConfig (sampling_from_args): one error line naming the flag
+    p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=positive_float, default=1.0)
-    p.add_argument("--top-k", type=non_negative_int, default=0, help="0: no limit")
-    p.add_argument("--top-p", type=probability, default=1.0)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0: no limit")
+    p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument(
         "--repetition-penalty",
-        type=positive_float,
+        type=float,
         default=1.0,
         help="transformers' repetition penalty (1.0: off; 1.2 is common)",
     )
     p.add_argument(
         "--no-repeat-ngram-size",
-        type=non_negative_int,
+        type=int,
         default=0,
         help="never repeat an n-gram of this size, prompt included (0: off)",
     )
 
 
 def sampling_from_args(args):
-    from megatron_yuyuan.generation import SamplingConfig
+    from megatron_yuyuan.sampling import SamplingConfig
 
     return SamplingConfig(
         max_new_tokens=args.max_new_tokens,

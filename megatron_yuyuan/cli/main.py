@@ -1,7 +1,7 @@
 """``yuyuan``: one command for the whole path, from your QA data to an answer service.
 
     yuyuan preprocess --input faq.jsonl --output-prefix data/mine
-    yuyuan finetune --config tiny --data-path data/mine --save ckpt/mine
+    yuyuan finetune --config tiny --data-prefix data/mine --save ckpt/mine
     yuyuan to-hf --load ckpt/mine --out hf/mine --verify
     yuyuan generate --load ckpt/mine --question "What causes glaucoma ?"
     yuyuan serve --hf-dir hf/mine

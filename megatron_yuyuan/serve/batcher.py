@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Optional
 
-from megatron_yuyuan.generation import SamplingConfig
+from megatron_yuyuan.sampling import SamplingConfig
 from megatron_yuyuan.serve.engine import Engine, Job
 
 SHUTTING_DOWN = "the server is shutting down; retry shortly"

@@ -15,7 +15,7 @@ from typing import Callable, Optional
 
 import torch.distributed as dist
 
-from megatron_yuyuan.generation import SamplingConfig
+from megatron_yuyuan.sampling import SamplingConfig
 
 
 def world_size() -> int:
