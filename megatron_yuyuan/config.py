@@ -3,7 +3,8 @@
 Field names are Megatron-LM's argument names (``tensor_model_parallel_size``, ``micro_batch_size``,
 ``train_iters``...), so every field is also a command-line flag with Megatron's spelling
 (``--tensor-model-parallel-size``); see :mod:`megatron_yuyuan.cli.arguments`. Each field carries a
-docstring (the string below it), which is the flag's ``--help`` text.
+docstring (the string below it), which is the flag's ``--help`` text
+(:func:`megatron_yuyuan.dataclass_fields.field_docs`).
 
 A YAML file mirrors :class:`RunConfig`::
 
@@ -15,56 +16,18 @@ A YAML file mirrors :class:`RunConfig`::
 
 from __future__ import annotations
 
-import ast
 import dataclasses
-import functools
-import inspect
 import math
-import textwrap
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
 
-from megatron_yuyuan.errors import UserError
+from megatron_yuyuan.dataclass_fields import check_field_types
+from megatron_yuyuan.errors import ConfigError
+from megatron_yuyuan.files import write_text_atomic
 from megatron_yuyuan.sampling import SamplingConfig, SamplingLimitError
-
-
-class ConfigError(UserError):
-    """A configuration that cannot run; the message names the field and what to do."""
-
-
-def check_field_types(obj: Any, section: str) -> None:
-    """Every field holds a value of its annotated type (YAML and config.json are untyped):
-    ``int`` fields take integers (not booleans), ``float`` fields numbers, ``Optional`` None."""
-    hints = typing.get_type_hints(type(obj))
-    for f in dataclasses.fields(obj):
-        value, tp = getattr(obj, f.name), hints[f.name]
-        allowed = typing.get_args(tp) if typing.get_origin(tp) is typing.Union else (tp,)
-        ok = False
-        for a in allowed:
-            if a is type(None):
-                ok |= value is None
-            elif typing.get_origin(a) is Literal:
-                ok |= value in typing.get_args(a)
-            elif a is float:
-                ok |= isinstance(value, (int, float)) and not isinstance(value, bool)
-            elif a is int:
-                ok |= isinstance(value, int) and not isinstance(value, bool)
-            else:
-                ok |= isinstance(value, a)
-        if not ok:
-            want = " or ".join(
-                "null" if a is type(None) else
-                "one of " + ", ".join(map(repr, typing.get_args(a))) if typing.get_origin(a) is Literal
-                else a.__name__
-                for a in allowed
-            )  # fmt: skip
-            raise ConfigError(
-                f"{section}.{f.name} (--{f.name.replace('_', '-')}) must be {want}, got {value!r}"
-            )
 
 
 @dataclass(kw_only=True)
@@ -483,11 +446,7 @@ class RunConfig:
 
     def to_yaml(self, path: str | Path) -> Path:
         """Write the resolved config as YAML (atomically) and return the path."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-        tmp.replace(path)
-        return path
+        return write_text_atomic(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config") -> RunConfig:
@@ -602,23 +561,6 @@ def load_config(spec: str | None) -> RunConfig:
         f"--config {spec!r} is neither a preset ({', '.join(sorted(PRESETS))}) "
         f"nor an existing YAML file"
     )
-
-
-@functools.cache
-def field_docs(cls: type) -> dict[str, str]:
-    """The docstring under each dataclass field (used as --help text)."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body
-    docs = {}
-    for node, nxt in zip(body, body[1:]):
-        if (
-            isinstance(node, ast.AnnAssign)
-            and isinstance(node.target, ast.Name)
-            and isinstance(nxt, ast.Expr)
-            and isinstance(nxt.value, ast.Constant)
-        ):
-            docs[node.target.id] = " ".join(str(nxt.value.value).split())
-    return docs
 
 
 def validate_layout(cfg: RunConfig, world_size: int) -> int:

@@ -10,6 +10,10 @@ class UserError(ValueError):
     """Bad input; the message names the file or flag and what to do."""
 
 
+class ConfigError(UserError):
+    """A configuration that cannot run; the message names the field and what to do."""
+
+
 class DataError(UserError):
     """A dataset file that is missing, truncated, inconsistent or does not fit the model."""
 

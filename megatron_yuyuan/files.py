@@ -133,6 +133,14 @@ def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
         raise
 
 
+def tmp_name(path: Path) -> Path:
+    """Where one file of a *set* is written before the set is published together (the dataset's
+    ``.bin/.idx/.jsonl`` files and their manifest, renamed all or nothing): beside it, so the
+    rename is atomic, with this process's id, so a later run can tell a killed run's leftovers
+    from a running one's. A single file uses :func:`atomic_path`."""
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
     """Write rows to a temporary file beside ``path``, then rename it over ``path``."""
     path = Path(path)

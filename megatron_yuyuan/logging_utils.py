@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from megatron_yuyuan.files import save_figure_atomic
+from megatron_yuyuan.files import save_figure_atomic, write_text_atomic
 
 # Dense bf16 tensor-core peak per GPU, FLOP/s, from the vendors' datasheets, keyed by the exact
 # name CUDA reports: PCIe, NVL and SXM parts of one chip differ (H100 SXM 989, NVL 835, PCIe 756).
@@ -143,9 +143,7 @@ def keep_rows_through(path: Path, iteration: int) -> int:
         if isinstance(row, dict) and row.get("iteration", 0) <= iteration:
             kept.append(line)
     if len(kept) != len(lines):
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        tmp.replace(path)
+        write_text_atomic(path, "".join(line + "\n" for line in kept))
     return len(lines) - len(kept)
 
 

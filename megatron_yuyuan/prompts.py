@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
 
 from megatron_yuyuan.errors import UserError
+from megatron_yuyuan.tokenizer import GPT2_EOS as EOS_TEXT
 
 PROMPT_TEMPLATE = "Question:{question} answer:"
-EOS_TEXT = "<|endoftext|>"
 META_SUFFIX = " {answer}<eod>"  # how P_meta.json writes what follows the prompt
 _ANSWER_MARK = re.compile(r"answer:", re.IGNORECASE)  # upstream's widget also wrote "Answer:"
 _FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")

@@ -5,19 +5,19 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from conftest import REPO
 
+from conftest import REPO
 from megatron_yuyuan.cli.arguments import parse_config
 from megatron_yuyuan.config import (
     PRESETS,
     SECTIONS,
     ConfigError,
     RunConfig,
-    field_docs,
     get_preset,
     load_config,
     validate_layout,
 )
+from megatron_yuyuan.dataclass_fields import field_docs
 from megatron_yuyuan.finetune import main
 
 

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TORCHRUN_ENV, run_torchrun, torchrun_cmd
 from safetensors.torch import load_file
 
 from checkpoints_convert.to_hf import main as to_hf
 from checkpoints_convert.to_megatron import main as to_megatron
+from conftest import TORCHRUN_ENV, run_torchrun, torchrun_cmd
 from megatron_yuyuan.config import RunConfig, get_preset
 from megatron_yuyuan.convert.weight_map import (
     HF_IGNORED,

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, read_metrics, write_gpt2
 
 from checkpoints_convert.to_hf import main as to_hf
 from checkpoints_convert.to_megatron import main as to_megatron
+from conftest import REPO, read_metrics, write_gpt2
 from megatron_yuyuan.eval_qa import main as eval_qa
 from megatron_yuyuan.evaluate import main as evaluate
 from megatron_yuyuan.finetune import main as finetune

@@ -7,10 +7,10 @@ import subprocess
 
 import pytest
 import torch
-from conftest import TORCHRUN_ENV, torchrun_cmd, write_gpt2
 
 from checkpoints_convert.to_hf import main as to_hf
 from checkpoints_convert.to_megatron import main as to_megatron
+from conftest import TORCHRUN_ENV, torchrun_cmd, write_gpt2
 from megatron_yuyuan.generate import main as generate_main
 from megatron_yuyuan.generation import (
     HFGenerator,

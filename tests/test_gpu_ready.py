@@ -8,8 +8,8 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, read_metrics, write_gpt2
 
+from conftest import REPO, read_metrics, write_gpt2
 from megatron_yuyuan.finetune import main as finetune
 
 TINY = ["--config", "tiny", "--mock-data", "--seq-length", "32", "--micro-batch-size", "2"]

@@ -14,6 +14,9 @@ import sys
 import pytest
 import torch
 import yaml
+
+from checkpoints_convert.to_hf import main as to_hf
+from checkpoints_convert.to_megatron import main as to_megatron
 from conftest import (
     REPO,
     TORCHRUN_ENV,
@@ -22,9 +25,6 @@ from conftest import (
     torchrun_cmd,
     write_gpt2,
 )
-
-from checkpoints_convert.to_hf import main as to_hf
-from checkpoints_convert.to_megatron import main as to_megatron
 from megatron_yuyuan.finetune import main as finetune
 
 LORA = ["--lora-rank", "4", "--lora-alpha", "8", "--lora-target-modules"]

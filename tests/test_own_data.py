@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import read_metrics, run_torchrun, write_rows
 
+from conftest import read_metrics, run_torchrun, write_rows
 from megatron_yuyuan.data.blend import BlendedQA
 from megatron_yuyuan.data.indexed import read_qa_documents
 from megatron_yuyuan.data.sft_dataset import QADataset

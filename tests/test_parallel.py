@@ -7,8 +7,8 @@ same global batches, so in fp32 the losses may differ only by reduction order (~
 from __future__ import annotations
 
 import pytest
-from conftest import read_metrics, run_torchrun
 
+from conftest import read_metrics, run_torchrun
 from megatron_yuyuan.finetune import main
 
 COMMON = [

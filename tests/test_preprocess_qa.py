@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import write_rows
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+from conftest import write_rows
 from megatron_yuyuan.data.indexed import read_qa_documents
 from megatron_yuyuan.prompts import PromptTemplate
 from megatron_yuyuan.tokenizer import load_tokenizer

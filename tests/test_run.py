@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TORCHRUN_ENV, free_port, read_metrics, run_torchrun, torchrun_cmd
 
+from conftest import REPO, TORCHRUN_ENV, free_port, read_metrics, run_torchrun, torchrun_cmd
 from megatron_yuyuan.finetune import main
 
 ARGS = [

@@ -151,7 +151,8 @@ LORA_KEYS |= {"base_fingerprint"}
 
 def _check_lora_record(record, path: Path) -> Optional[dict]:
     """A LoRA checkpoint's ``lora`` block, checked for what the loaders rely on."""
-    from megatron_yuyuan.config import ConfigError, LoraConfig
+    from megatron_yuyuan.config import LoraConfig
+    from megatron_yuyuan.errors import ConfigError
 
     problem = None
     if not isinstance(record, dict) or set(record) != LORA_KEYS:

@@ -12,7 +12,8 @@ import dataclasses
 import typing
 from typing import Any, Literal, Optional, Sequence
 
-from megatron_yuyuan.config import SECTIONS, RunConfig, field_docs, load_config
+from megatron_yuyuan.config import SECTIONS, RunConfig, load_config
+from megatron_yuyuan.dataclass_fields import field_docs, union_members
 
 
 def _flag(name: str) -> str:
@@ -21,8 +22,7 @@ def _flag(name: str) -> str:
 
 def _arg_kwargs(tp: Any) -> dict[str, Any]:
     """argparse keyword arguments for a field annotation."""
-    if typing.get_origin(tp) is typing.Union:  # Optional[X]
-        (tp,) = [a for a in typing.get_args(tp) if a is not type(None)]
+    (tp,) = [a for a in union_members(tp) if a is not type(None)]  # Optional[X] -> X
     if typing.get_origin(tp) is Literal:
         choices = typing.get_args(tp)
         return {"type": type(choices[0]), "choices": choices}

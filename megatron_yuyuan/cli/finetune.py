@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from megatron_yuyuan.cli import check_writable_dir, check_writable_file, run_cli
-from megatron_yuyuan.config import ConfigError, RunConfig, validate_layout
+from megatron_yuyuan.config import RunConfig, validate_layout
+from megatron_yuyuan.errors import ConfigError
 from megatron_yuyuan.runtime import launch_rank
 
 

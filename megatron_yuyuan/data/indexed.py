@@ -24,11 +24,11 @@ from megatron_yuyuan.data.manifest import (  # noqa: F401 - re-exported for read
     read_meta,
     rerun_advice,
     split_of,
-    tmp_name,
     verify_files,
     verify_split,
 )
 from megatron_yuyuan.errors import DataError
+from megatron_yuyuan.files import tmp_name
 
 
 @dataclass

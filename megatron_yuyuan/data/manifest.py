@@ -13,14 +13,9 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from megatron_yuyuan.errors import DataError
-from megatron_yuyuan.files import read_json_object
+from megatron_yuyuan.files import read_json_object, tmp_name
 
 SPLITS = ("train", "valid", "test")
-
-
-def tmp_name(path: Path) -> Path:
-    """Where a file is written before the final rename (same directory, so rename is atomic)."""
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
 
 
 def file_digest(path: Path) -> dict:

@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from megatron_yuyuan.data.indexed import SPLITS, tmp_name, write_qa_documents
+from megatron_yuyuan.data.indexed import SPLITS, write_qa_documents
 from megatron_yuyuan.data.manifest import publish_dataset
 from megatron_yuyuan.data.medquad import (
     ParseStats,
@@ -35,7 +35,7 @@ from megatron_yuyuan.data.medquad import (
 )
 from megatron_yuyuan.data.workers import ChunkResult, init_worker, process_files
 from megatron_yuyuan.errors import UserError
-from megatron_yuyuan.files import directory_problem
+from megatron_yuyuan.files import directory_problem, tmp_name
 from megatron_yuyuan.prompts import PROMPT_TEMPLATE
 from megatron_yuyuan.tokenizer import load_tokenizer
 

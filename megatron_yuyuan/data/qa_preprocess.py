@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from megatron_yuyuan.data import rows as rowlib
 from megatron_yuyuan.data import sources
-from megatron_yuyuan.data.indexed import SPLITS, tmp_name, write_documents
+from megatron_yuyuan.data.indexed import SPLITS, write_documents
 from megatron_yuyuan.data.manifest import publish_dataset
 from megatron_yuyuan.data.preprocess import (
     check_output_dir,
@@ -43,6 +43,7 @@ from megatron_yuyuan.data.preprocess import (
     remove_stale_temporaries,
 )
 from megatron_yuyuan.errors import UserError
+from megatron_yuyuan.files import tmp_name
 from megatron_yuyuan.prompts import PromptTemplate, check_split_point
 from megatron_yuyuan.tokenizer import load_tokenizer
 
