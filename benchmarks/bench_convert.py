@@ -15,8 +15,8 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import torch
 
@@ -78,7 +78,7 @@ def timed(module: str, *args: str) -> tuple[float, float]:
     elapsed = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"{module} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
-    rss = next(int(l.split()[1]) for l in proc.stdout.splitlines() if l.startswith("MAXRSS_KB"))
+    rss = next(int(x.split()[1]) for x in proc.stdout.splitlines() if x.startswith("MAXRSS_KB"))
     return elapsed, rss * 1024
 
 
@@ -102,7 +102,7 @@ def same_weights(a: Path, b: Path) -> bool:
     return True
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default="/tmp/bench_convert")
     parser.add_argument("--preset", default="yuyuan-3.5b")
@@ -128,12 +128,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     to_hf_s, to_hf_rss = timed("checkpoints_convert.to_hf", "--load", str(mc), "--out", str(back))
     equal = same_weights(hf, back)
     print(
-        f"\n{args.preset}: random fp16 HF checkpoint {size / 1e9:.2f} GB (written in {make_s:.0f} s)"
+        f"\n{args.preset}: random fp16 HF checkpoint {size / 1e9:.2f} GB "
+        f"(written in {make_s:.0f} s)"
     )
     print("| step | wall s | peak RSS GB | peak RSS / checkpoint |")
     print("|---|---|---|---|")
     print(
-        f"| HF -> megatron-core (TP=2, PP=2) | {to_mc_s:.1f} | {to_mc_rss / 1e9:.2f} | {to_mc_rss / size:.2f}x |"
+        f"| HF -> megatron-core (TP=2, PP=2) | {to_mc_s:.1f} | {to_mc_rss / 1e9:.2f} | "
+        f"{to_mc_rss / size:.2f}x |"
     )
     print(
         f"| megatron-core -> HF | {to_hf_s:.1f} | {to_hf_rss / 1e9:.2f} | {to_hf_rss / size:.2f}x |"

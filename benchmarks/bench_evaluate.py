@@ -28,8 +28,8 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 
 def write_pairs(rows: list[dict], n: int, refs: Path, preds: Path, seed: int = 0) -> None:
@@ -66,7 +66,7 @@ def baseline_seconds(refs: list[str], hyps: list[str]) -> float:
     return time.perf_counter() - start
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--input", type=Path, required=True, help="a MedQuAD *_train.jsonl")
     parser.add_argument("--pairs", type=int, default=50_000)

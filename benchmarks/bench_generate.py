@@ -14,8 +14,8 @@ import argparse
 import statistics
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import torch
 
@@ -59,7 +59,7 @@ def time_it(fn, repeats: int) -> tuple[float, object]:
     return statistics.median(times), out
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="small")
     p.add_argument("--batch-size", type=int, default=8)
@@ -97,10 +97,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print("| generator | new tokens | median s | tokens/s | ratio |")
     print("|---|---|---|---|---|")
     print(
-        f"| transformers generate | {sum(len(x) for x in hf_out)} | {hf_s:.2f} | {new / hf_s:.0f} | 1.00x |"
+        f"| transformers generate | {sum(len(x) for x in hf_out)} | {hf_s:.2f} | "
+        f"{new / hf_s:.0f} | 1.00x |"
     )
     print(
-        f"| megatron_yuyuan, KV cache | {new} | {our_s:.2f} | {new / our_s:.0f} | {hf_s / our_s:.2f}x |"
+        f"| megatron_yuyuan, KV cache | {new} | {our_s:.2f} | {new / our_s:.0f} | "
+        f"{hf_s / our_s:.2f}x |"
     )
     print(
         f"| megatron_yuyuan, no cache | {new} | {nocache_s:.2f} | {new / nocache_s:.0f} | "

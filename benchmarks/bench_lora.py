@@ -17,7 +17,7 @@ import dataclasses
 import statistics
 import tempfile
 import time
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -88,7 +88,7 @@ def memory_table(rank: int, seq: int, micro_batch: int) -> list[str]:
     return rows
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rank", type=int, default=8, help="LoRA rank for the step-time runs")
     p.add_argument("--rank-3p5b", type=int, default=16, help="LoRA rank for the 3.5B table")

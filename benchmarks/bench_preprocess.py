@@ -25,8 +25,8 @@ import shutil
 import tempfile
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 from megatron_yuyuan.tokenizer import gpt2_bpe_files
 
@@ -124,7 +124,7 @@ def peak_rss_gib() -> float:
     return max(own, kids) / 2**20
 
 
-def bench_jsonl(pairs: int, workers: int, folder: Optional[str]) -> int:
+def bench_jsonl(pairs: int, workers: int, folder: str | None) -> int:
     from megatron_yuyuan.data.qa_preprocess import QAOptions, preprocess_qa
 
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
@@ -160,7 +160,7 @@ def bench_jsonl(pairs: int, workers: int, folder: Optional[str]) -> int:
     return 0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", default="../shared/data/MedQuAD")
     parser.add_argument(

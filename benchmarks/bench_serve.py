@@ -20,8 +20,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import torch
 
@@ -66,7 +66,7 @@ async def load(url: str, questions: list[str], concurrency: int, requests: int, 
     return wall, latencies, generated
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     import httpx
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

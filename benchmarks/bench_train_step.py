@@ -16,7 +16,7 @@ import json
 import platform
 import statistics
 import time
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -136,7 +136,8 @@ def run(
 
 def print_table(rows: list[dict]) -> None:
     print(
-        f"\ntrain step, fp32, TP=1, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+        f"\ntrain step, fp32, TP=1, torch {torch.__version__}, "
+        f"{platform.processor() or platform.machine()}, "
         f"baseline: transformers GPT2LMHeadModel (same shape, batch, threads)"
     )
     header = (
@@ -154,7 +155,7 @@ def print_table(rows: list[dict]) -> None:
         )
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--presets", default="tiny,small")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())

@@ -1,6 +1,6 @@
 """The GPU check: one command that tells whether this toolkit is correct and fast on this GPU.
 
-    bash benchmarks/gpu_check.sh            # on a machine with an NVIDIA GPU (about 8 minutes on an H100/H200)
+    bash benchmarks/gpu_check.sh            # with an NVIDIA GPU (about 8 minutes on an H100/H200)
     bash benchmarks/gpu_check.sh --dry-run  # print the plan (any machine)
 
 Each step runs in its own process (a failure is reported and the next step runs; GPU memory is
@@ -27,9 +27,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 MOCK = ["--mock-data", "--hidden-dropout", "0", "--attention-dropout", "0"]
@@ -50,7 +50,7 @@ class Step:
     env: dict[str, str] = field(default_factory=dict)
     """Extra environment."""
     timeout: int = 300
-    baseline: Optional[str] = None
+    baseline: str | None = None
     """Name of an earlier training step whose tokens/s this one is compared with."""
 
 
@@ -130,7 +130,7 @@ def plan(work: Path, iters: int) -> list[Step]:
     ]
 
 
-def median_tokens_per_s(path: Path, warmup: int) -> Optional[float]:
+def median_tokens_per_s(path: Path, warmup: int) -> float | None:
     rows = _training_rows(path, warmup)
     return statistics.median(r["tokens_per_s"] for r in rows) if rows else None
 
@@ -147,7 +147,7 @@ def _training_rows(path: Path, warmup: int) -> list[dict]:
     return [r for r in rows if "tokens_per_s" in r][warmup:]
 
 
-def summarize_training(path: Path, warmup: int) -> Optional[str]:
+def summarize_training(path: Path, warmup: int) -> str | None:
     rows = _training_rows(path, warmup)
     if not rows:
         return None
@@ -161,7 +161,7 @@ def summarize_training(path: Path, warmup: int) -> Optional[str]:
     )
 
 
-def loss_parity(work: Path) -> Optional[str]:
+def loss_parity(work: Path) -> str | None:
     try:
         gpu = [json.loads(x)["loss"] for x in (work / "gpu.jsonl").read_text().splitlines()]
         cpu = [json.loads(x)["loss"] for x in (work / "cpu.jsonl").read_text().splitlines()]
@@ -205,7 +205,7 @@ def environment() -> list[tuple[str, str]]:
     ]
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dry-run", action="store_true", help="print the plan; run nothing")
     p.add_argument("--iters", type=int, default=12, help="training steps per throughput run")

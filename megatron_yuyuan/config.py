@@ -20,7 +20,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
 
@@ -32,7 +32,8 @@ from megatron_yuyuan.sampling import SamplingConfig, SamplingLimitError
 
 @dataclass(kw_only=True)
 class ModelConfig:
-    """GPT-2 architecture (Yuyuan): learned absolute positions, LayerNorm, biases, tied embeddings."""
+    """GPT-2 architecture (Yuyuan): learned absolute positions, LayerNorm, biases, tied
+    embeddings."""
 
     num_layers: int
     """Number of transformer layers."""
@@ -40,7 +41,7 @@ class ModelConfig:
     """Transformer hidden size (h)."""
     num_attention_heads: int
     """Number of attention heads; must be divisible by the tensor-parallel size."""
-    ffn_hidden_size: Optional[int] = None
+    ffn_hidden_size: int | None = None
     """MLP inner size; None means 4 * hidden_size (GPT-2's n_inner=None)."""
     max_position_embeddings: int = 1024
     """Number of learned absolute positions (the longest sequence the model accepts)."""
@@ -105,13 +106,13 @@ class ParallelConfig:
     """Pipeline (inter-layer) parallel size; must divide the number of layers."""
     use_distributed_optimizer: bool = False
     """Shard optimizer state across data-parallel ranks (ZeRO-1)."""
-    overlap_grad_reduce: Optional[bool] = None
+    overlap_grad_reduce: bool | None = None
     """Overlap the data-parallel gradient all-reduce / reduce-scatter with the backward pass,
     bucket by bucket. None: on with CUDA, off on CPU (gloo gains nothing from it)."""
-    overlap_param_gather: Optional[bool] = None
+    overlap_param_gather: bool | None = None
     """With the distributed optimizer: overlap the parameter all-gather after each step with the
     next forward pass. None: on with CUDA and --use-distributed-optimizer."""
-    ddp_bucket_size: Optional[int] = None
+    ddp_bucket_size: int | None = None
     """Elements per gradient-reduction bucket; None: megatron-core's default (max(40M, 1M x DP))."""
 
     def __post_init__(self) -> None:
@@ -127,7 +128,7 @@ class TrainConfig:
 
     micro_batch_size: int = 1
     """Sequences per micro-batch per data-parallel rank."""
-    global_batch_size: Optional[int] = None
+    global_batch_size: int | None = None
     """Sequences per optimizer step over all ranks; None means micro_batch_size * DP."""
     train_iters: int = 10
     """Number of optimizer steps."""
@@ -140,7 +141,7 @@ class TrainConfig:
     step already learns (Megatron's ramp from 0 would waste it)."""
     lr_decay_style: Literal["constant", "linear", "cosine"] = "cosine"
     """Decay after warmup."""
-    lr_decay_iters: Optional[int] = None
+    lr_decay_iters: int | None = None
     """Steps over which lr decays to min_lr; None means train_iters."""
     weight_decay: float = 0.01
     """AdamW decoupled weight decay (not applied to biases and LayerNorm)."""
@@ -166,36 +167,36 @@ class TrainConfig:
     """fp16: overflows tolerated before the loss scale shrinks."""
     min_loss_scale: float = 1.0
     """fp16: smallest loss scale."""
-    gradient_accumulation_fusion: Optional[bool] = None
+    gradient_accumulation_fusion: bool | None = None
     """Accumulate each weight gradient straight into the fp32 ``main_grad`` inside its GEMM
     (Megatron-LM's flag) instead of a bf16 gradient plus an add per micro-batch. None: on with
     CUDA, through Apex/TE's kernel when installed, else one cuBLAS GEMM with fp32 output."""
-    fused_adam: Optional[bool] = None
+    fused_adam: bool | None = None
     """Update all parameters in one fused AdamW kernel (torch's; Megatron uses Apex/TE's
     FusedAdam) instead of a chain of multi-tensor ops. None: on with CUDA."""
-    recompute_granularity: Optional[Literal["full", "selective"]] = None
+    recompute_granularity: Literal["full", "selective"] | None = None
     """Activation recompute: 'full' recomputes whole layers, 'selective' only core attention."""
     recompute_num_layers: int = 1
     """With 'full': layers per recompute chunk (uniform method)."""
     seed: int = 1234
     """Seed for weights (independent of the parallel layout), data order and dropout."""
-    load: Optional[str] = None
+    load: str | None = None
     """Resume from this checkpoint directory (any TP/PP; --config may then be omitted). A
     weights-only checkpoint, e.g. converted from HF, starts a finetune at iteration 0."""
     finetune: bool = False
     """With --load: take the weights only (fresh optimizer and schedule, iteration 0)."""
-    pretrained_checkpoint: Optional[str] = None
+    pretrained_checkpoint: str | None = None
     """Weights to start from when --load holds no checkpoint yet (e.g. converted Yuyuan weights);
     with --load equal to --save, a restarted job then resumes its own latest checkpoint."""
     use_checkpoint_opt_param_scheduler: bool = False
     """On resume, keep the LR schedule saved in the checkpoint (its lr, warmup and decay lengths).
     Default: the config wins (Megatron-LM's --override-opt-param-scheduler): a resumed run with a
     larger --train-iters decays over the new length instead of training at --min-lr."""
-    save: Optional[str] = None
+    save: str | None = None
     """Save checkpoints here (model, optimizer, LR schedule, RNG, data position, config)."""
-    save_interval: Optional[int] = None
+    save_interval: int | None = None
     """Save every this many iterations (and always at the end when --save is given)."""
-    eval_interval: Optional[int] = None
+    eval_interval: int | None = None
     """Compute the validation loss every this many iterations (and at the end)."""
     eval_iters: int = 4
     """Global batches of the validation split per validation."""
@@ -210,9 +211,9 @@ class TrainConfig:
     """Never repeat an n-gram of this size in --eval-bleu-samples answers (0: off)."""
     log_interval: int = 1
     """Print a Megatron-style log line every this many steps."""
-    metrics_file: Optional[str] = None
+    metrics_file: str | None = None
     """Write one JSON object per step (iteration, loss, lr, grad_norm, tokens_per_s[, mfu]) here."""
-    tensorboard_dir: Optional[str] = None
+    tensorboard_dir: str | None = None
     """Write TensorBoard scalars here."""
 
     def __post_init__(self) -> None:
@@ -304,11 +305,11 @@ def parse_blend(text: str, flag: str = "--data-prefix") -> list[tuple[float, str
 class DataConfig:
     """Where training sequences come from."""
 
-    seq_length: Optional[int] = None
+    seq_length: int | None = None
     """Tokens per training sequence; None means the model's max_position_embeddings."""
     mock_data: bool = False
     """Use deterministic synthetic token sequences (smoke tests, throughput)."""
-    data_prefix: Optional[str] = None
+    data_prefix: str | None = None
     """Preprocessed dataset prefix P (reads P_train.bin/.idx, P_meta.json; from tools.preprocess_qa
     or tools.preprocess_medquad), or a blend 'W1 P1 W2 P2 ...' (Megatron-LM's syntax: samples are
     drawn by weight with megatron-core's blending; validation loss is reported per prefix)."""

@@ -11,7 +11,8 @@ checks and a CUDA-only RNG tracker. We patch exactly those spots and nothing els
 * the ``.type()`` spoof is active only while the three megatron functions that check it run;
 * on a machine with CUDA, :func:`apply_if_no_cuda` returns at once and megatron-core runs untouched.
 
-Call :func:`apply_if_no_cuda` first in every entry point (and in the test conftest); it is idempotent.
+Call :func:`apply_if_no_cuda` first in every entry point (and in the test conftest); it is
+idempotent.
 """
 
 from __future__ import annotations
@@ -185,8 +186,9 @@ def _patch_rng() -> None:
 
 
 def _patch_dist_checkpointing() -> None:
-    """The async filesystem writer calls ``torch.cuda.synchronize`` (stubbed below) and needs psutil,
-    which megatron-core does not declare; without it the writer subprocess dies and save hangs."""
+    """The async filesystem writer calls ``torch.cuda.synchronize`` (stubbed below) and needs
+    psutil, which megatron-core does not declare; without it the writer subprocess dies and the
+    save hangs."""
     try:
         import psutil  # noqa: F401
     except ImportError:

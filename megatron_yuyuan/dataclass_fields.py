@@ -23,6 +23,15 @@ def union_members(tp: Any) -> tuple[Any, ...]:
     return (tp,)
 
 
+def type_name(tp: Any) -> str:
+    """How an error names a type: ``int``, ``null``, ``one of 'full', 'selective'``."""
+    if tp is type(None):
+        return "null"
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(map(repr, typing.get_args(tp)))
+    return tp.__name__
+
+
 def check_field_types(obj: Any, section: str) -> None:
     """Every field holds a value of its annotated type: ``int`` fields take integers (not
     booleans), ``float`` fields numbers, ``Optional`` ones None, ``Literal`` ones a listed value.
@@ -46,12 +55,7 @@ def check_field_types(obj: Any, section: str) -> None:
             else:
                 ok |= isinstance(value, a)
         if not ok:
-            want = " or ".join(
-                "null" if a is type(None) else
-                "one of " + ", ".join(map(repr, typing.get_args(a))) if typing.get_origin(a) is Literal
-                else a.__name__
-                for a in allowed
-            )  # fmt: skip
+            want = " or ".join(type_name(a) for a in allowed)
             raise ConfigError(
                 f"{section}.{f.name} (--{f.name.replace('_', '-')}) must be {want}, got {value!r}"
             )

@@ -8,8 +8,8 @@ import errno
 import json
 import os
 import tempfile
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Sequence
 
 from megatron_yuyuan.errors import DataError, UserError
 
@@ -19,7 +19,7 @@ class DiskFullError(UserError):
 
 
 def read_json_object(path: str | Path, advice: str, error: type = DataError) -> dict:
-    """A JSON file holding one object; otherwise ``error`` naming the file, ending with ``advice``."""
+    """A JSON file holding one object; otherwise ``error`` naming the file, then ``advice``."""
     path = Path(path)
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
@@ -30,7 +30,7 @@ def read_json_object(path: str | Path, advice: str, error: type = DataError) -> 
     return value
 
 
-def directory_problem(path: str | Path) -> Optional[str]:
+def directory_problem(path: str | Path) -> str | None:
     """Why files cannot be created in ``path`` (made if missing), or None when they can.
 
     Probes with a uniquely named temporary file: ranks on several nodes may share a PID and the
@@ -306,7 +306,7 @@ def is_predictions_file(path: Path) -> bool:
     return isinstance(first, dict) and {"prediction", "generation", "finish_reason"} <= set(first)
 
 
-def protected_reason(path: Path) -> Optional[str]:
+def protected_reason(path: Path) -> str | None:
     """Why ``path`` must never be written by an output flag: it lies in a checkpoint folder, or
     it is a file of a preprocessed dataset (None when neither)."""
     path = Path(path).resolve()

@@ -1,8 +1,9 @@
 """Answer generation with a KV cache on the megatron-core model (TP/PP under torchrun), or with a
 transformers model through the same interface.
 
-    torchrun --nproc-per-node 2 -m megatron_yuyuan.generate --load ckpt --tensor-model-parallel-size 2 \\
-        --input runs/data/medquad_test.jsonl --output runs/eval/predictions.jsonl --max-new-tokens 128
+    torchrun --nproc-per-node 2 -m megatron_yuyuan.generate --load ckpt \\
+        --tensor-model-parallel-size 2 --input runs/data/medquad_test.jsonl \\
+        --output runs/eval/predictions.jsonl --max-new-tokens 128
     python -m megatron_yuyuan.generate --hf-dir hf/yuyuan-qa --question "What causes glaucoma ?"
 
 Prompts are ``Question:{q} answer:`` (:mod:`megatron_yuyuan.prompts`), left-padded into batches.
@@ -15,8 +16,8 @@ generated before EOS. Data-parallel ranks split the questions.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -59,7 +60,7 @@ def apply_penalties(
 
 
 def sample_next(
-    logits: torch.Tensor, cfg: SamplingConfig, gen: Optional[torch.Generator]
+    logits: torch.Tensor, cfg: SamplingConfig, gen: torch.Generator | None
 ) -> torch.Tensor:
     """Next token ids ``[b]`` from last-position logits ``[b, V]``."""
     if not cfg.do_sample:
@@ -79,7 +80,7 @@ def sample_next(
 def left_pad(
     prompts: Sequence[Sequence[int]], total: int, pad: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokens ``[b, total]`` with each prompt right-aligned at ``max len``, and the validity mask."""
+    """Tokens ``[b, total]``, each prompt right-aligned at ``max len``, and the validity mask."""
     longest = max(len(p) for p in prompts)
     tokens = torch.full((len(prompts), total), pad, dtype=torch.long)
     valid = torch.zeros((len(prompts), total), dtype=torch.bool)
@@ -102,7 +103,7 @@ def finish_reason(new_tokens: int, budget: int) -> str:
 
 
 def row_budgets(
-    prompts: Sequence[Sequence[int]], cfg: SamplingConfig, budgets: Optional[Sequence[int]]
+    prompts: Sequence[Sequence[int]], cfg: SamplingConfig, budgets: Sequence[int] | None
 ) -> torch.Tensor:
     """[b] new-token limits: ``budgets`` (or ``cfg.max_new_tokens``), at least 1 each."""
     limits = torch.full((len(prompts),), cfg.max_new_tokens, dtype=torch.long)
@@ -112,7 +113,7 @@ def row_budgets(
 
 
 def stopped_rows(
-    on_step: Optional[StepHook], nxt: torch.Tensor, active: torch.Tensor, sync: bool
+    on_step: StepHook | None, nxt: torch.Tensor, active: torch.Tensor, sync: bool
 ) -> torch.Tensor:
     """[b] bool: the rows ``on_step`` stops, made identical on every rank when ``sync``."""
     stop = torch.zeros(nxt.shape[0], dtype=torch.bool)
@@ -142,7 +143,7 @@ class MegatronGenerator:
         layout: parallel.Layout,
         model_cfg,
         tokenizer: Tokenizer,
-        template: Optional[PromptTemplate] = None,
+        template: PromptTemplate | None = None,
     ) -> None:
         self.template = template or DEFAULT_TEMPLATE
         """The prompt template the model was trained with."""
@@ -162,9 +163,9 @@ class MegatronGenerator:
         load: str,
         tp: int = 1,
         pp: int = 1,
-        tokenizer: Optional[str] = None,
+        tokenizer: str | None = None,
         dtype: torch.dtype = torch.float32,
-        lora_base: Optional[str] = None,
+        lora_base: str | None = None,
     ) -> MegatronGenerator:
         """Load a checkpoint (saved at any TP/PP) at this layout (launch tp * pp * dp processes).
         The tokenizer defaults to the checkpoint's own files, else GPT-2."""
@@ -187,8 +188,9 @@ class MegatronGenerator:
         template = PromptTemplate(info.prompt_template) if info.prompt_template else None
         return cls(model, layout, info.model, tok, template)
 
-    def _forward(self, tokens, positions, mask, context) -> Optional[torch.Tensor]:
-        """One pass through this pipeline stage; full-vocab logits ``[b, q, V]`` on the last stage."""
+    def _forward(self, tokens, positions, mask, context) -> torch.Tensor | None:
+        """One pass through this pipeline stage; full-vocab logits ``[b, q, V]`` on the last
+        stage."""
         b, q = tokens.shape
         if not self.layout.is_first_stage:
             hidden = parallel.recv_prev((q, b, self.model_cfg.hidden_size), self.dtype, self.device)
@@ -208,8 +210,8 @@ class MegatronGenerator:
         prompts: Sequence[Sequence[int]],
         cfg: SamplingConfig,
         use_cache: bool = True,
-        budgets: Optional[Sequence[int]] = None,
-        on_step: Optional[StepHook] = None,
+        budgets: Sequence[int] | None = None,
+        on_step: StepHook | None = None,
         sync_stops: bool = False,
     ) -> list[list[int]]:
         """New token ids per prompt, up to and excluding EOS.
@@ -301,9 +303,9 @@ class HFGenerator:
     def __init__(
         self,
         hf_dir: str,
-        tokenizer: Optional[str] = None,
+        tokenizer: str | None = None,
         dtype: torch.dtype = torch.float32,
-        device: Optional[torch.device] = None,
+        device: torch.device | None = None,
     ) -> None:
         from transformers import AutoModelForCausalLM
 
@@ -317,7 +319,8 @@ class HFGenerator:
             model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype)
         except (OSError, ValueError, KeyError) as exc:
             raise UserError(
-                f"--hf-dir {hf_dir}: transformers cannot load it ({' '.join(str(exc).split())[:300]})"
+                f"--hf-dir {hf_dir}: transformers cannot load it "
+                f"({' '.join(str(exc).split())[:300]})"
             ) from exc
         self.model = model.to(self.device).eval()
         self.tokenizer = load_tokenizer(tokenizer or hf_dir)
@@ -331,8 +334,8 @@ class HFGenerator:
         prompts: Sequence[Sequence[int]],
         cfg: SamplingConfig,
         use_cache: bool = True,
-        budgets: Optional[Sequence[int]] = None,
-        on_step: Optional[StepHook] = None,
+        budgets: Sequence[int] | None = None,
+        on_step: StepHook | None = None,
         sync_stops: bool = False,
     ) -> list[list[int]]:
         """As :meth:`MegatronGenerator.generate_ids` (one process: ``sync_stops`` has nothing
@@ -466,8 +469,8 @@ def generate_file(
     output_path: Path,
     cfg: SamplingConfig,
     batch_size: int = 8,
-    limit: Optional[int] = None,
-) -> Optional[Path]:
+    limit: int | None = None,
+) -> Path | None:
     """Answer every question of a JSONL file; rank 0 writes the predictions (atomically).
     Rows carry the template's other fields, or a chat's ``messages``."""
     rows = read_questions(input_path)[:limit]
@@ -506,13 +509,13 @@ def _dp_leader(rank: int, layout: parallel.Layout) -> bool:
 
 
 def build_generator(
-    load: Optional[str] = None,
-    hf_dir: Optional[str] = None,
+    load: str | None = None,
+    hf_dir: str | None = None,
     tp: int = 1,
     pp: int = 1,
-    tokenizer: Optional[str] = None,
+    tokenizer: str | None = None,
     dtype: torch.dtype = torch.float32,
-    lora_base: Optional[str] = None,
+    lora_base: str | None = None,
 ):
     """A generator over a megatron-core checkpoint (``load``; a LoRA one with its base, from the
     recorded path or ``lora_base``) or a transformers dir (``hf_dir``)."""

@@ -1,4 +1,5 @@
-"""Training metrics: Megatron-style log lines, a JSON-lines metrics file, TensorBoard scalars, MFU."""
+"""Training metrics: Megatron-style log lines, a JSON-lines metrics file, TensorBoard scalars,
+MFU."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -33,9 +33,10 @@ PEAK_BF16_FLOPS = {
 }
 
 
-def gpu_peak_flops() -> Optional[tuple[str, float]]:
+def gpu_peak_flops() -> tuple[str, float] | None:
     """(GPU name, dense bf16 peak FLOP/s) of this process's GPU; None on a CPU or an unknown GPU
-    (then no MFU is reported rather than a guessed one). ``MEGATRON_YUYUAN_PEAK_TFLOPS`` overrides."""
+    (then no MFU is reported rather than a guessed one). ``MEGATRON_YUYUAN_PEAK_TFLOPS``
+    overrides."""
     if not torch.cuda.is_available():
         return None
     import os
@@ -59,10 +60,10 @@ class StepMetrics:
     tokens_per_s: float
     step_time_s: float
     skipped: bool = False
-    consumed_samples: Optional[int] = None
-    peak_memory_gb: Optional[float] = None
-    loss_scale: Optional[float] = None
-    mfu: Optional[float] = None
+    consumed_samples: int | None = None
+    peak_memory_gb: float | None = None
+    loss_scale: float | None = None
+    mfu: float | None = None
 
     def to_json(self) -> str:
         return json.dumps({k: v for k, v in asdict(self).items() if v is not None})
@@ -75,7 +76,7 @@ class MetricsLogger:
     """
 
     def __init__(
-        self, metrics_file: Optional[str], tensorboard_dir: Optional[str], start_iteration: int = 0
+        self, metrics_file: str | None, tensorboard_dir: str | None, start_iteration: int = 0
     ) -> None:
         self.metrics_path = Path(metrics_file) if metrics_file else None
         self._metrics = None
@@ -104,7 +105,7 @@ class MetricsLogger:
                     self._tb.add_scalar(f"train/{key}", value, m.iteration)
 
     def log_validation(
-        self, iteration: int, loss: float, per_source: Optional[dict[str, float]] = None
+        self, iteration: int, loss: float, per_source: dict[str, float] | None = None
     ) -> None:
         """The validation loss, and a blend's loss per prefix (``valid_loss[PREFIX]``)."""
         row = {"iteration": iteration, "valid_loss": loss}
@@ -130,7 +131,8 @@ class MetricsLogger:
 
 
 def keep_rows_through(path: Path, iteration: int) -> int:
-    """Rewrite a metrics file (atomically) without rows after ``iteration``; returns rows dropped."""
+    """Rewrite a metrics file (atomically) without rows after ``iteration``; returns the rows
+    dropped."""
     if not path.is_file():
         return 0
     lines = path.read_text(encoding="utf-8", errors="replace").splitlines()

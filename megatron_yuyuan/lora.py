@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -97,7 +97,7 @@ def add_adapters(
     model: torch.nn.Module,
     lora: LoraConfig,
     layout: Layout,
-    seed: Optional[int] = None,
+    seed: int | None = None,
     full_recompute: bool = False,
 ) -> torch.nn.Module:
     """``model`` (from :func:`megatron_yuyuan.model.build_model`) with ``lora``'s adapters, when

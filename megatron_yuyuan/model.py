@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import zlib
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +48,7 @@ def _leave_uninitialized(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def to_transformer_config(
-    cfg: RunConfig, params_dtype: Optional[torch.dtype] = None
+    cfg: RunConfig, params_dtype: torch.dtype | None = None
 ) -> TransformerConfig:
     """megatron-core TransformerConfig for this run (GPT-2 shape, our parallel layout).
 
@@ -309,9 +308,9 @@ def language_model_loss(
 def build_model(
     cfg: RunConfig,
     layout: Layout,
-    seed: Optional[int] = None,
-    padded_vocab_size: Optional[int] = None,
-    params_dtype: Optional[torch.dtype] = None,
+    seed: int | None = None,
+    padded_vocab_size: int | None = None,
+    params_dtype: torch.dtype | None = None,
 ) -> GPTModel:
     """Build this rank's pipeline stage of the base model (LoRA adapters, if any, are added by
     :func:`megatron_yuyuan.lora.add_adapters`).
@@ -419,7 +418,7 @@ def initialize_weights(model: GPTModel, m: ModelConfig, layout: Layout, seed: in
         param.copy_(full)
 
 
-def count_parameters(m: ModelConfig, padded_vocab: Optional[int] = None) -> int:
+def count_parameters(m: ModelConfig, padded_vocab: int | None = None) -> int:
     """Analytic parameter count of the GPT-2 model (tied embeddings counted once).
 
     Per layer: QKV 3h^2+3h, projection h^2+h, fc1 fh+f, fc2 fh+h, two LayerNorms 4h.

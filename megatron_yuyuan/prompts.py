@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import re
 import string
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Optional, Sequence
 
 from megatron_yuyuan.errors import UserError
 from megatron_yuyuan.tokenizer import GPT2_EOS as EOS_TEXT
@@ -91,7 +91,7 @@ class PromptTemplate:
         """Fields other than ``question`` (taken from the row, e.g. ``context``)."""
         return tuple(f for f in self.fields if f != "question")
 
-    def prompt(self, question: str, fields: Optional[Mapping[str, str]] = None) -> str:
+    def prompt(self, question: str, fields: Mapping[str, str] | None = None) -> str:
         """The prompt for one question; ``fields`` holds the template's other fields."""
         values = dict(fields or {})
         missing = [f for f in self.extra_fields if not isinstance(values.get(f), str)]
@@ -103,7 +103,7 @@ class PromptTemplate:
         return self.text.format(**values, question=question)
 
     def chat_pieces(
-        self, messages: Sequence[Mapping[str, str]], fields: Optional[Mapping[str, str]] = None
+        self, messages: Sequence[Mapping[str, str]], fields: Mapping[str, str] | None = None
     ) -> list[str]:
         """A conversation as alternating prompt / answer texts (answers with space, no EOS).
 
@@ -212,7 +212,8 @@ def format_example(question: str, answer: str) -> str:
 
 
 def extract_answer(text: str) -> str:
-    """The answer in a full generation ``Question:... answer: ...<|endoftext|>...`` (upstream's rule).
+    """The answer in a full generation ``Question:... answer: ...<|endoftext|>...`` (upstream's
+    rule).
 
     Text after the first ``answer:`` (any case) up to the first EOS, whitespace-trimmed. Without an
     ``answer:`` marker the whole text (up to EOS) is the answer; empty text gives "".

@@ -9,10 +9,10 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -107,11 +107,11 @@ class TrainState:
     """Training samples read so far: where the data stream continues."""
     skipped_in_a_row: int = 0
     """fp16 steps skipped for overflow since the last good one."""
-    lora_record: Optional[dict] = None
+    lora_record: dict | None = None
     """LoRA runs (rank 0): the adapters' settings and base checkpoint, saved with them."""
     train_data: object = None
     """The training split (a QADataset or a BlendedQA) once opened."""
-    prompt_template: Optional[str] = None
+    prompt_template: str | None = None
     """The data's prompt template, recorded in every checkpoint (None: mock data)."""
 
 
@@ -201,7 +201,7 @@ def setup(cfg: RunConfig) -> TrainState:
     return state
 
 
-def run_template(cfg: RunConfig) -> Optional[str]:
+def run_template(cfg: RunConfig) -> str | None:
     """The prompt template this run's checkpoints record: the data's (every prefix of a blend has
     the same, checked up front), else the one of the checkpoint it starts from."""
     if cfg.data.data_prefix:
@@ -213,7 +213,7 @@ def run_template(cfg: RunConfig) -> Optional[str]:
     return None
 
 
-def base_override(cfg: RunConfig, source: str) -> Optional[str]:
+def base_override(cfg: RunConfig, source: str) -> str | None:
     """--pretrained-checkpoint as the base of the LoRA checkpoint ``source`` (a moved base), unless
     it is that checkpoint or another LoRA one (then the recorded base is used), or ``source`` is a
     full checkpoint (the base itself)."""
@@ -275,7 +275,7 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def start_checkpoint(cfg: RunConfig) -> Optional[str]:
+def start_checkpoint(cfg: RunConfig) -> str | None:
     """What to load: --load when it holds a checkpoint, else --pretrained-checkpoint, else None."""
     t = cfg.train
     if t.load and storage.has_checkpoint(t.load):
@@ -283,7 +283,7 @@ def start_checkpoint(cfg: RunConfig) -> Optional[str]:
     return t.pretrained_checkpoint
 
 
-def open_split(cfg: RunConfig, split: str, only: Optional[str] = None):
+def open_split(cfg: RunConfig, split: str, only: str | None = None):
     """A split of the preprocessed dataset (a :class:`BlendedQA` over a blend's prefixes, or the
     prefix ``only``), checked against its manifest and the model."""
     d = cfg.data
@@ -312,8 +312,8 @@ def open_split(cfg: RunConfig, split: str, only: Optional[str] = None):
 def build_data_iterator(
     state: TrainState,
     split: str = "train",
-    consumed_samples: Optional[int] = None,
-    only: Optional[str] = None,
+    consumed_samples: int | None = None,
+    only: str | None = None,
 ) -> Iterator[dict]:
     """This rank's micro-batches from ``consumed_samples`` (default: the run's position) on;
     ``only`` reads one prefix of a blend."""
@@ -348,7 +348,7 @@ def build_data_iterator(
     return _pinned(dataset.micro_batch(idx, thd=thd) for idx in indices)
 
 
-def samples_per_source(state: TrainState) -> Optional[str]:
+def samples_per_source(state: TrainState) -> str | None:
     """'P1 800 (80.0%), P2 200 (20.0%)': what a blend has drawn so far (None without a blend)."""
     data = getattr(state, "train_data", None)
     if not isinstance(data, BlendedQA) or not state.consumed_samples:
@@ -401,7 +401,7 @@ def _run_schedule(
 
 
 def train_step(
-    state: TrainState, data_iterator: Iterator[dict], forward_backward: Optional[Callable] = None
+    state: TrainState, data_iterator: Iterator[dict], forward_backward: Callable | None = None
 ) -> tuple[float, float, bool, int]:
     """One optimizer step over the global batch. Returns (loss, grad_norm, skipped, tokens)."""
     state.model.zero_grad_buffer()

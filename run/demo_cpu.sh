@@ -22,7 +22,7 @@ fi
 mkdir -p "$OUT" && touch "$OUT/.megatron_yuyuan_demo"
 
 echo "== 1/4 preprocess the embedded MedQuAD sample"
-"$PYTHON" -m tools.preprocess_medquad --output-prefix "$OUT/data/medquad" --valid-size 10 --test-size 10 --no-progress
+"$PYTHON" -m megatron_yuyuan preprocess-medquad --output-prefix "$OUT/data/medquad" --valid-size 10 --test-size 10 --no-progress
 
 echo "== 2/4 finetune the 'small' preset with TP=2 on 2 CPU processes"
 MASTER_PORT=${MASTER_PORT:-29517} PYTHON="$PYTHON" bash run/finetune_qa.sh --config run/configs/demo_cpu.yaml \
@@ -31,13 +31,13 @@ MASTER_PORT=${MASTER_PORT:-29517} PYTHON="$PYTHON" bash run/finetune_qa.sh --con
   --metrics-file "$OUT/metrics.jsonl" --tensorboard-dir "$OUT/tensorboard"
 
 echo "== 3/4 export to Hugging Face format and check logits"
-"$PYTHON" -m checkpoints_convert.to_hf --load "$OUT/checkpoints" --out "$OUT/hf" --verify
+"$PYTHON" -m megatron_yuyuan to-hf --load "$OUT/checkpoints" --out "$OUT/hf" --verify
 
 echo "== 4/4 answer the test questions and score them (megatron-core at TP=2, and the HF export)"
 "$PYTHON" -m torch.distributed.run --nproc-per-node 2 --master-port "$(( ${MASTER_PORT:-29517} + 1 ))" \
   -m megatron_yuyuan.eval_qa --load "$OUT/checkpoints" --tensor-model-parallel-size 2 \
   --references "$OUT/data/medquad_test.jsonl" --out "$OUT/eval" --name megatron-tp2 --max-new-tokens "$NEW_TOKENS" \
   --train-data "$OUT/data/medquad_train.jsonl"
-"$PYTHON" -m megatron_yuyuan.eval_qa --hf-dir "$OUT/hf" --references "$OUT/data/medquad_test.jsonl" \
+"$PYTHON" -m megatron_yuyuan eval --hf-dir "$OUT/hf" --references "$OUT/data/medquad_test.jsonl" \
   --out "$OUT/eval" --name hf-export --max-new-tokens "$NEW_TOKENS" --train-data "$OUT/data/medquad_train.jsonl"
 echo "== report: $OUT/eval/report.md (loss curve: $OUT/checkpoints/loss_curve.png)"

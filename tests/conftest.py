@@ -1,4 +1,5 @@
-"""Shared fixtures: CPU compatibility applied, helpers that run the trainer in-process or under torchrun."""
+"""Shared fixtures: CPU compatibility applied, helpers that run the trainer in-process or under
+torchrun."""
 
 from __future__ import annotations
 

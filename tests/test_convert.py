@@ -157,6 +157,7 @@ def test_hf_megatron_hf_round_trip_is_bitwise(hf_odd, tmp_path, tp, pp):
         assert src[key] == dst[key], key
 
 
+@pytest.mark.slow
 def test_tp2_logits_match_transformers(hf_odd, tmp_path):
     ckpt = tmp_path / "mc"
     assert (
@@ -179,11 +180,12 @@ def test_tp2_logits_match_transformers(hf_odd, tmp_path):
     )
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=TORCHRUN_ENV)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
-    line = next(l for l in proc.stdout.splitlines() if "logit parity" in l)
+    line = next(x for x in proc.stdout.splitlines() if "logit parity" in x)
     assert "TP=2" in line and "top-1 agreement = 100.00%" in line
     assert float(line.split("max |diff| = ")[1].split(",")[0]) <= 1e-4
 
 
+@pytest.mark.slow
 def test_reshard_through_tp2_pp2_run_is_lossless(hf_odd, tmp_path):
     """HF -> checkpoint padded for TP=1 -> loaded at TP=2 x PP=2 (re-padded), one step at lr 0,
     saved -> HF: every tensor unchanged."""
@@ -260,7 +262,8 @@ def test_bin_and_sharded_safetensors_inputs(hf_odd, tmp_path):
 
 
 def write_legacy(hf_dir: Path, root: Path, tp: int, pp: int, version: float) -> None:
-    """A Megatron-LM legacy checkpoint of the HF weights, in the layout weight_layout.md §7 documents."""
+    """A Megatron-LM legacy checkpoint of the HF weights, in the layout weight_layout.md §7
+    documents."""
     cfg = json.loads((hf_dir / "config.json").read_text())
     h, n, layers, vocab = cfg["n_embd"], cfg["n_head"], cfg["n_layer"], cfg["vocab_size"]
     padded = -(-vocab // (128 * tp)) * 128 * tp

@@ -979,7 +979,7 @@ def test_a_filesystem_without_locks_only_warns(tmp_path, capsys, monkeypatch):
     assert "warning: --save" in capsys.readouterr().err and (save / "iter_0000002").is_dir()
 
 
-# --- 8. an interrupt during a checkpoint save ------------------------------------------------------
+# --- 8. an interrupt during a checkpoint save -------------------------------------------------
 def _start_saving_run(save: Path, delay_s: float = 0.05) -> subprocess.Popen:
     """A finetune that saves every 3 iterations, returned once its first checkpoint is complete and
     the next save is being written."""
@@ -1001,6 +1001,7 @@ def _session_processes(sid: int) -> list[str]:
     return [ln for ln in ps.stdout.splitlines() if ln.split()[0] == str(sid)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("delay_s", [0.0, 0.05])
 def test_ctrl_c_during_a_save_exits_130_and_keeps_the_previous_checkpoint(
     tmp_path, capsys, delay_s
@@ -1029,6 +1030,7 @@ def test_ctrl_c_during_a_save_exits_130_and_keeps_the_previous_checkpoint(
     assert f"resuming at iteration {previous} " in capsys.readouterr().out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_a_trainer_killed_during_a_save_leaves_no_process_behind(tmp_path, sig):
     import time

@@ -161,6 +161,7 @@ def run_generate(nproc, models, out, extra):
     return [json.loads(line) for line in out.read_text().splitlines()]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "layout",
     [["--tensor-model-parallel-size", "2"], ["--pipeline-model-parallel-size", "2"], []],

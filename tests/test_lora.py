@@ -27,6 +27,9 @@ from conftest import (
 )
 from megatron_yuyuan.finetune import main as finetune
 
+# real multi-process runs (torchrun, servers): the slow tier (`-m "not slow"` skips it)
+pytestmark = pytest.mark.slow
+
 LORA = ["--lora-rank", "4", "--lora-alpha", "8", "--lora-target-modules"]
 LORA += ["linear_qkv,linear_proj,linear_fc1,linear_fc2"]
 RUN = ["--mock-data", "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "4"]

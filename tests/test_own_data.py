@@ -20,6 +20,9 @@ from megatron_yuyuan.prompts import PromptTemplate
 from megatron_yuyuan.tokenizer import load_tokenizer
 from tools.preprocess_qa import main as preprocess_qa
 
+# real multi-process runs (torchrun, servers): the slow tier (`-m "not slow"` skips it)
+pytestmark = pytest.mark.slow
+
 TEMPLATE = "Context: {context}\nQuestion: {question} answer:"
 TINY = ["--config", "tiny", "--vocab-size", "50257", "--seq-length", "64", "--seed", "3"]
 TINY += ["--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "1e-3"]

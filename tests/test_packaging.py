@@ -1,5 +1,5 @@
-"""Every import is declared: deptry (configured in pyproject.toml) passes on the project and fails on
-an undeclared import, so CI fails whenever a fresh machine's install would miss a package."""
+"""Every import is declared: deptry (configured in pyproject.toml) passes on the project and fails
+on an undeclared import, so CI fails whenever a fresh machine's install would miss a package."""
 
 from __future__ import annotations
 

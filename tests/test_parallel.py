@@ -11,6 +11,9 @@ import pytest
 from conftest import read_metrics, run_torchrun
 from megatron_yuyuan.finetune import main
 
+# real multi-process runs (torchrun, servers): the slow tier (`-m "not slow"` skips it)
+pytestmark = pytest.mark.slow
+
 COMMON = [
     "--config",
     "tiny",

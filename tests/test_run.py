@@ -17,6 +17,9 @@ import pytest
 from conftest import REPO, TORCHRUN_ENV, free_port, read_metrics, run_torchrun, torchrun_cmd
 from megatron_yuyuan.finetune import main
 
+# real multi-process runs (torchrun, servers): the slow tier (`-m "not slow"` skips it)
+pytestmark = pytest.mark.slow
+
 ARGS = [
     "--config",
     "tiny",
@@ -373,13 +376,16 @@ def test_readme_demo_shortened(tmp_path):
     assert "| megatron-tp2 |" in report and "| hf-export |" in report
     assert (out / "checkpoints" / "loss_curve.png").is_file()
     a = [
-        json.loads(l)["generation"]
-        for l in (out / "eval" / "predictions_megatron-tp2.jsonl").open()
+        json.loads(line)["generation"]
+        for line in (out / "eval" / "predictions_megatron-tp2.jsonl").open()
     ]
-    b = [json.loads(l)["generation"] for l in (out / "eval" / "predictions_hf-export.jsonl").open()]
+    b = [
+        json.loads(line)["generation"]
+        for line in (out / "eval" / "predictions_hf-export.jsonl").open()
+    ]
     assert a == b and len(a) == 10
     assert "top-1 agreement = 100.00%" in proc.stdout
-    assert any("valid_loss" in json.loads(l) for l in (out / "metrics.jsonl").open())
+    assert any("valid_loss" in json.loads(line) for line in (out / "metrics.jsonl").open())
 
 
 def test_validation_loss_and_end_of_run_bleu(sample_dataset, tmp_path):

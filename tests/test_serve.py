@@ -20,6 +20,9 @@ import pytest
 from conftest import write_gpt2
 from slow_server import WordTokenizer
 
+# real multi-process runs (torchrun, servers): the slow tier (`-m "not slow"` skips it)
+pytestmark = pytest.mark.slow
+
 httpx = pytest.importorskip("httpx")
 
 QUESTIONS = [
@@ -72,7 +75,8 @@ class Server:
             return self.proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
-            raise AssertionError(f"server ignored SIGTERM:\n{self.log.read_text()[-3000:]}")
+            log = self.log.read_text()[-3000:]
+            raise AssertionError(f"server ignored SIGTERM:\n{log}") from None
 
 
 @pytest.fixture(scope="module")
@@ -395,7 +399,7 @@ def test_budgets_and_step_hook_stop_rows_in_both_generators(models):
     for gen in (hf, MegatronGenerator.from_checkpoint(str(models / "mc"))):
         seen = {0: 0, 1: 0, 2: 0}
 
-        def hook(tokens, active):
+        def hook(tokens, active, seen=seen):
             for i, a in enumerate(active):
                 seen[i] += a
             return [2] if seen[2] == 3 else []  # row 2's client leaves after 3 tokens
@@ -626,7 +630,7 @@ def test_idle_and_slow_header_connections_are_closed_and_the_server_keeps_answer
             try:
                 if drip.recv(1) == b"":
                     break
-            except (socket.timeout, BlockingIOError):
+            except (TimeoutError, BlockingIOError):
                 pass
             except ConnectionResetError:
                 break

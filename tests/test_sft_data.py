@@ -24,7 +24,8 @@ def gpt2_tiny(single_process_group):
 
 
 def logits_and_grad(model, batch):
-    """Forward with labels through the real loss path; returns logits [b, s, V] and d loss / d logits."""
+    """Forward with labels through the real loss path; returns logits [b, s, V] and
+    d loss / d logits."""
     captured = {}
     packed = None
     if "cu_seqlens" in batch:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -56,7 +55,7 @@ def config_of(info: CheckpointInfo) -> LoraConfig:
     return LoraConfig(**{k: v for k, v in info.lora.items() if k.startswith("lora_")})
 
 
-def check_base(info: CheckpointInfo, where: Path, base: Optional[str | Path] = None) -> Path:
+def check_base(info: CheckpointInfo, where: Path, base: str | Path | None = None) -> Path:
     """The base checkpoint of a LoRA checkpoint (``base`` or the recorded path), after checking
     that it is the one the adapters were trained on.
 

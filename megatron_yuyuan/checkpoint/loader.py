@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -30,7 +29,7 @@ class Source:
     """The iteration folder (``SAVE/iter_N``) the ``latest`` pointer or the user named."""
     info: CheckpointInfo
     """Its ``model_config.yaml``."""
-    base: Optional[Path]
+    base: Path | None
     """A LoRA checkpoint's base checkpoint, fingerprint-checked; None for a full checkpoint (or
     when the base was not asked for)."""
 
@@ -46,7 +45,7 @@ class Source:
 
 
 def open_checkpoint(
-    load: str | Path, lora_base: Optional[str | Path] = None, need_base: bool = True
+    load: str | Path, lora_base: str | Path | None = None, need_base: bool = True
 ) -> Source:
     """Resolve ``load`` (a save folder or one iteration) and, for a LoRA checkpoint, its base:
     ``lora_base`` where it has moved, else the recorded path (skipped when not ``need_base``,
@@ -67,8 +66,8 @@ def open_checkpoint(
 def build(
     source: Source,
     layout: Layout,
-    params_dtype: Optional[torch.dtype] = None,
-    padded_vocab_size: Optional[int] = None,
+    params_dtype: torch.dtype | None = None,
+    padded_vocab_size: int | None = None,
 ) -> torch.nn.Module:
     """This rank's stage of the model ``source`` describes, adapters included, weights not loaded
     (build it under ``torch.device("meta")`` for a template of names and shapes)."""
@@ -115,7 +114,7 @@ def load_model(
     layout: Layout,
     params_dtype: torch.dtype,
     merge_adapters: bool = True,
-    lora_base: Optional[str | Path] = None,
+    lora_base: str | Path | None = None,
 ) -> tuple[torch.nn.Module, CheckpointInfo]:
     """The model a checkpoint describes, with its weights, at this process's layout.
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -30,7 +29,7 @@ class Resumed:
     """Optimizer steps already taken (0 for a weights-only start)."""
     consumed_samples: int
     """Training samples already read: the data position."""
-    weights: Optional[dict[str, torch.Tensor]] = None
+    weights: dict[str, torch.Tensor] | None = None
     """A weights-only start: this rank's tensors in the checkpoint's own dtype (they seed the
     fp32 main weights of mixed precision, which the bf16 copy in the model would round)."""
 
@@ -61,7 +60,7 @@ def _training_sharded_dict(
     optimizer,
     layout: parallel.Layout,
     loading: bool,
-    rng: Optional[dict] = None,
+    rng: dict | None = None,
     adapters_only: bool = False,
 ) -> dict:
     model_sd = model.sharded_state_dict()
@@ -86,8 +85,8 @@ def save_training_checkpoint(
     run_config,
     layout: parallel.Layout,
     adapters_only: bool = False,
-    lora: Optional[dict] = None,
-    prompt_template: Optional[str] = None,
+    lora: dict | None = None,
+    prompt_template: str | None = None,
 ) -> Path:
     """Model, optimizer, LR schedule, RNG states and the data position. A LoRA run saves only
     the model's adapters (``adapters_only``, every rank) and rank 0 records ``lora`` (see
@@ -122,7 +121,7 @@ def load_training_checkpoint(
     model_cfg: ModelConfig,
     layout: parallel.Layout,
     finetune: bool = False,
-    global_batch_size: Optional[int] = None,
+    global_batch_size: int | None = None,
     adapters_only: bool = False,
 ) -> Resumed:
     """Restore a run; returns where it continues.

@@ -7,12 +7,12 @@ Layout, as in Megatron-LM::
 
     SAVE/latest_checkpointed_iteration.txt      "100"
     SAVE/iter_0000100/                          dist_checkpointing shards + metadata
-    SAVE/iter_0000100/model_config.yaml         the ModelConfig, dtype and padded vocab it was saved with
+    SAVE/iter_0000100/model_config.yaml         its ModelConfig, dtype and padded vocabulary
 
 torch_dist stores global (unsharded) tensors, so a checkpoint saved at one TP/PP loads at another.
-The one layout-dependent shape is the embedding's padded vocabulary (a multiple of 128 * TP): when it
-differs, the vocabulary rows are loaded whole and re-padded. Saves go to a temporary directory that
-is renamed when complete, then the ``latest`` pointer is replaced atomically.
+The one layout-dependent shape is the embedding's padded vocabulary (a multiple of 128 * TP): when
+it differs, the vocabulary rows are loaded whole and re-padded. Saves go to a temporary directory
+that is renamed when complete, then the ``latest`` pointer is replaced atomically.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ import queue
 import shutil
 import sys
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator, Optional
 
 import torch
 import yaml
@@ -139,9 +139,9 @@ class CheckpointInfo:
     """Optimizer, LR schedule and RNG states are saved too (a resumable training checkpoint)."""
     layout: tuple[int, int, int] = (1, 1, 1)
     """(TP, PP, DP) it was saved at."""
-    lora: Optional[dict] = None
+    lora: dict | None = None
     """A LoRA checkpoint (adapters only): its settings, base checkpoint and base fingerprint."""
-    prompt_template: Optional[str] = None
+    prompt_template: str | None = None
     """The prompt template of the data it was trained on (None: the default, or unknown)."""
 
 
@@ -149,7 +149,7 @@ LORA_KEYS = {"lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules", "
 LORA_KEYS |= {"base_fingerprint"}
 
 
-def _check_lora_record(record, path: Path) -> Optional[dict]:
+def _check_lora_record(record, path: Path) -> dict | None:
     """A LoRA checkpoint's ``lora`` block, checked for what the loaders rely on."""
     from megatron_yuyuan.config import LoraConfig
     from megatron_yuyuan.errors import ConfigError
@@ -306,10 +306,11 @@ class _ThreadedSave(TorchDistSaveShardedStrategy):
     """megatron-core's ``torch_dist`` save with the shard files written by threads of this process.
 
     megatron-core forks a writer process per file for every save and collects their results through
-    a ``multiprocessing`` Manager (a spawned server process). A fork from a process that runs threads
-    can deadlock (a save then hangs for good); Ctrl-C during a save left the trainer blocked on the
-    writers' queue; a killed trainer left the writers and the Manager running with hundreds of MiB
-    each. Threads have none of these: they die with the process. The files are identical.
+    a ``multiprocessing`` Manager (a spawned server process). A fork from a process that runs
+    threads can deadlock (a save then hangs for good); Ctrl-C during a save left the trainer
+    blocked on the writers' queue; a killed trainer left the writers and the Manager running with
+    hundreds of MiB each. Threads have none of these: they die with the process. The files are
+    identical.
     """
 
     def __init__(self) -> None:
@@ -336,10 +337,10 @@ def save_sharded(
     dtype: torch.dtype,
     training_state: bool = False,
     layout: tuple[int, int, int] = (1, 1, 1),
-    run_config: Optional[dict] = None,
-    extra_files: Optional[Callable[[Path], None]] = None,
-    lora: Optional[dict] = None,
-    prompt_template: Optional[str] = None,
+    run_config: dict | None = None,
+    extra_files: Callable[[Path], None] | None = None,
+    lora: dict | None = None,
+    prompt_template: str | None = None,
 ) -> Path:
     """Save a sharded state dict as checkpoint ``iteration`` under ``save``.
 
@@ -399,7 +400,7 @@ def save_sharded(
     return final
 
 
-def _pointer_value(pointer: Path) -> Optional[int]:
+def _pointer_value(pointer: Path) -> int | None:
     try:
         return int(pointer.read_text(encoding="utf-8").strip())
     except (OSError, ValueError, UnicodeDecodeError):
@@ -411,7 +412,7 @@ LOCK_FILE = ".megatron_yuyuan.lock"
 
 
 @contextlib.contextmanager
-def save_dir_lock(save: Optional[str | Path]) -> Iterator[Callable[[], None]]:
+def save_dir_lock(save: str | Path | None) -> Iterator[Callable[[], None]]:
     """Hold an exclusive ``flock`` on the folder ``save`` (when given) while the block runs, so
     that two runs can never write one checkpoint folder. The lock dies with its process: a run
     killed by SIGKILL leaves no stale lock. Yields ``announce()``, which writes who holds it into
@@ -540,7 +541,7 @@ def _is_zip(path: Path) -> bool:
         return f.read(4) == b"PK\x03\x04" and path.stat().st_size > 22
 
 
-def _short_shard(ckpt: Path) -> Optional[str]:
+def _short_shard(ckpt: Path) -> str | None:
     """A shard file shorter than the byte ranges its ``.metadata`` records (truncated)."""
     try:
         from torch.distributed.checkpoint import FileSystemReader
@@ -615,7 +616,7 @@ def load_model(
     model: torch.nn.Module,
     model_cfg: ModelConfig,
     layout: parallel.Layout,
-    only: Optional[Callable[[str], bool]] = None,
+    only: Callable[[str], bool] | None = None,
 ) -> tuple[CheckpointInfo, dict[str, torch.Tensor]]:
     """Load weights into this rank's ``model`` at any TP/PP (every rank calls it).
 
@@ -647,7 +648,7 @@ def load_model(
 
 
 def load_full_state(
-    load: str | Path, template: torch.nn.Module, only: Optional[Callable[[str], bool]] = None
+    load: str | Path, template: torch.nn.Module, only: Callable[[str], bool] | None = None
 ) -> tuple[dict[str, torch.Tensor], CheckpointInfo]:
     """Every weight of a checkpoint as full tensors, named as in ``template``'s state dict.
 

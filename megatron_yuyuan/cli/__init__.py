@@ -12,8 +12,8 @@ import argparse
 import errno
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 from megatron_yuyuan.errors import UserError
 from megatron_yuyuan.files import directory_problem
@@ -41,7 +41,7 @@ def print_error(message: str) -> None:
         print(f"error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
 
 
-_invoked_as: Optional[str] = None  # "yuyuan finetune" while the yuyuan command runs a subcommand
+_invoked_as: str | None = None  # "yuyuan finetune" while the yuyuan command runs a subcommand
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -58,7 +58,7 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def run_cli(body: Callable[[], Optional[int]]) -> int:
+def run_cli(body: Callable[[], int | None]) -> int:
     """Run a CLI body: a :class:`UserError` or an OS error becomes one ``error:`` line and exit 2;
     Ctrl-C exits 130. Process groups are torn down either way."""
     try:
@@ -76,6 +76,16 @@ def run_cli(body: Callable[[], Optional[int]]) -> int:
         parallel = sys.modules.get("megatron_yuyuan.parallel")  # never import torch just for this
         if parallel is not None:
             parallel.destroy_distributed()
+
+
+def add_lora_base_argument(p: argparse.ArgumentParser) -> None:
+    """``--lora-base``: where a LoRA checkpoint's base has moved (the commands that load one)."""
+    p.add_argument(
+        "--lora-base",
+        default=None,
+        help="a LoRA checkpoint's base checkpoint, where it has moved since training (default: "
+        "the recorded path; the fingerprint is checked either way)",
+    )
 
 
 # --- argparse types: a bad number is refused at parse time, naming the flag ---------------------

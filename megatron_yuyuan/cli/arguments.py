@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import typing
-from typing import Any, Literal, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Literal
 
 from megatron_yuyuan.config import SECTIONS, RunConfig, load_config
 from megatron_yuyuan.dataclass_fields import field_docs, union_members
@@ -85,7 +86,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     return RunConfig.from_dict(raw, source="command line")
 
 
-def parse_config(argv: Optional[Sequence[str]] = None, description: str = "") -> RunConfig:
+def parse_config(argv: Sequence[str] | None = None, description: str = "") -> RunConfig:
     from megatron_yuyuan.cli import ArgumentParser
 
     parser = ArgumentParser(prog="python -m megatron_yuyuan.finetune", description=description)

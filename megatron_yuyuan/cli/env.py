@@ -7,12 +7,12 @@ yuyuan env --json     # one JSON object
 from __future__ import annotations
 
 import json
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from megatron_yuyuan.cli import ArgumentParser, run_cli
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     p = ArgumentParser(prog="yuyuan env", description=__doc__.split("\n\n")[0])
     p.add_argument("--json", action="store_true", help="one JSON object instead of text")
     args = p.parse_args(argv)

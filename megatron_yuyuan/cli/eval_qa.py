@@ -1,8 +1,9 @@
 """Generate answers for a test split with one model and score them: one command, end to end.
 
-    torchrun --nproc-per-node 2 -m megatron_yuyuan.eval_qa --load ckpt --tensor-model-parallel-size 2 \\
-        --references runs/data/medquad_test.jsonl --out runs/eval --name yuyuan-qa
-    python -m megatron_yuyuan.eval_qa --hf-dir hf/yuyuan-qa --references ... --out runs/eval --name hf
+    torchrun --nproc-per-node 2 -m megatron_yuyuan.eval_qa --load ckpt \\
+        --tensor-model-parallel-size 2 --references runs/data/medquad_test.jsonl \\
+        --out runs/eval --name yuyuan-qa
+    yuyuan eval --hf-dir hf/yuyuan-qa --references ... --out runs/eval --name hf
 
 Writes ``OUT/predictions_NAME.jsonl`` and the report (``OUT/report.md``, ``report.json``,
 ``examples.md``, ``bleu_by_qtype.png``; see ``python -m megatron_yuyuan.evaluate``) over every
@@ -13,8 +14,8 @@ table. ``--train-data PREFIX_train.jsonl`` adds the retrieval and echo baselines
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 from megatron_yuyuan.cli import ArgumentParser, check_writable_dir, positive_int, run_cli
 from megatron_yuyuan.cli.evaluate import add_eval_arguments, eval_options_from_args
@@ -27,7 +28,7 @@ from megatron_yuyuan.cli.generate import (
 from megatron_yuyuan.errors import UserError
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     p = ArgumentParser(
         prog="python -m megatron_yuyuan.eval_qa", description=__doc__.split("\n\n")[0]
     )

@@ -13,8 +13,8 @@ baseline), ``report.json``, ``examples.md`` and ``bleu_by_qtype.png``. The recip
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 from megatron_yuyuan.cli import ArgumentParser, check_writable_dir, non_negative_int, run_cli
 from megatron_yuyuan.errors import UserError
@@ -102,7 +102,7 @@ def eval_options_from_args(args: argparse.Namespace):
     return opts
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     p = ArgumentParser(
         prog="python -m megatron_yuyuan.evaluate", description=__doc__.split("\n\n")[0]
     )

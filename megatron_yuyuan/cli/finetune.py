@@ -14,8 +14,8 @@ line (exit 2).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 from megatron_yuyuan.cli import check_writable_dir, check_writable_file, run_cli
 from megatron_yuyuan.config import RunConfig, validate_layout
@@ -160,7 +160,7 @@ def warn_replaced_iterations(load: Path, save: Path) -> None:
         )
 
 
-def same_run(load: Optional[str], save: Optional[str]) -> bool:
+def same_run(load: str | None, save: str | None) -> bool:
     """Whether --load names --save's run: the same folder, or one of its ``iter_N`` folders."""
     if not load or not save:
         return False
@@ -310,7 +310,7 @@ def score_validation_answers(result, out_dir: Path) -> None:
     print(f"> wrote {preds} and {out_dir / 'report.md'}", flush=True)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     from megatron_yuyuan import cpu_compat
     from megatron_yuyuan.cli.arguments import parse_config
     from megatron_yuyuan.runtime import launch_world_size

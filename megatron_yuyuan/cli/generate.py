@@ -1,7 +1,8 @@
 """Answer questions with a megatron-core checkpoint (TP/PP under torchrun) or a transformers dir.
 
-    torchrun --nproc-per-node 2 -m megatron_yuyuan.generate --load ckpt --tensor-model-parallel-size 2 \\
-        --input runs/data/medquad_test.jsonl --output runs/eval/predictions.jsonl --max-new-tokens 128
+    torchrun --nproc-per-node 2 -m megatron_yuyuan.generate --load ckpt \\
+        --tensor-model-parallel-size 2 --input runs/data/medquad_test.jsonl \\
+        --output runs/eval/predictions.jsonl --max-new-tokens 128
     python -m megatron_yuyuan.generate --hf-dir hf/yuyuan-qa --question "What causes glaucoma ?"
 
 Decoding is described in :mod:`megatron_yuyuan.generation`.
@@ -11,11 +12,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 from megatron_yuyuan.cli import (
     ArgumentParser,
+    add_lora_base_argument,
     check_writable_file,
     positive_int,
     run_cli,
@@ -30,12 +32,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--hf-dir", help="transformers model directory")
     p.add_argument("--tensor-model-parallel-size", type=positive_int, default=1)
     p.add_argument("--pipeline-model-parallel-size", type=positive_int, default=1)
-    p.add_argument(
-        "--lora-base",
-        default=None,
-        help="--load of a LoRA checkpoint: its base checkpoint, where it has moved since training "
-        "(default: the recorded path; the fingerprint is checked either way)",
-    )
+    add_lora_base_argument(p)
     p.add_argument("--tokenizer", default=None, help="tokenizer spec (default: the model's own)")
     p.add_argument(
         "--prompt-template",
@@ -50,7 +47,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
-    # typed here, bounded once by SamplingConfig (sampling_from_args): one error line naming the flag
+    # typed here, bounded once by SamplingConfig (sampling_from_args): one error naming the flag
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0)
@@ -144,7 +141,7 @@ def check_output_file(path: Path) -> None:
         )
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     p = ArgumentParser(
         prog="python -m megatron_yuyuan.generate", description=__doc__.split("\n\n")[0]
     )

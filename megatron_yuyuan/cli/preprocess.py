@@ -9,7 +9,7 @@ the package (CC BY 4.0).
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from megatron_yuyuan.cli import ArgumentParser, non_negative_int, positive_int, run_cli
 from megatron_yuyuan.data.medquad import CLEANERS
@@ -34,7 +34,7 @@ def add_dataset_arguments(p: ArgumentParser, workers: str, unit: str) -> None:
     p.add_argument("--seed", type=int, default=1234, help="split seed")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     p = ArgumentParser(
         prog="python -m tools.preprocess_medquad", description=__doc__.split("\n\n")[0]
     )

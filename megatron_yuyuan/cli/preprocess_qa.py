@@ -10,7 +10,7 @@ template, which every checkpoint trained on it carries on); see
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from megatron_yuyuan.cli import ArgumentParser, run_cli
 from megatron_yuyuan.cli.preprocess import add_dataset_arguments
@@ -63,7 +63,7 @@ def build_parser() -> ArgumentParser:
     return p
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def body() -> int:

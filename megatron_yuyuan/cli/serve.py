@@ -16,8 +16,8 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 from megatron_yuyuan.cli import (
     ArgumentParser,
@@ -45,7 +45,7 @@ def check_port(host: str, port: int) -> None:
             ) from None
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     p = ArgumentParser(prog="python -m megatron_yuyuan.serve", description=__doc__.split("\n\n")[0])
     add_model_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")

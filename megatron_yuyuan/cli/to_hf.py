@@ -13,12 +13,12 @@ anything else is refused and nothing is deleted.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
-from megatron_yuyuan.cli import ArgumentParser, positive_float, run_cli
+from megatron_yuyuan.cli import ArgumentParser, add_lora_base_argument, positive_float, run_cli
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     p = ArgumentParser(
         prog="python -m checkpoints_convert.to_hf", description=__doc__.split("\n\n")[0]
     )
@@ -36,12 +36,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         help="LoRA checkpoint: write a PEFT adapter folder (adapter_config.json + "
         "adapter_model.safetensors) instead of the merged model",
     )
-    p.add_argument(
-        "--lora-base",
-        default=None,
-        help="LoRA checkpoint: its base checkpoint, where it has moved since training (default: "
-        "the recorded path; the fingerprint is checked either way)",
-    )
+    add_lora_base_argument(p)
     p.add_argument("--verify", action="store_true", help="compare logits of both models")
     p.add_argument(
         "--tolerance", type=positive_float, default=1e-3, help="max |logit diff| for --verify"

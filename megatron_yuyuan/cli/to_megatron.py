@@ -11,14 +11,14 @@ conversion's iteration 0 and ``latest`` pointer would replace them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 from megatron_yuyuan.cli import ArgumentParser, positive_float, positive_int, run_cli
 from megatron_yuyuan.errors import UserError
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     p = ArgumentParser(
         prog="python -m checkpoints_convert.to_megatron", description=__doc__.split("\n\n")[0]
     )

@@ -10,12 +10,18 @@ not, 2 on bad input.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
-from megatron_yuyuan.cli import ArgumentParser, positive_float, positive_int, run_cli
+from megatron_yuyuan.cli import (
+    ArgumentParser,
+    add_lora_base_argument,
+    positive_float,
+    positive_int,
+    run_cli,
+)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     p = ArgumentParser(
         prog="python -m megatron_yuyuan.convert.verify", description=__doc__.split("\n\n")[0]
     )
@@ -27,11 +33,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         default=1,
         help="TP ranks the megatron model is split over (launch that many processes)",
     )
-    p.add_argument(
-        "--lora-base",
-        default=None,
-        help="LoRA checkpoint: its base checkpoint, where it has moved since training",
-    )
+    add_lora_base_argument(p)
     p.add_argument("--tolerance", type=positive_float, default=1e-4, help="max |logit diff|")
     args = p.parse_args(argv)
 

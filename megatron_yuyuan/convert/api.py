@@ -13,8 +13,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable, Optional
 
 import torch
 
@@ -64,7 +64,7 @@ def _fill_and_save(
     tensors: Iterable[tuple[str, Callable[[], torch.Tensor]]],
     save: Path,
     source: str,
-    extra_files: Optional[Callable[[Path], None]] = None,
+    extra_files: Callable[[Path], None] | None = None,
 ) -> Path:
     """Place each named megatron-core tensor into the model's sharded state dict and save it.
 
@@ -116,7 +116,7 @@ def convert_hf_to_megatron(
     save: str | Path,
     tp: int = 1,
     pp: int = 1,
-    dtype: Optional[torch.dtype] = None,
+    dtype: torch.dtype | None = None,
     allow_non_finite: bool = False,
 ) -> Path:
     """HF GPT-2 directory -> megatron-core checkpoint under ``save``; returns the iteration dir.
@@ -149,9 +149,9 @@ def convert_legacy_to_megatron(
     save: str | Path,
     tp: int = 1,
     pp: int = 1,
-    vocab_size: Optional[int] = None,
+    vocab_size: int | None = None,
     trust_pickle: bool = False,
-    dtype: Optional[torch.dtype] = None,
+    dtype: torch.dtype | None = None,
 ) -> Path:
     """Legacy Megatron-LM checkpoint -> megatron-core checkpoint; returns the iteration dir."""
     model_cfg, full = read_legacy_checkpoint(Path(mlm_dir), vocab_size, trust_pickle)
@@ -279,9 +279,9 @@ PEFT_TARGETS = {
 def convert_megatron_to_hf(
     load: str | Path,
     out: str | Path,
-    tokenizer_dir: Optional[str | Path] = None,
+    tokenizer_dir: str | Path | None = None,
     adapter_only: bool = False,
-    lora_base: Optional[str | Path] = None,
+    lora_base: str | Path | None = None,
 ) -> list[Path]:
     """megatron-core checkpoint (any TP/PP) -> HF directory; returns the files written.
 

@@ -7,8 +7,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -30,7 +30,7 @@ class HFFormatError(UserError):
 
 
 def model_config_from_hf(hf_dir: Path) -> tuple[ModelConfig, torch.dtype]:
-    """ModelConfig and weight dtype from ``config.json``, refusing what GPT-2 here cannot express."""
+    """ModelConfig and weight dtype from ``config.json``, refusing what our GPT-2 cannot express."""
     path = Path(hf_dir) / "config.json"
     if not path.is_file():
         raise HFFormatError(f"{path} not found: --hf-dir must hold an HF GPT-2 model directory")
@@ -146,8 +146,15 @@ def iter_hf_weights(
                 f"{file}: holds something other than a dict of named tensors; give a model "
                 f"saved with save_pretrained"
             )
-        tensors = ((name, (lambda t=state.pop(name): t.clone())) for name in list(state))
+        tensors = ((name, _taken(state, name)) for name in list(state))
         yield from _finite(tensors, file, allow_non_finite)
+
+
+def _taken(state: dict, name: str) -> Callable[[], torch.Tensor]:
+    """Take tensor ``name`` out of ``state`` now (the dict stops holding it) and return a loader
+    of a copy: once the copy is converted, nothing keeps the original alive."""
+    tensor = state.pop(name)
+    return lambda: tensor.clone()
 
 
 def _finite(tensors, file: Path, allow: bool) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
@@ -345,7 +352,7 @@ class ShardedSafetensorsWriter:
         return [self.out_dir / f for f in dict.fromkeys(weight_map.values())] + [index]
 
 
-def write_tokenizer_files(out_dir: Path, vocab_size: int, tokenizer_dir: Optional[Path]) -> bool:
+def write_tokenizer_files(out_dir: Path, vocab_size: int, tokenizer_dir: Path | None) -> bool:
     """Tokenizer files for AutoTokenizer: copied from ``tokenizer_dir``, or GPT-2's own when the
     vocabulary is GPT-2's. Returns False when neither applies."""
     from transformers import GPT2TokenizerFast

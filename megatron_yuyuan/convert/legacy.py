@@ -1,4 +1,5 @@
-"""Reading legacy Megatron-LM GPT checkpoints (``language_model.*`` keys, fused ``query_key_value``).
+"""Reading legacy Megatron-LM GPT checkpoints (``language_model.*`` keys, fused
+``query_key_value``).
 
 Layout: ``[iter_N|release]/mp_rank_TT[_PPP]/model_optim_rng.pt``
 with ``args``, ``checkpoint_version`` and ``model.language_model.{embedding,encoder|transformer}``.
@@ -11,7 +12,6 @@ from __future__ import annotations
 import argparse
 import re
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -75,7 +75,7 @@ def _qkv_to_mcore(t: torch.Tensor, version: float, local_heads: int) -> torch.Te
     )  # [3, heads, hn]
 
 
-def model_config_from_args(args: argparse.Namespace, vocab_size: Optional[int]) -> ModelConfig:
+def model_config_from_args(args: argparse.Namespace, vocab_size: int | None) -> ModelConfig:
     a = vars(args)
     if vocab_size is None:
         if a.get("tokenizer_type") in ("GPT2BPETokenizer", None):
@@ -98,7 +98,7 @@ def model_config_from_args(args: argparse.Namespace, vocab_size: Optional[int]) 
 
 
 def read_legacy_checkpoint(
-    path: Path, vocab_size: Optional[int] = None, trust_pickle: bool = False
+    path: Path, vocab_size: int | None = None, trust_pickle: bool = False
 ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """(ModelConfig, full tensors under megatron-core names; the embedding keeps the source's
     vocabulary padding, which the caller re-pads for its own TP)."""

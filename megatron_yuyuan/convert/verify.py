@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -39,7 +38,7 @@ def sample_ids(vocab_size: int, max_len: int) -> torch.Tensor:
 
 
 def megatron_logits(
-    load: str | Path, ids: torch.Tensor, tp: int = 1, lora_base: Optional[str | Path] = None
+    load: str | Path, ids: torch.Tensor, tp: int = 1, lora_base: str | Path | None = None
 ) -> torch.Tensor:
     """fp32 logits ``[b, s, V]`` of a megatron-core checkpoint at tensor-parallel size ``tp``
     (launch ``tp`` processes with torchrun for tp > 1)."""
@@ -79,7 +78,7 @@ def verify(
     load: str | Path,
     tolerance: float,
     tp: int = 1,
-    lora_base: Optional[str | Path] = None,
+    lora_base: str | Path | None = None,
 ) -> tuple[Parity, bool]:
     """Parity between an HF directory and a megatron-core checkpoint of the same weights."""
     info = storage.read_info(storage.resolve(load))
@@ -89,7 +88,7 @@ def verify(
 
 
 def report_verify(
-    hf_dir: str | Path, load: str | Path, tolerance: float, lora_base: Optional[str] = None
+    hf_dir: str | Path, load: str | Path, tolerance: float, lora_base: str | None = None
 ) -> int:
     """Run :func:`verify`, print its line, and return the CLI's exit status (1 on a mismatch)."""
     parity, ok = verify(hf_dir, load, tolerance, lora_base=lora_base)

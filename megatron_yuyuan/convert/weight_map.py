@@ -1,15 +1,15 @@
 """The one table between HF GPT-2 names and megatron-core (local spec) names.
 
 Each entry names its transform; the megatron -> HF direction is the same table inverted in code.
-``{}`` stands for the layer index. HF GPT-2 stores Conv1D weights ``[in, out]`` (megatron: ``[out, in]``)
-and QKV as ``[Q; K; V]`` (megatron: interleaved per head).
+``{}`` stands for the layer index. HF GPT-2 stores Conv1D weights ``[in, out]`` (megatron:
+``[out, in]``) and QKV as ``[Q; K; V]`` (megatron: interleaved per head).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 
@@ -86,7 +86,7 @@ MCORE_IGNORED_SUFFIXES = ("._extra_state",)
 _LAYER = re.compile(r"\.(\d+)\.")
 
 
-def template(name: str) -> tuple[str, Optional[int]]:
+def template(name: str) -> tuple[str, int | None]:
     """``transformer.h.7.ln_1.weight`` -> (``transformer.h.{}.ln_1.weight``, 7)."""
     m = _LAYER.search(name)
     if not m:
@@ -170,9 +170,7 @@ TRANSFORMS: dict[str, tuple[Callable, Callable]] = {
 }
 
 
-def hf_to_mcore(
-    name: str, tensor: torch.Tensor, shapes: Shapes
-) -> Optional[tuple[str, torch.Tensor]]:
+def hf_to_mcore(name: str, tensor: torch.Tensor, shapes: Shapes) -> tuple[str, torch.Tensor] | None:
     """Map one HF tensor; None for keys that carry nothing (see HF_IGNORED). Unknown keys raise."""
     name = normalize_hf_name(name)
     tmpl, layer = template(name)
@@ -191,9 +189,7 @@ def hf_to_mcore(
         ) from exc
 
 
-def mcore_to_hf(
-    name: str, tensor: torch.Tensor, shapes: Shapes
-) -> Optional[tuple[str, torch.Tensor]]:
+def mcore_to_hf(name: str, tensor: torch.Tensor, shapes: Shapes) -> tuple[str, torch.Tensor] | None:
     """Map one megatron-core tensor; None for keys without an HF counterpart. Unknown keys raise."""
     if name.endswith(MCORE_IGNORED_SUFFIXES):
         return None

@@ -9,7 +9,7 @@ checkpoint, at any TP/PP/DP, reads the identical sample sequence.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

@@ -9,8 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 from megatron_yuyuan.errors import DataError
 from megatron_yuyuan.files import read_json_object, tmp_name
@@ -160,7 +160,7 @@ def rerun_advice(prefix: str | Path) -> str:
     )
 
 
-def check_member(path: str | Path) -> Optional[dict]:
+def check_member(path: str | Path) -> dict | None:
     """When ``path`` is a file of a preprocessed dataset (``P_train.jsonl`` beside
     ``P_meta.json``...), check it against the manifest; returns the meta, or None for a file
     that belongs to no dataset."""

@@ -5,7 +5,8 @@ MedQuAD's quirks: three XML layouts, answer-less folders, qids that
 repeat across folders and files, whitespace junk, templated boilerplate and duplicate pairs.
 
 * Every layout is parsed: ``<Document>`` (11,269 files), ``<DiseaseFile>`` (1 CDC file) and the
-  lower-case ``<doc>`` (4 NINDS files). A record is keyed by (folder, file, qid), the only unique key.
+  lower-case ``<doc>`` (4 NINDS files). A record is keyed by (folder, file, qid), the only unique
+  key.
 * Empty answers are dropped and counted per folder; whitespace is collapsed (NBSP included).
 * Exact duplicate (question, answer) pairs are dropped, keeping the first by record id.
 * Optional cleaners (``CLEANERS``) strip documented boilerplate; all are off by default so that
@@ -21,9 +22,9 @@ import hashlib
 import re
 import xml.etree.ElementTree as ET
 from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence
 
 from megatron_yuyuan.errors import UserError
 
@@ -65,7 +66,7 @@ class ParseStats:
             getattr(self, name).update(getattr(other, name))
 
 
-def collapse(text: Optional[str]) -> str:
+def collapse(text: str | None) -> str:
     """Collapse all whitespace runs (newlines, tabs, NBSP) to single spaces."""
     return " ".join((text or "").split())
 
@@ -102,7 +103,7 @@ def parse_file(path: Path) -> tuple[list[QARecord], ParseStats]:
     if root.tag not in _LAYOUTS:
         raise MedQuADError(
             f"{path}: unknown root element <{root.tag}>; expected one of "
-            f"{', '.join('<%s>' % t for t in _LAYOUTS)}"
+            f"{', '.join(f'<{t}>' for t in _LAYOUTS)}"
         )
     source_attr, focus_path, pair_path, q_tag, a_tag = _LAYOUTS[root.tag]
     folder = path.parent.name
@@ -141,7 +142,8 @@ def find_xml_files(root: Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         raise MedQuADError(
-            f"--input {root}: {'is a file, not a directory' if root.exists() else 'no such directory'}"
+            f"--input {root}: "
+            f"{'is a file, not a directory' if root.exists() else 'no such directory'}"
             f"; point it at the MedQuAD folder holding 1_CancerGov_QA/, 2_GARD_QA/, ..."
         )
     files = sorted(root.rglob("*.xml"))
@@ -200,7 +202,7 @@ CLEANERS: dict[str, Callable[[str], str]] = {
     "hpo-note": lambda a: _HPO_NOTE.sub("", a),
     "video-note": lambda a: _VIDEO_NOTE.sub("", a),
 }
-"""Named, optional answer cleaners (``--clean NAME[,NAME]``), each documented where it is defined."""
+"""Named, optional answer cleaners (``--clean NAME[,NAME]``), each documented where defined."""
 
 
 def clean_records(

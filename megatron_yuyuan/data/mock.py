@@ -1,8 +1,8 @@
 """Deterministic synthetic token sequences for smoke tests and throughput runs.
 
-Sample ``i`` is an arithmetic progression of token ids, ``(start + stride * k) mod V``, with start and
-stride drawn from a generator seeded by ``(seed, i)``: every rank can build any sample by index (so
-TP ranks agree and DP ranks split a global batch without communication), and the sequences are
+Sample ``i`` is an arithmetic progression of token ids, ``(start + stride * k) mod V``, with start
+and stride drawn from a generator seeded by ``(seed, i)``: every rank can build any sample by index
+(so TP ranks agree and DP ranks split a global batch without communication), and the sequences are
 learnable, so a working trainer shows a falling loss.
 """
 

@@ -5,7 +5,8 @@ complete the data files are renamed into place and ``P_meta.json`` last: its man
 SHA-256 of every file) lets each reader check that the set comes from one complete run. Temporary
 files of a killed run are removed by the next run.
 
-* ``P_{train,valid,test}.jsonl`` - one JSON object per pair: id, question, answer, qtype, source, focus
+* ``P_{train,valid,test}.jsonl`` - one JSON object per pair: id, question, answer, qtype, source,
+  focus
 * ``P_{train,valid,test}.bin/.idx`` - the same pairs, tokenised, two sequences per document
 * ``P_meta.json`` - tokenizer, EOS id, template, seed, cleaners and the report below
 """
@@ -15,11 +16,11 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -128,8 +129,8 @@ def preprocess_medquad(
     output_prefix: str,
     tokenizer: str = "gpt2",
     workers: int = 2,
-    valid_size: Optional[int] = None,
-    test_size: Optional[int] = None,
+    valid_size: int | None = None,
+    test_size: int | None = None,
     seed: int = 1234,
     cleaners: Sequence[str] = (),
     progress: bool = True,

@@ -25,10 +25,10 @@ import os
 import time
 from array import array
 from collections import defaultdict, deque
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -63,18 +63,18 @@ class QAOptions:
     """The user's validation set: kept untouched; training rows repeating it are removed."""
     test_inputs: Sequence[str] = ()
     """The user's test set: kept untouched; training rows repeating it are removed."""
-    format: Optional[str] = None
+    format: str | None = None
     """Force a format (``jsonl``, ``json``, ``csv``, ...) instead of detecting it."""
-    question_field: Optional[str] = None
-    answer_field: Optional[str] = None
-    id_field: Optional[str] = None
-    group_field: Optional[str] = None
+    question_field: str | None = None
+    answer_field: str | None = None
+    id_field: str | None = None
+    group_field: str | None = None
     """Rows sharing this field's value go to one split (e.g. one source document)."""
     prompt_template: str = PromptTemplate().text
     tokenizer: str = "gpt2"
     workers: int = 2
-    valid_size: Optional[int] = None
-    test_size: Optional[int] = None
+    valid_size: int | None = None
+    test_size: int | None = None
     seed: int = 1234
     strict: bool = False
     """Any dropped row is an error (nothing is written)."""

@@ -12,8 +12,9 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -39,12 +40,12 @@ class FieldMap:
 
     question: str = "question"
     answer: str = "answer"
-    chat: Optional[str] = None
+    chat: str | None = None
     """``messages`` (OpenAI role/content) or ``conversations`` (ShareGPT from/value)."""
-    alpaca_input: Optional[str] = None
+    alpaca_input: str | None = None
     """Alpaca's ``input``: appended to the question after a newline when not empty."""
-    id: Optional[str] = None
-    group: Optional[str] = None
+    id: str | None = None
+    group: str | None = None
     extra: tuple[str, ...] = ()
     """The prompt template's fields besides the question, read from the row."""
 
@@ -217,9 +218,9 @@ def init_worker(tokenizer_spec: str, fields_by_input: dict, template_text: str) 
 
 def process_rows(
     job: tuple[int, str, Sequence[Any], Sequence[str], int],
-    tok: Optional[Tokenizer] = None,
-    fields_by_input: Optional[dict] = None,
-    template: Optional[PromptTemplate] = None,
+    tok: Tokenizer | None = None,
+    fields_by_input: dict | None = None,
+    template: PromptTemplate | None = None,
 ) -> BatchResult:
     """Check, format and tokenise one batch: ``(input no, kind, items, locations, first row
     ordinal)``; ``kind`` is ``lines`` (raw bytes) or ``rows`` (decoded dicts)."""

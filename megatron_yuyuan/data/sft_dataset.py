@@ -18,8 +18,8 @@ Sample ``i`` of the stream is a pure function of ``(seed, i)``: epochs are reshu
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch

@@ -23,9 +23,9 @@ import csv
 import json
 import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
 
 from megatron_yuyuan.errors import UserError
 
@@ -47,7 +47,7 @@ class Source:
     """The files to read in order (a folder of JSONL files is several)."""
 
 
-def resolve(spec: str, fmt: Optional[str] = None, flag: str = "--input") -> Source:
+def resolve(spec: str, fmt: str | None = None, flag: str = "--input") -> Source:
     """Check that ``spec`` exists and find its format; one :class:`UserError` if not."""
     if fmt is not None and fmt not in FORMATS:
         raise UserError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
@@ -108,7 +108,7 @@ def detect_file(path: Path) -> str:
     )
 
 
-def first_row(source: Source) -> tuple[Optional[dict], list[str]]:
+def first_row(source: Source) -> tuple[dict | None, list[str]]:
     """The first decodable row (to recognise the field names) and the columns, where known."""
     from megatron_yuyuan.data.rows import BadRow, decode_line
 
@@ -274,7 +274,7 @@ def _open(path: Path, mode: str, **kwargs):
         raise UserError(f"--input {path}: cannot be read ({exc.strerror})") from exc
 
 
-def open_hf(source: Source, cache_dir: Optional[str] = None):
+def open_hf(source: Source, cache_dir: str | None = None):
     """The ``datasets.Dataset`` behind a parquet file, an Arrow folder or a hub name."""
     import logging
 
@@ -348,7 +348,7 @@ def _medquad(source: Source, batch_rows: int) -> Iterator[Batch]:
             yield "rows", rows[i : i + batch_rows], [str(path)] * len(rows[i : i + batch_rows])
 
 
-def columns_of(source: Source) -> tuple[Optional[dict], list[str]]:
+def columns_of(source: Source) -> tuple[dict | None, list[str]]:
     """(a sample row, the column names) used to recognise the fields before reading."""
     if source.format in ("csv", "tsv"):
         cols = csv_columns(source.files[0], "\t" if source.format == "tsv" else ",")

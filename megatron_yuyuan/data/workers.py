@@ -5,9 +5,9 @@ Kept free of torch and megatron imports so that spawned workers start in a fract
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 
@@ -27,7 +27,7 @@ class ChunkResult:
     emptied: int
 
 
-_worker_tokenizer: Optional[Tokenizer] = None
+_worker_tokenizer: Tokenizer | None = None
 
 
 def init_worker(tokenizer_spec: str) -> None:
@@ -36,7 +36,7 @@ def init_worker(tokenizer_spec: str) -> None:
 
 
 def process_files(
-    paths: Sequence[Path], cleaners: Sequence[str], tokenizer: Optional[Tokenizer] = None
+    paths: Sequence[Path], cleaners: Sequence[str], tokenizer: Tokenizer | None = None
 ) -> ChunkResult:
     """Parse + clean + tokenise: prompt ids, and answer ids followed by EOS, per pair."""
     tok = tokenizer or _worker_tokenizer

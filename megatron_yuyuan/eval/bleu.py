@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import re
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -85,8 +85,8 @@ def bleu_report(
     sentence: np.ndarray, counts: np.ndarray, fn, last: tuple[list[str], list[str]]
 ) -> dict:
     """{level: {kind: {n: score}}} from per-pair sentence BLEUs ``[questions, len(VARIANTS)]`` and
-    BLEU counts ``[questions, 10]`` (:func:`pair_counts`); ``last``: the last pair's tokens (nltk's corpus smoothing
-    sees them)."""
+    BLEU counts ``[questions, 10]`` (:func:`pair_counts`); ``last``: the last pair's tokens (nltk's
+    corpus smoothing sees them)."""
     total = counts.sum(axis=0)
     out: dict = {level: {kind: {} for kind in KINDS} for level in LEVELS}
     for col, (kind, n) in enumerate(VARIANTS):

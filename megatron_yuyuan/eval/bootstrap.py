@@ -4,12 +4,13 @@ Each of ``n`` resamples draws the questions with replacement (one seeded generat
 for every system: that is what makes the comparison *paired*) and recomputes every metric from its
 summed per-question statistics. The 95% interval is the 2.5th..97.5th percentile of the resampled
 values; a system differs significantly from the baseline when the interval of the paired
-differences excludes 0 (two-sided, alpha = 0.05), as in Koehn (2004) and sacreBLEU's ``--paired-bs``.
+differences excludes 0 (two-sided, alpha = 0.05), as in Koehn (2004) and sacreBLEU's
+``--paired-bs``.
 """
 
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -45,10 +46,10 @@ def interval(values: np.ndarray) -> list[float]:
 
 
 def paired_bootstrap(
-    systems: dict[str, dict[str, Optional[Statistic]]],
+    systems: dict[str, dict[str, Statistic | None]],
     resamples: int,
     seed: int,
-    baseline: Optional[str] = None,
+    baseline: str | None = None,
 ) -> tuple[dict, dict]:
     """(ci, versus): ``ci[system][metric] = [lo, hi]``; ``versus[system][metric] = {"delta",
     "ci", "p", "significant"}`` against ``baseline`` (every other system), with ``p`` the

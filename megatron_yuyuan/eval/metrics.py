@@ -22,8 +22,8 @@ is ``(numerator, denominator)`` summed, chrF sums sacrebleu's character n-gram c
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -66,7 +66,7 @@ def _ratio(sums: np.ndarray) -> np.ndarray:
     return np.divide(num, den, out=np.zeros_like(num, dtype=np.float64), where=den != 0)
 
 
-def mean_statistic(values: Sequence[float], weights: Optional[Sequence[float]] = None) -> Statistic:
+def mean_statistic(values: Sequence[float], weights: Sequence[float] | None = None) -> Statistic:
     """Mean of ``values`` (over the questions whose weight is 1)."""
     v = np.asarray(values, dtype=np.float64)
     w = np.ones_like(v) if weights is None else np.asarray(weights, dtype=np.float64)
@@ -131,7 +131,7 @@ def _chrf_reduce(sums: np.ndarray) -> np.ndarray:
     return np.asarray(scores).reshape(sums.shape[:-1])
 
 
-def repetition(tokens: list[str], n: int = 4) -> Optional[float]:
+def repetition(tokens: list[str], n: int = 4) -> float | None:
     """Share of the answer's n-grams that repeat an earlier one (None: shorter than n)."""
     grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
     return 1.0 - len(set(grams)) / len(grams) if grams else None
@@ -210,7 +210,7 @@ def _run_jobs(jobs: list[tuple], workers: int) -> Iterator[dict[str, np.ndarray]
 class SystemScores:
     """One system's scores: the bootstrappable statistics and the BLEU tables of the report."""
 
-    statistics: dict[str, Optional[Statistic]]
+    statistics: dict[str, Statistic | None]
     """Every metric of ``report.json``'s ``metrics``, as per-question statistics."""
     bleu: dict
     """``{"smoothed" | "unsmoothed": {level: {kind: {n: score}}}}``."""
@@ -222,7 +222,7 @@ def score_system(
     refs: Sequence[str],
     hyps: Sequence[str],
     smoothing: str,
-    finished_at_eos: Optional[Sequence[bool]] = None,
+    finished_at_eos: Sequence[bool] | None = None,
     stem: bool = False,
     workers: int = 1,
     chunk: int = 500,
@@ -238,7 +238,7 @@ def score_system(
     ]
     parts = list(_run_jobs(jobs, workers))
     arr = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    out: dict[str, Optional[Statistic]] = {}
+    out: dict[str, Statistic | None] = {}
     for suffix, key in (("", "bleu"), ("_unsmoothed", "bleu_unsmoothed")):
         for n in NS:
             out[f"bleu{n}{suffix}"] = mean_statistic(arr[key][:, VARIANTS.index(("cumulative", n))])
@@ -264,8 +264,8 @@ def answer_statistics(
     refs: Sequence[str],
     hyps: Sequence[str],
     smoothing: str,
-    finished_at_eos: Optional[Sequence[bool]] = None,
+    finished_at_eos: Sequence[bool] | None = None,
     stem: bool = False,
-) -> dict[str, Optional[Statistic]]:
+) -> dict[str, Statistic | None]:
     """Every metric above for one system, keyed as in ``report.json`` (in this process)."""
     return score_system(refs, hyps, smoothing, finished_at_eos, stem).statistics

@@ -3,7 +3,8 @@
 Texts: the reference's ``answer`` field; the prediction's ``prediction`` field (or, for rows that
 only carry a full ``generation``, the text after the first ``answer:`` up to EOS). Predictions are
 matched to references by ``id`` (or by position when neither file has ids). The metric recipe is
-in :mod:`.bleu` and :mod:`.metrics`, the intervals in :mod:`.bootstrap`, the files in :mod:`.report`.
+in :mod:`.bleu` and :mod:`.metrics`, the intervals in :mod:`.bootstrap`, the files in
+:mod:`.report`.
 """
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ from __future__ import annotations
 import json
 import os
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
 
 from megatron_yuyuan.data.manifest import check_member
 from megatron_yuyuan.errors import DataError, UserError
@@ -40,7 +41,7 @@ class EvalOptions:
     """Porter-stem words before ROUGE (rouge_score's ``use_stemmer``)."""
     baselines: Sequence[str] = ()
     """Model-free systems to add as rows: ``retrieval`` (needs ``train_data``), ``echo``."""
-    train_data: Optional[Path] = None
+    train_data: Path | None = None
     """Training split JSONL (``question``, ``answer``) that the retrieval baseline searches."""
     bootstrap: int = 1000
     """Paired bootstrap resamples for the 95% intervals and significance (0: none)."""
@@ -147,7 +148,7 @@ def check_lengths(refs: list[str], hyps: list[str], path: Path) -> None:
             )
 
 
-def finished_at_eos(rows: list[dict]) -> Optional[list[bool]]:
+def finished_at_eos(rows: list[dict]) -> list[bool] | None:
     """Whether each answer ended at EOS, when the generator recorded it (``finish_reason``)."""
     if not all(r.get("finish_reason") in ("eos", "length") for r in rows):
         return None
@@ -209,7 +210,7 @@ def evaluate(
     references_path: Path,
     systems: dict[str, Path],
     out_dir: Path,
-    opts: Optional[EvalOptions] = None,
+    opts: EvalOptions | None = None,
 ) -> dict:
     """Score every system and baseline; write the report files into ``out_dir``."""
     opts = opts or EvalOptions()

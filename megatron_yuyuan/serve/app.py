@@ -11,10 +11,10 @@ beyond the model's positions a 422 stating the limit. Errors have OpenAI's shape
 from __future__ import annotations
 
 import html
+from collections.abc import Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
-from typing import Sequence
 
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest

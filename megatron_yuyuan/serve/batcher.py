@@ -14,7 +14,6 @@ import dataclasses
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Optional
 
 from megatron_yuyuan.sampling import SamplingConfig
 from megatron_yuyuan.serve.engine import Engine, Job
@@ -66,7 +65,7 @@ class Batcher:
         self.queue: asyncio.Queue = asyncio.Queue()  # bounded by room(): queue + pending
         self.pending: list[Request] = []  # taken from the queue, not yet run (other settings)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
-        self.task: Optional[asyncio.Task] = None
+        self.task: asyncio.Task | None = None
         self.max_queue = max_queue
         self.batches = 0  # batches run, for /health
         self.running: list[Request] = []

@@ -10,8 +10,8 @@ followers' loop when rank 0 shuts down.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 import torch.distributed as dist
 
@@ -71,7 +71,7 @@ class Engine:
 def follow(generator) -> None:
     """The other ranks' loop: run every batch rank 0 announces, until it says stop."""
     while True:
-        message: list[Optional[tuple]] = [None]
+        message: list[tuple | None] = [None]
         dist.broadcast_object_list(message, src=0)
         if message[0][0] == "stop":
             return

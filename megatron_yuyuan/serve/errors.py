@@ -4,8 +4,6 @@ or the limits refuse, 503 busy or shutting down, 500 a generation that failed)."
 
 from __future__ import annotations
 
-from typing import Optional
-
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
@@ -26,11 +24,11 @@ def failed(exc: GenerationFailed) -> APIError:
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, param: Optional[str] = None, headers=None):
+    def __init__(self, status: int, message: str, param: str | None = None, headers=None):
         self.status, self.message, self.param, self.headers = status, message, param, headers
 
 
-def error_response(status: int, message: str, param: Optional[str] = None, headers=None):
+def error_response(status: int, message: str, param: str | None = None, headers=None):
     kind = {400: "invalid_request_error", 404: "not_found_error", 422: "invalid_request_error"}
     body = {"error": {"message": message, "type": kind.get(status, "server_error"), "param": param}}
     return JSONResponse(body, status_code=status, headers=headers)

@@ -21,7 +21,7 @@ import asyncio
 import logging
 import resource
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol

@@ -7,11 +7,11 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Optional
 
 from fastapi import APIRouter
 from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel
 
 from megatron_yuyuan.errors import UserError
 from megatron_yuyuan.generation import finish_reason, prompt_ids
@@ -36,7 +36,7 @@ class Service:
 
     batcher: Batcher
     tokenizer: object
-    model: "ServedModel"  # noqa: F821 (megatron_yuyuan.serve.app; only its fields are read)
+    model: ServedModel  # noqa: F821 (megatron_yuyuan.serve.app; only its fields are read)
 
     @property
     def max_positions(self) -> int:
@@ -92,6 +92,18 @@ def finish_of(ids: list[int], budget: int, stream: TextStream) -> str:
 def sse_error(exc: GenerationFailed) -> str:
     # headers are gone already: the error travels as an event (the page shows it)
     return sse({"error": {"message": f"generation failed: {exc}", "type": "server_error"}})
+
+
+async def openai_body(http: HTTPRequest, schema: type[BaseModel]):
+    """The app's :class:`Service` and the request body as ``schema``, whose ``model`` (when sent)
+    must be the one served (404 otherwise, as OpenAI answers)."""
+    svc: Service = http.app.state.service
+    body = await parse_body(http, schema)
+    if body.model not in (None, svc.model.name):
+        raise APIError(
+            404, f"model: {body.model!r} is not served here; use {svc.model.name!r}", "model"
+        )
+    return svc, body
 
 
 @router.post("/api/answer")
@@ -154,13 +166,8 @@ async def answer(http: HTTPRequest):
 
 @router.post("/v1/completions")
 async def completions(http: HTTPRequest):
-    svc: Service = http.app.state.service
+    svc, body = await openai_body(http, CompletionRequest)
     tokenizer, model = svc.tokenizer, svc.model
-    body = await parse_body(http, CompletionRequest)
-    if body.model not in (None, model.name):
-        raise APIError(
-            404, f"model: {body.model!r} is not served here; use {model.name!r}", "model"
-        )
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     stops = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
     budget = body.max_tokens if body.max_tokens is not None else 16  # OpenAI's default
@@ -174,7 +181,7 @@ async def completions(http: HTTPRequest):
     streams = [TextStream(tokenizer, stops) for _ in prompts]
     rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
-    def chunk(index: int, text: str, reason: Optional[str]) -> dict:
+    def chunk(index: int, text: str, reason: str | None) -> dict:
         return {
             "id": rid,
             "object": "text_completion",
@@ -257,13 +264,8 @@ async def completions(http: HTTPRequest):
 
 @router.post("/v1/chat/completions")
 async def chat_completions(http: HTTPRequest):
-    svc: Service = http.app.state.service
+    svc, body = await openai_body(http, ChatRequest)
     tokenizer, model = svc.tokenizer, svc.model
-    body = await parse_body(http, ChatRequest)
-    if body.model not in (None, model.name):
-        raise APIError(
-            404, f"model: {body.model!r} is not served here; use {model.name!r}", "model"
-        )
     messages = [
         {**(m.model_extra or {}), "role": m.role, "content": m.content} for m in body.messages
     ]
@@ -286,7 +288,7 @@ async def chat_completions(http: HTTPRequest):
         r = finish_of(ids, budget, stream)
         return "stop" if r == "eos" else r
 
-    def chunk(delta: dict, reason: Optional[str]) -> dict:
+    def chunk(delta: dict, reason: str | None) -> dict:
         return {
             "id": rid,
             "object": "chat.completion.chunk",

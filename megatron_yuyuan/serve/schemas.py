@@ -8,7 +8,7 @@ Sampling values (temperature, top_p, ...) are typed here but bounded in one plac
 from __future__ import annotations
 
 import json
-from typing import Literal, Optional, Union
+from typing import Literal
 
 from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
@@ -45,7 +45,7 @@ class AnswerRequest(_Strict):
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
     stream: bool = False
-    fields: Optional[dict[str, str]] = None
+    fields: dict[str, str] | None = None
     """The prompt template's other fields (e.g. ``{"context": "..."}``)."""
 
     @field_validator("question")
@@ -59,16 +59,16 @@ class AnswerRequest(_Strict):
 class _OpenAIRequest(_Strict):
     """The fields /v1/completions and /v1/chat/completions share."""
 
-    model: Optional[str] = None
+    model: str | None = None
     temperature: float = 1.0
     top_p: float = 1.0
     n: int = Field(1, ge=1, le=1)
     stream: bool = False
-    stop: Optional[Union[str, list[str]]] = None
-    seed: Optional[int] = Field(None, ge=0, le=MAX_SEED)
-    user: Optional[str] = None
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    user: str | None = None
     # OpenAI fields that clients send with their neutral values: accepted at those values only
-    stream_options: Optional[dict] = None
+    stream_options: dict | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
 
@@ -91,13 +91,13 @@ class _OpenAIRequest(_Strict):
 
 
 class CompletionRequest(_OpenAIRequest):
-    prompt: Union[str, list[str]]
-    max_tokens: Optional[int] = Field(16, ge=1)
+    prompt: str | list[str]
+    max_tokens: int | None = Field(16, ge=1)
     echo: bool = False
-    logprobs: Optional[int] = None
-    best_of: Optional[int] = None
-    logit_bias: Optional[dict] = None
-    suffix: Optional[str] = None
+    logprobs: int | None = None
+    best_of: int | None = None
+    logit_bias: dict | None = None
+    suffix: str | None = None
 
     @field_validator("logprobs", "suffix")
     @classmethod
@@ -150,9 +150,9 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(_OpenAIRequest):
     messages: list[ChatMessage] = Field(min_length=1, max_length=256)
-    max_tokens: Optional[int] = Field(None, ge=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1)
-    logprobs: Optional[bool] = None
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
 
     @field_validator("logprobs")
     @classmethod

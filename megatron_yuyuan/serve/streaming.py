@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import AsyncIterator, Optional
+from collections.abc import AsyncIterator
 
 from fastapi import Request as HTTPRequest
 
@@ -64,7 +64,7 @@ def token_usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 async def events_of(
     request: Request, stream: TextStream, http: HTTPRequest
-) -> AsyncIterator[tuple[str, Optional[list[int]]]]:
+) -> AsyncIterator[tuple[str, list[int] | None]]:
     """(text delta, None) per token, then ("", ids) when done. A stop string, an error or a
     client that went away (checked twice a second, tokens arriving or not) cancels the
     request, so its row stops costing compute at the next step."""
