@@ -196,6 +196,31 @@ class TrainConfig:
     """Save checkpoints here (model, optimizer, LR schedule, RNG, data position, config)."""
     save_interval: int | None = None
     """Save every this many iterations (and always at the end when --save is given)."""
+    keep_last: int | None = None
+    """Keep only the newest N checkpoints in --save: older ones are deleted once a new one and
+    the ``latest`` pointer are complete (never the one a pointer names, nor the best). None: all."""
+    save_best: Literal["valid_loss"] | None = None
+    """Keep the checkpoint with the lowest validation loss (computed at each save when not at
+    that step already) and name it in ``best_checkpointed_iteration.txt``: ``--iteration best``."""
+    save_optim: bool = True
+    """Save the optimizer state, LR schedule and RNG with the weights (resumable). Without it
+    (--no-save-optim: a third of the bytes of fp32 AdamW training, a seventh in bf16) a
+    checkpoint holds the weights only: it exports, generates and serves, and --finetune starts
+    from it; it cannot be resumed."""
+    async_save: bool = False
+    """Write checkpoints in the background: training waits only while the tensors are copied
+    (and for the previous save, if it is still being written when the next one is due). The
+    ``latest`` pointer moves once every rank's files are complete; the run's last save and a
+    stop's save are written before the run ends."""
+    final_save: Literal["full", "weights"] = "full"
+    """What the save at the end of the run holds: 'weights' drops the optimizer state (the run is
+    over: the model is what is kept)."""
+    exit_signal_handler: bool | None = None
+    """On SIGTERM or SIGUSR1 (a preemption, Slurm's warning before the time limit): finish the
+    step, save, exit 0; a second signal during that save stops at once, the earlier checkpoint
+    kept. None: on under torchrun and Slurm."""
+    exit_duration_in_mins: float | None = None
+    """Save and exit 0 after the first step that ends this many minutes after the start."""
     eval_interval: int | None = None
     """Compute the validation loss every this many iterations (and at the end)."""
     eval_iters: int = 4
@@ -215,6 +240,18 @@ class TrainConfig:
     """Write one JSON object per step (iteration, loss, lr, grad_norm, tokens_per_s[, mfu]) here."""
     tensorboard_dir: str | None = None
     """Write TensorBoard scalars here."""
+    wandb_project: str | None = None
+    """Also log the metrics, the run config and the loss-curve / report images to this Weights &
+    Biases project (pip install -e ".[wandb]"; WANDB_MODE=offline keeps them local)."""
+    wandb_exp_name: str | None = None
+    """The run's name in W&B (and in MLflow)."""
+    wandb_save_dir: str | None = None
+    """Where W&B keeps its local files (default: --save)."""
+    mlflow_tracking_uri: str | None = None
+    """Also log them to MLflow at this tracking URI: a server (http://...) or a folder
+    (file:./mlruns) (pip install -e ".[mlflow]")."""
+    mlflow_experiment: str | None = None
+    """The MLflow experiment the run goes to (default: megatron_yuyuan)."""
 
     def __post_init__(self) -> None:
         check_field_types(self, "train")
@@ -237,9 +274,13 @@ class TrainConfig:
             )
         except SamplingLimitError as exc:
             raise ConfigError(f"train.eval_{exc.field} {exc.problem}") from None
-        for name in ("save_interval", "eval_interval"):
+        for name in ("save_interval", "eval_interval", "keep_last"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.exit_duration_in_mins is not None and not self.exit_duration_in_mins > 0:
+            raise ConfigError(
+                f"train.exit_duration_in_mins must be > 0, got {self.exit_duration_in_mins}"
+            )
         if self.global_batch_size is not None and self.global_batch_size < 1:
             raise ConfigError(f"train.global_batch_size must be >= 1, got {self.global_batch_size}")
         if self.lr_decay_style not in ("constant", "linear", "cosine"):

@@ -76,8 +76,13 @@ class MetricsLogger:
     """
 
     def __init__(
-        self, metrics_file: str | None, tensorboard_dir: str | None, start_iteration: int = 0
+        self,
+        metrics_file: str | None,
+        tensorboard_dir: str | None,
+        start_iteration: int = 0,
+        tracking=None,
     ) -> None:
+        self.tracking = tracking  # a megatron_yuyuan.tracking.Tracking: W&B / MLflow
         self.metrics_path = Path(metrics_file) if metrics_file else None
         self._metrics = None
         if self.metrics_path:
@@ -103,6 +108,9 @@ class MetricsLogger:
                 value = getattr(m, key)
                 if value is not None and math.isfinite(value):
                     self._tb.add_scalar(f"train/{key}", value, m.iteration)
+        if self.tracking:
+            keys = ("loss", "lr", "grad_norm", "tokens_per_s", "loss_scale", "mfu")
+            self.tracking.log(m.iteration, {k: getattr(m, k) for k in keys})
 
     def log_validation(
         self, iteration: int, loss: float, per_source: dict[str, float] | None = None
@@ -117,6 +125,9 @@ class MetricsLogger:
             self._tb.add_scalar("valid/loss", loss, iteration)
             for p, v in (per_source or {}).items():
                 self._tb.add_scalar(f"valid/loss/{Path(p).name}", v, iteration)
+        if self.tracking:
+            named = {f"valid_loss/{Path(p).name}": v for p, v in (per_source or {}).items()}
+            self.tracking.log(iteration, {"valid_loss": loss, **named})
 
     def close(self) -> list[str]:
         """Close the files; return a line per output written."""

@@ -192,6 +192,23 @@ def barrier() -> None:
         dist.barrier()
 
 
+def max_over_ranks(value: int) -> int:
+    """The largest of every rank's ``value`` (one small all-reduce; ``value`` itself without a
+    process group): how ranks agree on a decision each made alone."""
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.int64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def all_ranks_true(flag: bool) -> bool:
+    """Whether ``flag`` holds on every rank (collective)."""
+    return max_over_ranks(0 if flag else 1) == 0
+
+
 def print_rank_0(*args, **kwargs) -> None:
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(*args, **kwargs, flush=True)

@@ -34,6 +34,7 @@ from megatron_yuyuan.data.indexed import read_meta, verify_split
 from megatron_yuyuan.data.mock import mock_batch
 from megatron_yuyuan.data.sft_dataset import QADataset
 from megatron_yuyuan.errors import DataError, TrainingError
+from megatron_yuyuan.files import human_bytes
 from megatron_yuyuan.logging_utils import (
     MetricsLogger,
     StepMetrics,
@@ -44,6 +45,7 @@ from megatron_yuyuan.logging_utils import (
 from megatron_yuyuan.model import build_model, thd_params, training_flops_per_token, wrap_float16
 from megatron_yuyuan.optim import build_optimizer, build_scheduler, seed_main_params, use_fused_adam
 from megatron_yuyuan.parallel import Layout
+from megatron_yuyuan.preemption import ExitRequests, Stop, default_enabled
 from megatron_yuyuan.prompts import PromptTemplate
 
 MAX_SKIPPED_IN_A_ROW = 30
@@ -458,10 +460,29 @@ def validation_loss(
     return mean, (per_source if len(blend) > 1 else {})
 
 
-def save(state: TrainState) -> None:
+@dataclass
+class Saving:
+    """A save under way: what it holds and when it began (a background save completes later)."""
+
+    started: float
+    weights_only: bool
+    valid_loss: float | None
+    pending: storage.PendingSave | None = None
+
+
+def save(
+    state: TrainState, final: bool, valid_loss: float | None = None, background: bool = False
+) -> Saving:
+    """Save this iteration under ``--save``: the whole training state, or the weights only
+    (``--no-save-optim``; the run's last save with ``--final-save weights``). A ``background``
+    save returns while its files are written (:func:`complete` it); a synchronous one is
+    complete when this returns."""
+    t = state.cfg.train
     sync_params(state)
-    path = save_training_checkpoint(
-        state.cfg.train.save,
+    weights_only = not t.save_optim or (final and t.final_save == "weights")
+    saving = Saving(time.perf_counter(), weights_only, valid_loss)
+    result = save_training_checkpoint(
+        t.save,
         unwrap(state.model),
         state.optimizer,
         state.scheduler,
@@ -472,8 +493,45 @@ def save(state: TrainState) -> None:
         adapters_only=state.cfg.lora.enabled,
         lora=state.lora_record,
         prompt_template=state.prompt_template,
+        with_optimizer=not weights_only,
+        valid_loss=valid_loss,
+        background=background,
     )
-    parallel.print_rank_0(f"> saved checkpoint {path}")
+    if background:
+        saving.pending = result
+    else:
+        seconds = time.perf_counter() - saving.started
+        report_save(state, saving, result, seconds, blocked_s=seconds)
+    return saving
+
+
+def complete(state: TrainState, saving: Saving) -> None:
+    """Wait for a background save's files on every rank and complete it (collective)."""
+    path = saving.pending.finish()
+    report_save(state, saving, path, time.perf_counter() - saving.started, saving.pending.blocked_s)
+
+
+def report_save(
+    state: TrainState, saving: Saving, path: Path, seconds: float, blocked_s: float
+) -> None:
+    """After a save is complete (rank 0): move the best pointer when its validation loss beats
+    the best so far (``--save-best``), delete checkpoints beyond ``--keep-last``, and print its
+    size, its seconds and the seconds training was blocked by it."""
+    t = state.cfg.train
+    if parallel.is_rank_0():
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        notes = [human_bytes(size), f"{seconds:.2f} s", f"training blocked {blocked_s:.2f} s"]
+        notes += ["weights only"] if saving.weights_only else []
+        valid = saving.valid_loss
+        if t.save_best and valid is not None:
+            best = storage.best_valid_loss(t.save)
+            if best is None or valid < best:
+                storage.mark_best(t.save, int(path.name.removeprefix("iter_")))
+                notes.append(f"best validation loss so far: {valid:.6E}")
+        print(f"> saved checkpoint {path} ({', '.join(notes)})", flush=True)
+        for old in storage.prune(t.save, t.keep_last) if t.keep_last else []:
+            print(f"> deleted {old} (--keep-last {t.keep_last})", flush=True)
+    parallel.barrier()
 
 
 @dataclass
@@ -482,15 +540,20 @@ class TrainResult:
 
     state: TrainState
     history: list[StepMetrics]
+    stopped: Stop = Stop.NO
+    """Why the run ended before --train-iters (a signal or --exit-duration-in-mins), if it did."""
 
 
-def train(cfg: RunConfig) -> TrainResult:
-    """Run ``cfg.train.train_iters`` steps; returns the state and per-step metrics (every rank)."""
+def train(cfg: RunConfig, tracking=None) -> TrainResult:
+    """Run ``cfg.train.train_iters`` steps; returns the state and per-step metrics (every rank).
+    ``tracking`` (a :class:`megatron_yuyuan.tracking.Tracking`, rank 0) gets every metric too."""
     state = setup(cfg)
     layout, t = state.layout, cfg.train
     is_logger = layout.rank == 0
     logger = (
-        MetricsLogger(t.metrics_file, t.tensorboard_dir, start_iteration=state.iteration)
+        MetricsLogger(
+            t.metrics_file, t.tensorboard_dir, start_iteration=state.iteration, tracking=tracking
+        )
         if is_logger
         else None
     )
@@ -520,7 +583,27 @@ def train(cfg: RunConfig) -> TrainResult:
         file=sys.stderr,
         dynamic_ncols=True,
     )
+
+    def validate() -> float:
+        valid, per_source = validation_loss(state, forward_backward)
+        valid_history.append((state.iteration, valid))
+        if logger:
+            logger.log_validation(state.iteration, valid, per_source)
+            bar.write(
+                f" validation loss at iteration {state.iteration}: {valid:.6E} | "
+                f"ppl: {math.exp(min(valid, 50)):.3f}"
+                + "".join(f" | {p}: {v:.6E}" for p, v in per_source.items())
+            )
+        return valid
+
+    exits = ExitRequests(
+        default_enabled() if t.exit_signal_handler is None else t.exit_signal_handler,
+        t.exit_duration_in_mins,
+    )
+    stopped = Stop.NO
+    writing: Saving | None = None  # a background save whose files are being written
     try:
+        exits.install()
         while state.iteration < t.train_iters:
             lr = state.optimizer.param_groups[0]["lr"]  # the lr this step uses
             if lr == 0.0 and state.iteration >= t.lr_warmup_iters and not warned_lr0:
@@ -566,22 +649,55 @@ def train(cfg: RunConfig) -> TrainResult:
             bar.set_postfix(loss=f"{loss:.4f}")
             bar.update(1)
             last = state.iteration == t.train_iters
+            if writing is not None and writing.pending.ready():
+                complete(state, writing)
+                writing = None
+            stopped = exits.agreed()
+            if stopped and is_logger:
+                bar.write(
+                    f"> {stopped.describe(t.exit_duration_in_mins)}: stopping after iteration "
+                    f"{state.iteration}"
+                    + (" (saving it first; a second signal stops at once)" if t.save else "")
+                )
             if t.eval_interval and (state.iteration % t.eval_interval == 0 or last):
-                valid, per_source = validation_loss(state, forward_backward)
-                valid_history.append((state.iteration, valid))
-                if logger:
-                    logger.log_validation(state.iteration, valid, per_source)
-                    bar.write(
-                        f" validation loss at iteration {state.iteration}: {valid:.6E} | "
-                        f"ppl: {math.exp(min(valid, 50)):.3f}"
-                        + "".join(f" | {p}: {v:.6E}" for p, v in per_source.items())
-                    )
-            if t.save and ((t.save_interval and state.iteration % t.save_interval == 0) or last):
-                save(state)
+                validate()
+            interval = t.save_interval and state.iteration % t.save_interval == 0
+            if t.save and (interval or last or stopped):
+                valid = None
+                if t.save_best:  # the loss of this very iteration
+                    at_this_step = valid_history and valid_history[-1][0] == state.iteration
+                    valid = valid_history[-1][1] if at_this_step else validate()
+                if writing is not None:  # the previous one first: one save in flight at most
+                    complete(state, writing)
+                    writing = None
+                exits.saving = bool(stopped)
+                background = t.async_save and not (last or stopped)  # the run goes on
+                saving = save(state, final=last, valid_loss=valid, background=background)
+                writing = saving if background else None
+                exits.saving = False
                 if logger:
                     plot_loss_curve(history, valid_history, Path(t.save) / "loss_curve.png")
+            if stopped:
+                break
+        if writing is not None:
+            complete(state, writing)
+            writing = None
     finally:
+        if writing is not None:  # the run is failing: its unfinished save goes too
+            writing.pending.abandon()
+        exits.restore()
         bar.close()  # before any error line, so it starts a line of its own
+    if stopped and is_logger:
+        print(
+            f"> stopped at iteration {state.iteration} of {t.train_iters} "
+            f"({stopped.describe(t.exit_duration_in_mins)})"
+            + (
+                f"; the same command resumes from {t.save}"
+                if t.save
+                else "; nothing was saved (no --save)"
+            ),
+            flush=True,
+        )
     sync_params(state)
     out_dir = Path(t.save) if t.save else Path(t.metrics_file).parent if t.metrics_file else None
     if logger and out_dir is not None and history:
@@ -590,4 +706,4 @@ def train(cfg: RunConfig) -> TrainResult:
     if logger:
         for line in logger.close():
             print(f"> wrote {line}", flush=True)
-    return TrainResult(state=state, history=history)
+    return TrainResult(state=state, history=history, stopped=stopped)

@@ -84,7 +84,23 @@ cmd=("$PYTHON" -m torch.distributed.run
      -m megatron_yuyuan.finetune "$@")
 echo "+ ${cmd[*]}"
 if [[ -n "${FINETUNE_DRY_RUN:-}" ]]; then exit 0; fi
-exec "${cmd[@]}"
+# A preemption (SIGTERM) or Slurm's warning before the time limit (SIGUSR1) goes to the training
+# processes only: each finishes its step, saves it and exits 0, and torchrun then exits 0 too
+# (signalled itself, torchrun would stop its workers and exit with an error). torchrun runs in a
+# session of its own so that a signal to this script's process group reaches it only this way;
+# Ctrl-C goes to its whole session, as before.
+setsid "${cmd[@]}" &
+launcher=$!
+workers() { pgrep -P "$launcher" 2>/dev/null || true; }
+trap 'kill -TERM $(workers) 2>/dev/null || true' TERM
+trap 'kill -USR1 $(workers) 2>/dev/null || true' USR1
+trap 'kill -INT -- "-$launcher" 2>/dev/null || true' INT
+status=0
+while true; do
+  wait "$launcher" && status=0 || status=$?
+  kill -0 "$launcher" 2>/dev/null || break  # a trapped signal ended the wait, not torchrun
+done
+exit "$status"
 ":"""
 
 # Python: a torchrun worker (torchrun set RANK, WORLD_SIZE, MASTER_ADDR ...): run the finetune.

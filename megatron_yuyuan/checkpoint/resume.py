@@ -87,16 +87,28 @@ def save_training_checkpoint(
     adapters_only: bool = False,
     lora: dict | None = None,
     prompt_template: str | None = None,
-) -> Path:
+    with_optimizer: bool = True,
+    valid_loss: float | None = None,
+    background: bool = False,
+) -> Path | storage.PendingSave:
     """Model, optimizer, LR schedule, RNG states and the data position. A LoRA run saves only
     the model's adapters (``adapters_only``, every rank) and rank 0 records ``lora`` (see
-    ``adapters.checkpoint_record``) beside them."""
-    sharded = _training_sharded_dict(
-        model, optimizer, layout, loading=False, rng=_rng_state(), adapters_only=adapters_only
-    )
-    sharded["scheduler"] = scheduler.state_dict()
-    sharded["iteration"] = iteration
-    sharded["consumed_samples"] = consumed_samples
+    ``adapters.checkpoint_record``) beside them. Without ``with_optimizer`` the checkpoint holds
+    the weights only (exported, generated from and finetuned from; never resumed). With
+    ``background`` the files are written while training goes on (see
+    :func:`storage.save_sharded`)."""
+    if with_optimizer:
+        sharded = _training_sharded_dict(
+            model, optimizer, layout, loading=False, rng=_rng_state(), adapters_only=adapters_only
+        )
+        sharded["scheduler"] = scheduler.state_dict()
+        sharded["iteration"] = iteration
+        sharded["consumed_samples"] = consumed_samples
+    else:
+        model_sd = model.sharded_state_dict()
+        sharded = {
+            "model": {k: v for k, v in model_sd.items() if is_adapter(k) or not adapters_only}
+        }
     dtype = next(model.parameters()).dtype
     return storage.save_sharded(
         save,
@@ -105,12 +117,26 @@ def save_training_checkpoint(
         iteration,
         run_config.model.padded_vocab_size(layout.tp),
         dtype,
-        training_state=True,
+        training_state=with_optimizer,
         layout=(layout.tp, layout.pp, layout.dp),
         run_config=run_config.to_dict(),
         lora=lora,
         prompt_template=prompt_template,
+        valid_loss=valid_loss,
+        background=background,
     )
+
+
+def check_resumable(info: storage.CheckpointInfo, ckpt: Path) -> None:
+    """A run's weights-only save (``--no-save-optim``, ``--final-save weights``) cannot continue
+    that run: its optimizer state is gone. Weights from elsewhere (iteration 0, e.g. converted
+    from HF) start a finetune as before."""
+    if not info.training_state and info.iteration > 0:
+        raise CheckpointError(
+            f"--load {ckpt}: iteration {info.iteration} was saved with the weights only "
+            f"(--no-save-optim or --final-save weights), so the run cannot be resumed from it; "
+            f"start a new run from these weights with --finetune, or --load a full checkpoint"
+        )
 
 
 def load_training_checkpoint(
@@ -136,6 +162,8 @@ def load_training_checkpoint(
     storage.check_compatible(info.model, model_cfg, ckpt)
     if adapters_only and not info.lora:
         raise CheckpointError(f"{ckpt}: holds no LoRA adapters to resume")
+    if not finetune:
+        check_resumable(info, ckpt)
     if finetune or not info.training_state:
         only = is_adapter if adapters_only else None
         _, weights = storage.load_model(ckpt, model, model_cfg, layout, only=only)

@@ -26,6 +26,7 @@ import queue
 import shutil
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -44,6 +45,8 @@ from megatron_yuyuan.errors import UserError
 from megatron_yuyuan.files import disk_full_error, write_text_atomic
 
 LATEST = "latest_checkpointed_iteration.txt"
+BEST = "best_checkpointed_iteration.txt"
+"""Names the iteration with the lowest validation loss (``--save-best valid_loss``)."""
 MODEL_CONFIG = "model_config.yaml"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -99,8 +102,26 @@ def _pointer_advice(path: Path) -> str:
     )
 
 
-def resolve(load: str | Path) -> Path:
+def _follow(pointer: Path) -> Path:
+    """The complete iteration a pointer file names."""
+    path = pointer.parent
+    text = pointer.read_bytes().decode("utf-8", "replace").strip()
+    if not text.isdigit():
+        what = "empty" if not text else f"corrupt ({text[:40]!r} is not an iteration number)"
+        raise CheckpointError(f"{pointer} is {what}; {_pointer_advice(path)}")
+    target = iteration_dir(path, int(text))
+    if not (target / MODEL_CONFIG).is_file():
+        raise CheckpointError(
+            f"{pointer} points to {target.name}, which is missing or incomplete; "
+            f"{_pointer_advice(path)}"
+        )
+    return target
+
+
+def resolve(load: str | Path, iteration: str | int | None = None) -> Path:
     """A checkpoint directory: ``SAVE`` (follows the latest pointer) or ``SAVE/iter_N`` itself.
+    ``iteration`` picks another one of ``SAVE``: ``best`` (the ``--save-best`` pointer) or a
+    number (``latest``/None: the latest pointer).
 
     Raises:
         CheckpointError: no checkpoint, or a pointer that is empty, corrupt or dangling (the
@@ -108,23 +129,79 @@ def resolve(load: str | Path) -> Path:
     """
     path = Path(load)
     if (path / MODEL_CONFIG).is_file():
-        return path
-    latest = path / LATEST
-    if latest.is_file():
-        text = latest.read_bytes().decode("utf-8", "replace").strip()
-        if not text.isdigit():
-            what = "empty" if not text else f"corrupt ({text[:40]!r} is not an iteration number)"
-            raise CheckpointError(f"{latest} is {what}; {_pointer_advice(path)}")
-        target = iteration_dir(path, int(text))
-        if not (target / MODEL_CONFIG).is_file():
+        if iteration not in (None, "latest"):
             raise CheckpointError(
-                f"{latest} points to {target.name}, which is missing or incomplete; "
-                f"{_pointer_advice(path)}"
+                f"--iteration {iteration}: {path} is one checkpoint already; give the folder "
+                f"that holds the iterations ({path.parent})"
+            )
+        return path
+    if iteration == "best":
+        if not (path / BEST).is_file():
+            raise CheckpointError(
+                f"--iteration best: {path} has no {BEST} (the run was saved without --save-best "
+                f"valid_loss); use --iteration latest or a number: {_pointer_advice(path)}"
+            )
+        return _follow(path / BEST)
+    if isinstance(iteration, int):
+        target = iteration_dir(path, iteration)
+        if not (target / MODEL_CONFIG).is_file():
+            found = [int(d.name.removeprefix("iter_")) for d in complete_iterations(path)]
+            raise CheckpointError(
+                f"--iteration {iteration}: {path} holds no complete {target.name}; "
+                + (
+                    f"its checkpoints are the iterations {', '.join(map(str, found))}"
+                    if found
+                    else "it holds no complete checkpoint"
+                )
             )
         return target
+    if (path / LATEST).is_file():
+        return _follow(path / LATEST)
     raise CheckpointError(
         f"--load {path}: no checkpoint there (neither {LATEST} nor {MODEL_CONFIG})"
     )
+
+
+def pointed(save: str | Path) -> set[Path]:
+    """The iterations the ``latest`` and ``best`` pointers of ``save`` name (those that parse)."""
+    found = set()
+    for name in (LATEST, BEST):
+        value = _pointer_value(Path(save) / name)
+        if value is not None:
+            found.add(iteration_dir(Path(save), value))
+    return found
+
+
+def prune(save: str | Path, keep_last: int) -> list[Path]:
+    """Delete the complete checkpoints of ``save`` older than its newest ``keep_last``, except
+    those a pointer names (rank 0, after the new checkpoint and its pointer are complete).
+    Each is renamed to ``iter_N.deleting.tmp`` before it is removed: a kill in the middle leaves
+    a folder no loader takes for a checkpoint (:func:`remove_partial_saves` finishes it)."""
+    keep = pointed(save)
+    removed = []
+    for ckpt in complete_iterations(Path(save))[:-keep_last]:
+        if ckpt in keep:
+            continue
+        doomed = ckpt.with_name(ckpt.name + ".deleting.tmp")
+        ckpt.rename(doomed)
+        shutil.rmtree(doomed)
+        removed.append(ckpt)
+    return removed
+
+
+def best_valid_loss(save: str | Path) -> float | None:
+    """The validation loss of the checkpoint ``best_checkpointed_iteration.txt`` names."""
+    if not (Path(save) / BEST).is_file():
+        return None
+    try:
+        return read_info(_follow(Path(save) / BEST)).valid_loss
+    except CheckpointError:
+        return None  # a damaged or dangling best pointer: the next save replaces it
+
+
+def mark_best(save: str | Path, iteration: int) -> None:
+    """Point ``best_checkpointed_iteration.txt`` at ``iteration`` (rank 0)."""
+    write_text_atomic(Path(save) / BEST, str(iteration))
 
 
 @dataclasses.dataclass
@@ -143,6 +220,8 @@ class CheckpointInfo:
     """A LoRA checkpoint (adapters only): its settings, base checkpoint and base fingerprint."""
     prompt_template: str | None = None
     """The prompt template of the data it was trained on (None: the default, or unknown)."""
+    valid_loss: float | None = None
+    """The validation loss at this iteration, when the run computed one for the save."""
 
 
 LORA_KEYS = {"lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules", "base"}
@@ -184,6 +263,7 @@ def read_info(ckpt_dir: Path) -> CheckpointInfo:
             iteration=int(raw["iteration"]),
             training_state=bool(raw.get("training_state", False)),
             layout=tuple(raw.get("layout", (1, 1, 1))),
+            valid_loss=None if raw.get("valid_loss") is None else float(raw["valid_loss"]),
         )
     except FileNotFoundError as exc:
         raise CheckpointError(f"{path} not found: {ckpt_dir} is not a checkpoint") from exc
@@ -217,6 +297,7 @@ def _write_info(ckpt_dir: Path, info: CheckpointInfo) -> None:
                 "layout": list(info.layout),
                 **({"lora": info.lora} if info.lora else {}),
                 **({"prompt_template": info.prompt_template} if info.prompt_template else {}),
+                **({"valid_loss": info.valid_loss} if info.valid_loss is not None else {}),
             },
             sort_keys=False,
         )
@@ -243,7 +324,11 @@ class _CancellableItems(list):
 
 
 def _write_buckets_in_threads(
-    transforms: list, rank: int, write_buckets: list, results_queue: queue.Queue
+    transforms: list,
+    rank: int,
+    write_buckets: list,
+    results_queue: queue.Queue,
+    stop: threading.Event | None = None,
 ) -> None:
     """Write megatron-core's planned shard files, a thread per file, and hand the results back the
     way its own multi-process writer does (a dict ``{bucket: [WriteResult]}`` or the exception).
@@ -253,7 +338,7 @@ def _write_buckets_in_threads(
     joined before the exception leaves: a thread still inside torch's C++ code when the interpreter
     exits aborts the process ("terminate called without an active exception")."""
     del rank  # part of megatron-core's calling convention
-    stop = threading.Event()
+    stop = stop or threading.Event()  # a background save's owner may set it to abandon it
     local: queue.Queue = queue.Queue()
     done: queue.Queue = queue.Queue()
     threads = []
@@ -328,6 +413,139 @@ class _ThreadedSave(TorchDistSaveShardedStrategy):
         return request._replace(async_fn=functools.partial(_write_buckets_in_threads, transforms))
 
 
+class _Transaction:
+    """One checkpoint's way from ``iter_N.tmp`` to ``iter_N`` named by the ``latest`` pointer,
+    and its undoing when anything fails on the way (Ctrl-C, a full disk, a failed rank): no half
+    checkpoint stays and the previous one remains the one ``latest`` names."""
+
+    def __init__(self, save: Path, iteration: int, info: CheckpointInfo, nbytes: int) -> None:
+        self.final = iteration_dir(save, iteration)
+        self.tmp = self.final.with_name(self.final.name + ".tmp")
+        self.pointer = save / LATEST
+        self.iteration, self.info, self.nbytes = iteration, info, nbytes
+        self.rank0 = parallel.is_rank_0()
+        self.renamed = False
+
+    def begin(self) -> None:
+        if self.rank0:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp.mkdir(parents=True)
+        parallel.barrier()
+
+    def commit(self, run_config: dict | None, extra_files: Callable[[Path], None] | None) -> None:
+        """Once every rank's shards are written: the config files, the rename, the pointer."""
+        parallel.barrier()
+        if not self.rank0:
+            return
+        _write_info(self.tmp, self.info)
+        if extra_files is not None:  # e.g. tokenizer files: inside before the rename, too
+            extra_files(self.tmp)
+        if run_config is not None:
+            (self.tmp / "run_config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
+        # An iteration saved again (a resume from an older one) is moved aside, not deleted
+        # first: the pointer may name it until the new one is in place.
+        replaced = self.final.with_name(self.final.name + ".replaced.tmp")
+        if self.final.exists():
+            self.final.rename(replaced)
+        self.tmp.rename(self.final)
+        self.renamed = True
+        shutil.rmtree(replaced, ignore_errors=True)
+        write_text_atomic(self.pointer, str(self.iteration))
+
+    def undo(self, exc: BaseException) -> None:
+        """Remove what this save left and re-raise ``exc`` (a full disk as one clear error)."""
+        unfinished = self.final if self.renamed else self.tmp
+        full = disk_full_error(exc, unfinished, self.nbytes, "the checkpoint")
+        if self.rank0:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            if self.renamed and _pointer_value(self.pointer) != self.iteration:  # not moved
+                shutil.rmtree(self.final, ignore_errors=True)
+        if full is not None:
+            raise full from exc
+        raise exc
+
+
+def _snapshot(write_buckets: list) -> list:
+    """Copies of the tensors a background save writes: training goes on changing the originals
+    (megatron-core's preload copies GPU tensors to host memory but leaves CPU tensors shared)."""
+    return [
+        (path, key, (byte_items, [(item, t.detach().to("cpu", copy=True)) for item, t in tensors]))
+        for path, key, (byte_items, tensors) in write_buckets
+    ]
+
+
+class PendingSave:
+    """A checkpoint whose shard files background threads write while training goes on. Every
+    rank calls :meth:`ready` (cheap: one all-reduce) and, once it is true or a save must be
+    complete, :meth:`finish`; :meth:`abandon` stops the writers when the run ends in an error."""
+
+    def __init__(self, transaction: _Transaction, request, commit_args: tuple, blocked_s: float):
+        self.transaction, self.request, self.commit_args = transaction, request, commit_args
+        self.blocked_s = blocked_s
+        """Seconds the caller has been held by this save so far (planning, the snapshot)."""
+        self.started = time.perf_counter()
+        self.error: BaseException | None = None
+        self.stop = threading.Event()
+        args = list(request.async_fn_args)
+        self.thread = None
+        if request.async_fn is not None:  # this rank has shards to write
+            args[1] = _snapshot(args[1])
+            self.thread = threading.Thread(
+                target=self._write, args=(args,), name="ckpt-background", daemon=True
+            )
+            self.thread.start()
+
+    @property
+    def final(self) -> Path:
+        return self.transaction.final
+
+    def _write(self, args: list) -> None:
+        try:
+            self.request.async_fn(*args, stop=self.stop)
+        except BaseException as exc:  # handed to finish(), on the training thread
+            self.error = exc
+
+    def ready(self) -> bool:
+        """Whether every rank's writers are done (collective)."""
+        mine = self.thread is None or not self.thread.is_alive()
+        return bool(parallel.all_ranks_true(mine))
+
+    def finish(self) -> Path:
+        """Wait for the writers, then complete the checkpoint as a synchronous save does
+        (collective). Returns its folder."""
+        waited = time.perf_counter()
+        try:
+            if self.thread is not None:
+                self.thread.join()
+            if not parallel.all_ranks_true(self.error is None):
+                raise self.error or CheckpointError(
+                    f"{self.transaction.tmp}: another rank failed to write its part"
+                )
+            for fn in self.request.finalize_fns:  # megatron-core's metadata (collective)
+                fn()
+            self.transaction.commit(*self.commit_args)
+        except BaseException as exc:
+            self.transaction.undo(exc)
+        finally:
+            self.blocked_s += time.perf_counter() - waited
+        parallel.barrier()
+        return self.final
+
+    def abandon(self) -> None:
+        """Stop the writers between two tensors and remove the unfinished folder (this rank's
+        part: called while the run is failing, without collectives)."""
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join()
+        while True:  # the writers' result must not reach the next save
+            try:
+                filesystem_async._results_queue.get_nowait()
+            except (queue.Empty, AttributeError):
+                break
+        if self.transaction.rank0:
+            shutil.rmtree(self.transaction.tmp, ignore_errors=True)
+
+
 def save_sharded(
     save: str | Path,
     sharded: dict,
@@ -341,63 +559,48 @@ def save_sharded(
     extra_files: Callable[[Path], None] | None = None,
     lora: dict | None = None,
     prompt_template: str | None = None,
-) -> Path:
+    valid_loss: float | None = None,
+    background: bool = False,
+) -> Path | PendingSave:
     """Save a sharded state dict as checkpoint ``iteration`` under ``save``.
 
     Written to ``iter_N.tmp`` first, renamed when complete, then ``latest`` is updated. An
     interrupt or an error during the write removes the temporary: the previous checkpoint stays the
-    one ``latest`` names.
+    one ``latest`` names. With ``background``, the tensors are copied and a :class:`PendingSave`
+    is returned at once: the files are written while the caller goes on, and the rename and the
+    pointer wait for :meth:`PendingSave.finish` on every rank.
     """
-    save = Path(save)
-    final = iteration_dir(save, iteration)
-    tmp = final.with_name(final.name + ".tmp")
-    rank0 = parallel.is_rank_0()
-    pointer = save / LATEST
-    renamed = False
+    info = CheckpointInfo(
+        model_cfg,
+        dtype,
+        padded_vocab_size,
+        iteration,
+        training_state,
+        layout,
+        lora,
+        prompt_template,
+        valid_loss,
+    )
+    started = time.perf_counter()
+    transaction = _Transaction(Path(save), iteration, info, _bytes_to_write(sharded))
     try:
-        if rank0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        parallel.barrier()
-        dist_checkpointing.save(sharded, str(tmp), sharded_strategy=_ThreadedSave())
-        parallel.barrier()
-        if rank0:
-            info = CheckpointInfo(
-                model_cfg,
-                dtype,
-                padded_vocab_size,
-                iteration,
-                training_state,
-                layout,
-                lora,
-                prompt_template,
+        transaction.begin()
+        if background:
+            request = dist_checkpointing.save(
+                sharded, str(transaction.tmp), _ThreadedSave(), async_sharded_save=True
             )
-            _write_info(tmp, info)
-            if extra_files is not None:  # e.g. tokenizer files: inside before the rename, too
-                extra_files(tmp)
-            if run_config is not None:
-                (tmp / "run_config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
-            # An iteration saved again (a resume from an older one) is moved aside, not deleted
-            # first: the pointer may name it until the new one is in place.
-            replaced = final.with_name(final.name + ".replaced.tmp")
-            if final.exists():
-                final.rename(replaced)
-            tmp.rename(final)
-            renamed = True
-            shutil.rmtree(replaced, ignore_errors=True)
-            write_text_atomic(pointer, str(iteration))
-    except BaseException as exc:  # Ctrl-C, a full disk, a failed rank: no half checkpoint stays
-        unfinished = final if renamed else tmp
-        full = disk_full_error(exc, unfinished, _bytes_to_write(sharded), "the checkpoint")
-        if rank0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if renamed and _pointer_value(pointer) != iteration:  # the pointer did not move
-                shutil.rmtree(final, ignore_errors=True)
-        if full is not None:
-            raise full from exc
-        raise
+            return PendingSave(
+                transaction,
+                request,
+                (run_config, extra_files),
+                time.perf_counter() - started,
+            )
+        dist_checkpointing.save(sharded, str(transaction.tmp), sharded_strategy=_ThreadedSave())
+        transaction.commit(run_config, extra_files)
+    except BaseException as exc:
+        transaction.undo(exc)
     parallel.barrier()
-    return final
+    return transaction.final
 
 
 def _pointer_value(pointer: Path) -> int | None:

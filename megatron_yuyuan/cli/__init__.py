@@ -88,6 +88,37 @@ def add_lora_base_argument(p: argparse.ArgumentParser) -> None:
     )
 
 
+def checkpoint_iteration(text: str) -> str | int:
+    """``--iteration``: ``latest``, ``best`` or an iteration number."""
+    if text in ("latest", "best"):
+        return text
+    if text.isdigit():
+        return int(text)
+    raise argparse.ArgumentTypeError(f"must be latest, best or an iteration number, got {text!r}")
+
+
+def add_iteration_argument(p: argparse.ArgumentParser) -> None:
+    """``--iteration``: which checkpoint of a ``--load`` folder (the commands that load one)."""
+    p.add_argument(
+        "--iteration",
+        type=checkpoint_iteration,
+        default="latest",
+        help="which checkpoint of --load: latest (its pointer), best (the lowest validation "
+        "loss, from a run with --save-best valid_loss) or an iteration number",
+    )
+
+
+def pick_iteration(args: argparse.Namespace) -> None:
+    """Point ``args.load`` at the checkpoint ``--iteration`` names (``latest`` leaves it)."""
+    if args.iteration == "latest":
+        return
+    if not getattr(args, "load", None):
+        raise UserError(f"--iteration {args.iteration}: picks a checkpoint of --load; give --load")
+    from megatron_yuyuan.checkpoint.storage import resolve
+
+    args.load = str(resolve(args.load, args.iteration))
+
+
 # --- argparse types: a bad number is refused at parse time, naming the flag ---------------------
 def positive_int(text: str) -> int:
     value = int(text)

@@ -17,7 +17,13 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from megatron_yuyuan.cli import ArgumentParser, check_writable_dir, positive_int, run_cli
+from megatron_yuyuan.cli import (
+    ArgumentParser,
+    check_writable_dir,
+    pick_iteration,
+    positive_int,
+    run_cli,
+)
 from megatron_yuyuan.cli.evaluate import add_eval_arguments, eval_options_from_args
 from megatron_yuyuan.cli.generate import (
     add_model_arguments,
@@ -54,6 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         name = args.name or Path(args.load or args.hf_dir).name
         if not re.fullmatch(r"[\w.+-]+", name):
             raise UserError(f"--name {name!r}: use letters, digits, '.', '_', '+' or '-'")
+        pick_iteration(args)
         # Check every input before generating anything: references need question and answer.
         refs_path = Path(args.references)
         refs = read_jsonl(refs_path, required=("question", "answer"))[: args.limit]

@@ -44,7 +44,8 @@ def check_config(cfg: RunConfig, world_size: int) -> None:
             else "--mock-data and --data-prefix exclude each other"
         )
     if d.data_prefix is not None:
-        splits = ["train"] + (["valid"] if t.eval_interval or t.eval_bleu_samples else [])
+        validates = t.eval_interval or t.eval_bleu_samples or t.save_best
+        splits = ["train"] + (["valid"] if validates else [])
         for _, prefix in d.blend():
             check_dataset(prefix, cfg.model.vocab_size, splits)
         check_blend_agrees([p for _, p in d.blend()])
@@ -65,8 +66,16 @@ def check_config(cfg: RunConfig, world_size: int) -> None:
         elif path and path == t.pretrained_checkpoint:
             raise ConfigError(f"--pretrained-checkpoint {path}: no checkpoint there")
     check_lora(cfg)
+    check_save_options(cfg)
+    from megatron_yuyuan.tracking import check_available
+
+    check_available(cfg)
     # Outputs: found unwritable now, not after hours of training, and never over another run.
     resuming = bool(t.load and has_checkpoint(t.load) and not t.finetune)
+    if resuming:
+        from megatron_yuyuan.checkpoint.resume import check_resumable
+
+        check_resumable(read_info(resolve(t.load)), resolve(t.load))
     if t.save:
         if holds_checkpoints(t.save) and not (resuming and same_run(t.load, t.save)):
             raise ConfigError(
@@ -82,6 +91,20 @@ def check_config(cfg: RunConfig, world_size: int) -> None:
         check_metrics_file(Path(t.metrics_file), resuming)
     if t.tensorboard_dir:
         check_writable_dir(t.tensorboard_dir, "--tensorboard-dir")
+
+
+def check_save_options(cfg: RunConfig) -> None:
+    """What to keep of a run's checkpoints is said together with where they go."""
+    t = cfg.train
+    asked = [
+        ("--keep-last", t.keep_last is not None),
+        ("--save-best", t.save_best is not None),
+        ("--no-save-optim", not t.save_optim),
+        ("--final-save weights", t.final_save == "weights"),
+    ]
+    flags = [flag for flag, given in asked if given]
+    if flags and not t.save:
+        raise ConfigError(f"{flags[0]} decides which checkpoints to keep: it needs --save")
 
 
 def check_lora(cfg: RunConfig) -> None:
@@ -310,6 +333,25 @@ def score_validation_answers(result, out_dir: Path) -> None:
     print(f"> wrote {preds} and {out_dir / 'report.md'}", flush=True)
 
 
+def track_outputs(cfg: RunConfig, result, tracking) -> None:
+    """After training: the validation answers' report (``--eval-bleu-samples``), then the
+    end-of-run scores and the images and reports as tracked artifacts."""
+    t = cfg.train
+    out_dir = Path(t.save) if t.save else Path(t.metrics_file).parent if t.metrics_file else None
+    if out_dir is None:
+        return
+    eval_dir = out_dir / "eval"
+    if t.eval_bleu_samples and cfg.data.data_prefix and not result.stopped:
+        score_validation_answers(result, eval_dir)
+        report = eval_dir / "report.json"
+        if report.is_file():
+            metrics = json.loads(report.read_text())["systems"]["finetuned"]["metrics"]
+            scores = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+            tracking.summary({f"eval/{k}": v for k, v in scores.items()})
+    names = ["loss_curve.png", "eval/report.md", "eval/bleu_by_qtype.png"]
+    tracking.files(out_dir / name for name in names)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from megatron_yuyuan import cpu_compat
     from megatron_yuyuan.cli.arguments import parse_config
@@ -329,15 +371,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             if locked:
                 for tmp in remove_partial_saves(locked):  # a save killed before its rename
                     print(f"> removed the unfinished save {tmp}", flush=True)
+            from megatron_yuyuan.tracking import Tracking
             from megatron_yuyuan.training import train  # heavy imports once the config is valid
 
-            result = train(cfg)
-        t = cfg.train
-        out_dir = (
-            Path(t.save) if t.save else Path(t.metrics_file).parent if t.metrics_file else None
-        )
-        if t.eval_bleu_samples and cfg.data.data_prefix and out_dir is not None:
-            score_validation_answers(result, out_dir / "eval")
+            tracking = Tracking.open(cfg) if launch_rank() == 0 else Tracking([])
+            failed = True
+            try:
+                result = train(cfg, tracking)
+                track_outputs(cfg, result, tracking)
+                failed = False
+            finally:
+                tracking.close(failed)
         return 0
 
     return run_cli(body)

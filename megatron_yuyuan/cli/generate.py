@@ -17,8 +17,10 @@ from pathlib import Path
 
 from megatron_yuyuan.cli import (
     ArgumentParser,
+    add_iteration_argument,
     add_lora_base_argument,
     check_writable_file,
+    pick_iteration,
     positive_int,
     run_cli,
 )
@@ -33,6 +35,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tensor-model-parallel-size", type=positive_int, default=1)
     p.add_argument("--pipeline-model-parallel-size", type=positive_int, default=1)
     add_lora_base_argument(p)
+    add_iteration_argument(p)
     p.add_argument("--tokenizer", default=None, help="tokenizer spec (default: the model's own)")
     p.add_argument(
         "--prompt-template",
@@ -163,6 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from megatron_yuyuan.files import is_valid_unicode
         from megatron_yuyuan.generation import answer_questions, generate_file, read_questions
 
+        pick_iteration(args)
         # Every input is checked before the model is loaded and any token generated.
         if args.question is not None and not args.question.strip():
             raise UserError("--question is empty: give the question to answer")

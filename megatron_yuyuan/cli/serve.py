@@ -12,7 +12,6 @@ or SIGTERM stops every rank. The API is described in :mod:`megatron_yuyuan.serve
 from __future__ import annotations
 
 import math
-import os
 import signal
 import socket
 import sys
@@ -23,13 +22,14 @@ from megatron_yuyuan.cli import (
     ArgumentParser,
     non_negative_float,
     non_negative_int,
+    pick_iteration,
     positive_float,
     positive_int,
     run_cli,
 )
 from megatron_yuyuan.cli.generate import add_model_arguments, generator_from_args
 from megatron_yuyuan.errors import UserError
-from megatron_yuyuan.runtime import launch_rank
+from megatron_yuyuan.runtime import launch_rank, launch_world_size
 
 
 def check_port(host: str, port: int) -> None:
@@ -118,7 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error(f"--batch-wait-ms {args.batch_wait_ms}: must be a finite number >= 0")
 
     def body() -> int:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
+        pick_iteration(args)
+        world = launch_world_size()
         if world != args.tensor_model_parallel_size * args.pipeline_model_parallel_size:
             raise UserError(
                 f"{world} processes for TP={args.tensor_model_parallel_size} x "

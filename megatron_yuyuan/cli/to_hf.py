@@ -15,7 +15,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from megatron_yuyuan.cli import ArgumentParser, add_lora_base_argument, positive_float, run_cli
+from megatron_yuyuan.cli import (
+    ArgumentParser,
+    add_iteration_argument,
+    add_lora_base_argument,
+    pick_iteration,
+    positive_float,
+    run_cli,
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -37,6 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "adapter_model.safetensors) instead of the merged model",
     )
     add_lora_base_argument(p)
+    add_iteration_argument(p)
     p.add_argument("--verify", action="store_true", help="compare logits of both models")
     p.add_argument(
         "--tolerance", type=positive_float, default=1e-3, help="max |logit diff| for --verify"
@@ -52,6 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from megatron_yuyuan import cpu_compat
 
         cpu_compat.apply_if_no_cuda()
+        pick_iteration(args)
         from megatron_yuyuan.convert.api import convert_megatron_to_hf
         from megatron_yuyuan.convert.verify import report_verify
 
