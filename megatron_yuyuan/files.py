@@ -125,12 +125,37 @@ def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
     try:
         yield tmp
         os.chmod(tmp, default_file_mode())  # mkstemp's 0600 would hide the file from others
+        fsync_file(tmp)  # on disk before the name points at it: a power cut leaves old or new
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
         if isinstance(exc, OSError) and exc.filename in (None, name):
             raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
         raise
+
+
+def fsync_file(path: str | Path) -> None:
+    """Flush a written file's data to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Flush a folder's entries (renames, new files) to the disk, where the OS allows it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on a folder: their renames are durable anyway
+    finally:
+        os.close(fd)
 
 
 def tmp_name(path: Path) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -126,7 +127,11 @@ class MetricsLogger:
             for p, v in (per_source or {}).items():
                 self._tb.add_scalar(f"valid/loss/{Path(p).name}", v, iteration)
         if self.tracking:
-            named = {f"valid_loss/{Path(p).name}": v for p, v in (per_source or {}).items()}
+            # trackers take letters, digits and _-. /: a prefix's name is cut to those
+            named = {
+                "valid_loss/" + re.sub(r"[^\w.\- /]", "_", Path(p).name): v
+                for p, v in (per_source or {}).items()
+            }
             self.tracking.log(iteration, {"valid_loss": loss, **named})
 
     def close(self) -> list[str]:

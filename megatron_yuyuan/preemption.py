@@ -16,10 +16,14 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 from megatron_yuyuan import parallel
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_FILE_ENV = "MEGATRON_YUYUAN_STOP_FILE"
+"""A launcher (the Slurm script) names a file here: the run creates it when it stopped early with a
+checkpoint, so the launcher requeues only then (not when the signal came with the last step)."""
 _SAME_REQUEST_S = 1.0  # copies of one signal (torchrun and srun forward it) arrive within this
 
 
@@ -35,6 +39,13 @@ class Stop(enum.IntEnum):
         if self is Stop.DURATION:
             return f"--exit-duration-in-mins {minutes:g} reached"
         return f"{self.name} received"
+
+
+def mark_stopped(save: str | None) -> None:
+    """Tell the launcher that the run stopped before its end (rank 0; see ``STOP_FILE_ENV``)."""
+    path = os.environ.get(STOP_FILE_ENV)
+    if path and save:
+        Path(path).write_text(f"{save}\n")
 
 
 def default_enabled() -> bool:
@@ -57,15 +68,23 @@ class ExitRequests:
         self._previous: dict = {}
 
     def install(self) -> None:
-        """Catch the signals (from the main thread; elsewhere Python cannot)."""
-        if self.catch_signals and threading.current_thread() is threading.main_thread():
-            for sig in SIGNALS:
+        """Catch the signals (from the main thread; elsewhere Python cannot). Without the handler,
+        signals the launcher ignored for torchrun's sake get their default action back."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in SIGNALS:
+            if self.catch_signals:
                 self._previous[sig] = signal.signal(sig, self._handle)
+            elif signal.getsignal(sig) is signal.SIG_IGN:
+                self._previous[sig] = signal.signal(sig, signal.SIG_DFL)
 
     def restore(self) -> None:
-        """Give the signals back to the handlers they had."""
+        """Give the signals back to the handlers they had; a caught SIGUSR1 (a warning before a
+        time limit) is ignored from now on: the run's training is over, its ending must not be
+        cut by the signal's default action."""
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            keep_ignoring = self.catch_signals and sig == signal.SIGUSR1
+            signal.signal(sig, signal.SIG_IGN if keep_ignoring else handler)
         self._previous.clear()
 
     def __enter__(self) -> ExitRequests:

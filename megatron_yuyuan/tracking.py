@@ -58,16 +58,19 @@ def _flat(config: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
-def _run_id(run_dir: Path | None, name: str) -> tuple[Path | None, str | None]:
-    """Where a tracked run's id is kept in ``run_dir``, and the id a previous run left there."""
+def _run_id(run_dir: Path | None, name: str, resuming: bool) -> tuple[Path | None, str | None]:
+    """Where a tracked run's id is kept in ``run_dir``, and, when this run resumes the one that
+    saved there, the id it left (a new run in that folder starts a new tracked run)."""
     if run_dir is None:
         return None, None
     path = Path(run_dir) / name
-    return path, (path.read_text().strip() or None) if path.is_file() else None
+    if not resuming or not path.is_file():
+        return path, None
+    return path, path.read_text().strip() or None
 
 
 class _WandB:
-    def __init__(self, cfg: RunConfig, run_dir: Path | None) -> None:
+    def __init__(self, cfg: RunConfig, run_dir: Path | None, resuming: bool) -> None:
         try:  # an optional extra
             import wandb
         except ImportError as exc:
@@ -75,7 +78,7 @@ class _WandB:
 
         self.wandb = wandb
         t = cfg.train
-        self.id_file, run_id = _run_id(run_dir, "wandb_run_id.txt")
+        self.id_file, run_id = _run_id(run_dir, "wandb_run_id.txt", resuming)
         save_dir = t.wandb_save_dir or (str(run_dir) if run_dir else None)
         if save_dir:
             Path(save_dir).mkdir(parents=True, exist_ok=True)
@@ -107,7 +110,7 @@ class _WandB:
 
 
 class _MLflow:
-    def __init__(self, cfg: RunConfig, run_dir: Path | None) -> None:
+    def __init__(self, cfg: RunConfig, run_dir: Path | None, resuming: bool) -> None:
         try:  # an optional extra
             from mlflow.entities import Metric, Param
             from mlflow.tracking import MlflowClient
@@ -117,7 +120,7 @@ class _MLflow:
         self.Metric = Metric
         t = cfg.train
         self.client = MlflowClient(tracking_uri=t.mlflow_tracking_uri)
-        self.id_file, run_id = _run_id(run_dir, "mlflow_run_id.txt")
+        self.id_file, run_id = _run_id(run_dir, "mlflow_run_id.txt", resuming)
         name = t.mlflow_experiment or "megatron_yuyuan"
         experiment = self.client.get_experiment_by_name(name)
         exp_id = experiment.experiment_id if experiment else self.client.create_experiment(name)
@@ -149,72 +152,75 @@ class _MLflow:
         self.client.set_terminated(self.run_id, status="FAILED" if failed else "FINISHED")
 
 
-def _start(backend: type, cfg: RunConfig, run_dir: Path | None, flag: str, advice: str):
+def _start(
+    backend: type, cfg: RunConfig, run_dir: Path | None, resuming: bool, flag: str, advice: str
+):
     """A tracker that cannot start stops the run before training, in one line."""
     try:
-        return backend(cfg, run_dir)
+        return backend(cfg, run_dir, resuming)
     except Exception as exc:  # the libraries' own error types too (wandb.Error, MlflowException)
         why = " ".join(str(exc).split())[:400]
         raise ConfigError(f"{flag}: cannot start ({why}); {advice}") from exc
 
 
 class Tracking:
-    """The trackers a run asked for (none: every call is a no-op)."""
+    """The trackers a run asked for (none: every call is a no-op). Once started, a tracker that
+    fails (a server gone, a rejected name) is reported once and dropped: a long run never dies
+    of its tracking; the metrics file and TensorBoard still have everything."""
 
     def __init__(self, backends: list) -> None:
         self.backends = backends
 
     @classmethod
-    def open(cls, cfg: RunConfig) -> Tracking:
-        """Start (or resume) the tracked runs ``cfg`` asks for (call on global rank 0 only)."""
+    def open(cls, cfg: RunConfig, resuming: bool = False) -> Tracking:
+        """Start the tracked runs ``cfg`` asks for (call on global rank 0 only); ``resuming``
+        (this run continues the one that saved in ``--save``) continues its tracked runs."""
         t, backends = cfg.train, []
         run_dir = Path(t.save) if t.save else None
         started = cls(backends)
+        wandb_advice = "log in with `wandb login`, or set WANDB_MODE=offline"
+        mlflow_advice = (
+            "check the URI: a server, sqlite:///mlflow.db, or a folder with "
+            "MLFLOW_ALLOW_FILE_STORE=true"
+        )
         try:
             if t.wandb_project:
-                backends.append(
-                    _start(
-                        _WandB,
-                        cfg,
-                        run_dir,
-                        f"--wandb-project {t.wandb_project}",
-                        "log in with `wandb login`, or set WANDB_MODE=offline",
-                    )
-                )
+                flag = f"--wandb-project {t.wandb_project}"
+                backends.append(_start(_WandB, cfg, run_dir, resuming, flag, wandb_advice))
             if t.mlflow_tracking_uri:
-                backends.append(
-                    _start(
-                        _MLflow,
-                        cfg,
-                        run_dir,
-                        f"--mlflow-tracking-uri {t.mlflow_tracking_uri}",
-                        "check the URI: a server, sqlite:///mlflow.db, or a folder with "
-                        "MLFLOW_ALLOW_FILE_STORE=true",
-                    )
-                )
+                flag = f"--mlflow-tracking-uri {t.mlflow_tracking_uri}"
+                backends.append(_start(_MLflow, cfg, run_dir, resuming, flag, mlflow_advice))
         except BaseException:
             started.close(failed=True)
             raise
         return started
 
+    def _each(self, call) -> None:
+        for backend in list(self.backends):
+            try:
+                call(backend)
+            except Exception as exc:
+                name = type(backend).__name__.strip("_")
+                why = " ".join(str(exc).split())[:300]
+                print(
+                    f"warning: {name} tracking failed ({why}); it is off for this run", flush=True
+                )
+                self.backends.remove(backend)
+
     def log(self, step: int, values: dict[str, float | None]) -> None:
         """Scalars at a training step (None values are left out)."""
         kept = {k: float(v) for k, v in values.items() if v is not None}
-        for backend in self.backends:
-            backend.log(step, kept)
+        self._each(lambda b: b.log(step, kept))
 
     def summary(self, values: dict[str, float]) -> None:
         """End-of-run scores."""
-        for backend in self.backends:
-            backend.summary(values)
+        self._each(lambda b: b.summary(values))
 
     def files(self, paths: Iterable[Path]) -> None:
         """Images and reports, as artifacts (those that exist)."""
         found = [Path(p) for p in paths if Path(p).is_file()]
-        for backend in self.backends:
-            backend.files(found)
+        self._each(lambda b: b.files(found))
 
     def close(self, failed: bool = False) -> None:
-        for backend in self.backends:
-            backend.close(failed)
+        self._each(lambda b: b.close(failed))
         self.backends = []

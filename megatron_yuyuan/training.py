@@ -45,7 +45,7 @@ from megatron_yuyuan.logging_utils import (
 from megatron_yuyuan.model import build_model, thd_params, training_flops_per_token, wrap_float16
 from megatron_yuyuan.optim import build_optimizer, build_scheduler, seed_main_params, use_fused_adam
 from megatron_yuyuan.parallel import Layout
-from megatron_yuyuan.preemption import ExitRequests, Stop, default_enabled
+from megatron_yuyuan.preemption import ExitRequests, Stop, default_enabled, mark_stopped
 from megatron_yuyuan.prompts import PromptTemplate
 
 MAX_SKIPPED_IN_A_ROW = 30
@@ -468,18 +468,25 @@ class Saving:
     weights_only: bool
     valid_loss: float | None
     pending: storage.PendingSave | None = None
+    path: Path | None = None
+    """A synchronous save's folder, once written."""
 
 
 def save(
-    state: TrainState, final: bool, valid_loss: float | None = None, background: bool = False
+    state: TrainState,
+    final: bool,
+    valid_loss: float | None = None,
+    background: bool = False,
+    resumable: bool = False,
 ) -> Saving:
     """Save this iteration under ``--save``: the whole training state, or the weights only
-    (``--no-save-optim``; the run's last save with ``--final-save weights``). A ``background``
-    save returns while its files are written (:func:`complete` it); a synchronous one is
-    complete when this returns."""
+    (``--no-save-optim``; the run's last save with ``--final-save weights``) unless the run must
+    be ``resumable`` from it (a stop before the end). A ``background`` save returns while its
+    files are written (:func:`complete` it); a synchronous one is complete when this returns
+    (:func:`report_save` it)."""
     t = state.cfg.train
     sync_params(state)
-    weights_only = not t.save_optim or (final and t.final_save == "weights")
+    weights_only = not resumable and (not t.save_optim or (final and t.final_save == "weights"))
     saving = Saving(time.perf_counter(), weights_only, valid_loss)
     result = save_training_checkpoint(
         t.save,
@@ -500,8 +507,7 @@ def save(
     if background:
         saving.pending = result
     else:
-        seconds = time.perf_counter() - saving.started
-        report_save(state, saving, result, seconds, blocked_s=seconds)
+        saving.path = result
     return saving
 
 
@@ -663,6 +669,7 @@ def train(cfg: RunConfig, tracking=None) -> TrainResult:
                 validate()
             interval = t.save_interval and state.iteration % t.save_interval == 0
             if t.save and (interval or last or stopped):
+                exits.saving = bool(stopped)  # from here a second signal means "now"
                 valid = None
                 if t.save_best:  # the loss of this very iteration
                     at_this_step = valid_history and valid_history[-1][0] == state.iteration
@@ -670,11 +677,20 @@ def train(cfg: RunConfig, tracking=None) -> TrainResult:
                 if writing is not None:  # the previous one first: one save in flight at most
                     complete(state, writing)
                     writing = None
-                exits.saving = bool(stopped)
                 background = t.async_save and not (last or stopped)  # the run goes on
-                saving = save(state, final=last, valid_loss=valid, background=background)
-                writing = saving if background else None
-                exits.saving = False
+                saving = save(
+                    state,
+                    final=last,
+                    valid_loss=valid,
+                    background=background,
+                    resumable=bool(stopped) and not last,
+                )
+                exits.saving = False  # the checkpoint is complete (or being written)
+                if background:
+                    writing = saving
+                else:
+                    seconds = time.perf_counter() - saving.started
+                    report_save(state, saving, saving.path, seconds, blocked_s=seconds)
                 if logger:
                     plot_loss_curve(history, valid_history, Path(t.save) / "loss_curve.png")
             if stopped:
@@ -687,7 +703,10 @@ def train(cfg: RunConfig, tracking=None) -> TrainResult:
             writing.pending.abandon()
         exits.restore()
         bar.close()  # before any error line, so it starts a line of its own
+    if stopped and last:
+        stopped = Stop.NO  # the signal came with the last step: the run is complete
     if stopped and is_logger:
+        mark_stopped(t.save)
         print(
             f"> stopped at iteration {state.iteration} of {t.train_iters} "
             f"({stopped.describe(t.exit_duration_in_mins)})"

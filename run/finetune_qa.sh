@@ -84,21 +84,33 @@ cmd=("$PYTHON" -m torch.distributed.run
      -m megatron_yuyuan.finetune "$@")
 echo "+ ${cmd[*]}"
 if [[ -n "${FINETUNE_DRY_RUN:-}" ]]; then exit 0; fi
-# A preemption (SIGTERM) or Slurm's warning before the time limit (SIGUSR1) goes to the training
-# processes only: each finishes its step, saves it and exits 0, and torchrun then exits 0 too
-# (signalled itself, torchrun would stop its workers and exit with an error). torchrun runs in a
-# session of its own so that a signal to this script's process group reaches it only this way;
-# Ctrl-C goes to its whole session, as before.
-setsid "${cmd[@]}" &
+# A preemption (SIGTERM) or Slurm's warning before the time limit (SIGUSR1) is for the training
+# processes only: each finishes its step, saves it and exits 0, and torchrun then exits 0 too.
+# torchrun itself ignores both (it would stop its workers after 30 s and fail, or die of SIGUSR1):
+# it starts with them ignored and without its own SIGTERM handler, in a session of its own; the
+# workers set their handlers (their default action when --no-exit-signal-handler). This script
+# passes both on, also when only it is signalled (Slurm's `--signal=B:...`); Ctrl-C goes to the
+# whole torchrun session, as before.
+if ! command -v pgrep >/dev/null 2>&1; then
+  echo "error: pgrep (package procps) is needed to pass SIGTERM/SIGUSR1 to the training processes" >&2
+  exit 2
+fi
+( trap '' TERM USR1
+  export PET_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT  # torchrun --signals-to-handle (older: no-op)
+  exec setsid "${cmd[@]}" ) &
 launcher=$!
 workers() { pgrep -P "$launcher" 2>/dev/null || true; }
-trap 'kill -TERM $(workers) 2>/dev/null || true' TERM
-trap 'kill -USR1 $(workers) 2>/dev/null || true' USR1
-trap 'kill -INT -- "-$launcher" 2>/dev/null || true' INT
-status=0
+trapped=0
+trap 'trapped=1; kill -TERM $(workers) 2>/dev/null || true' TERM
+trap 'trapped=1; kill -USR1 $(workers) 2>/dev/null || true' USR1
+trap 'trapped=1; kill -INT -- "-$launcher" 2>/dev/null || true' INT
 while true; do
+  trapped=0
   wait "$launcher" && status=0 || status=$?
-  kill -0 "$launcher" 2>/dev/null || break  # a trapped signal ended the wait, not torchrun
+  if [[ $trapped == 0 || $status -le 128 ]]; then break; fi  # torchrun's own exit status
+  if kill -0 "$launcher" 2>/dev/null; then continue; fi  # a signal ended the wait: wait on
+  wait "$launcher" 2>/dev/null && status=0 || status=$?  # it exited as the trap ran
+  break
 done
 exit "$status"
 ":"""

@@ -148,10 +148,17 @@ def test_weights_only_saves_export_and_finetune_but_never_resume(tmp_path, capsy
     one_error_line(capsys.readouterr().err, "--no-save-optim", "--save")
 
 
-def test_exit_duration_saves_and_exits_0(tmp_path, capsys):
-    save = tmp_path / "ckpt"
-    args = [*TINY, "--train-iters", "400", "--save", str(save)]
+def test_exit_duration_saves_and_exits_0(tmp_path, capsys, monkeypatch):
+    save, stop_file = tmp_path / "ckpt", tmp_path / "stopped"
+    monkeypatch.setenv("MEGATRON_YUYUAN_STOP_FILE", str(stop_file))
+    assert finetune([*TINY, "--train-iters", "2", "--save", str(tmp_path / "done")]) == 0
+    assert not stop_file.exists()  # a run that reached its end asks for no requeue
+    args = [*TINY, "--train-iters", "400", "--save", str(save), "--no-save-optim"]
     assert finetune([*args, "--exit-duration-in-mins", "0.001"]) == 0
+    assert stop_file.is_file()
+    # a stop's save holds the optimizer state even with --no-save-optim: the run resumes
+    info = (save / f"iter_{pointer(save):07d}" / "model_config.yaml").read_text()
+    assert "training_state: true" in info
     out = capsys.readouterr().out
     stopped = pointer(save)  # the first step that ended 0.06 s or more after the start
     assert stopped < 400 and f"stopped at iteration {stopped} of 400" in out
@@ -197,11 +204,19 @@ def _steps(metrics: Path) -> int:
 @pytest.mark.slow
 def test_sigterm_at_dp2_saves_exits_0_and_resumes_the_same_losses(tmp_path):
     save, metrics = tmp_path / "ckpt", tmp_path / "metrics.jsonl"
-    run = _launch(save, metrics, 300, TORCHRUN_ENV)
+    stop_file = tmp_path / "stopped"
+    run = _launch(save, metrics, 300, {**TORCHRUN_ENV, "MEGATRON_YUYUAN_STOP_FILE": str(stop_file)})
     _wait_for(lambda: _steps(metrics) >= 3, "three steps")
-    os.killpg(run.pid, signal.SIGTERM)  # the job's shell, as Slurm or a scheduler does
+    # every process of the job, as Slurm signals a job step: the launcher script, torchrun (in a
+    # session of its own) and its workers
+    (torchrun,) = subprocess.run(
+        ["pgrep", "-P", str(run.pid)], capture_output=True, text=True
+    ).stdout.split()
+    os.killpg(run.pid, signal.SIGTERM)
+    os.killpg(int(torchrun), signal.SIGTERM)
     out = _output(run, metrics, timeout=120)
     assert run.returncode == 0, out[-3000:]
+    assert stop_file.read_text().strip() == str(save)  # the sbatch script requeues on this
     stopped = pointer(save)
     assert f"stopped at iteration {stopped} of 300" in out and "SIGTERM" in out
     assert stopped >= 3 and not list(save.glob("*.tmp"))

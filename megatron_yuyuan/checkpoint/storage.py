@@ -42,7 +42,7 @@ from torch.distributed.checkpoint.api import CheckpointException as DCPReadError
 from megatron_yuyuan import parallel
 from megatron_yuyuan.config import ModelConfig
 from megatron_yuyuan.errors import UserError
-from megatron_yuyuan.files import disk_full_error, write_text_atomic
+from megatron_yuyuan.files import disk_full_error, fsync_dir, fsync_file, write_text_atomic
 
 LATEST = "latest_checkpointed_iteration.txt"
 BEST = "best_checkpointed_iteration.txt"
@@ -442,6 +442,9 @@ class _Transaction:
             extra_files(self.tmp)
         if run_config is not None:
             (self.tmp / "run_config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
+        for small in (p for p in self.tmp.iterdir() if p.is_file() and p.suffix != ".distcp"):
+            fsync_file(small)  # the shards were; the configs and metadata too, then the folder
+        fsync_dir(self.tmp)
         # An iteration saved again (a resume from an older one) is moved aside, not deleted
         # first: the pointer may name it until the new one is in place.
         replaced = self.final.with_name(self.final.name + ".replaced.tmp")
@@ -449,6 +452,7 @@ class _Transaction:
             self.final.rename(replaced)
         self.tmp.rename(self.final)
         self.renamed = True
+        fsync_dir(self.final.parent)
         shutil.rmtree(replaced, ignore_errors=True)
         write_text_atomic(self.pointer, str(self.iteration))
 
@@ -589,12 +593,9 @@ def save_sharded(
             request = dist_checkpointing.save(
                 sharded, str(transaction.tmp), _ThreadedSave(), async_sharded_save=True
             )
-            return PendingSave(
-                transaction,
-                request,
-                (run_config, extra_files),
-                time.perf_counter() - started,
-            )
+            pending = PendingSave(transaction, request, (run_config, extra_files), 0.0)
+            pending.blocked_s = time.perf_counter() - started  # the snapshot copy included
+            return pending
         dist_checkpointing.save(sharded, str(transaction.tmp), sharded_strategy=_ThreadedSave())
         transaction.commit(run_config, extra_files)
     except BaseException as exc:

@@ -58,6 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from megatron_yuyuan.generation import generate_file
 
         name = args.name or Path(args.load or args.hf_dir).name
+        if not args.name and args.load and args.iteration != "latest":
+            name += f"-{args.iteration}"  # a report's rows for two checkpoints stay apart
         if not re.fullmatch(r"[\w.+-]+", name):
             raise UserError(f"--name {name!r}: use letters, digits, '.', '_', '+' or '-'")
         pick_iteration(args)

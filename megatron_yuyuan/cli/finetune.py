@@ -101,6 +101,7 @@ def check_save_options(cfg: RunConfig) -> None:
         ("--save-best", t.save_best is not None),
         ("--no-save-optim", not t.save_optim),
         ("--final-save weights", t.final_save == "weights"),
+        ("--async-save", t.async_save),
     ]
     flags = [flag for flag, given in asked if given]
     if flags and not t.save:
@@ -374,7 +375,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             from megatron_yuyuan.tracking import Tracking
             from megatron_yuyuan.training import train  # heavy imports once the config is valid
 
-            tracking = Tracking.open(cfg) if launch_rank() == 0 else Tracking([])
+            t = cfg.train
+            from megatron_yuyuan.checkpoint.storage import has_checkpoint
+
+            resuming = bool(t.load and has_checkpoint(t.load) and not t.finetune)
+            resuming = resuming and same_run(t.load, t.save)  # continue its tracked runs too
+            tracking = Tracking.open(cfg, resuming) if launch_rank() == 0 else Tracking([])
             failed = True
             try:
                 result = train(cfg, tracking)
