@@ -54,8 +54,8 @@ def run(
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--iters", type=int, default=24)
-    p.add_argument("--save-interval", type=int, default=6)
+    p.add_argument("--iters", type=int, default=48)
+    p.add_argument("--save-interval", type=int, default=8)
     p.add_argument("--micro-batch-size", type=int, default=2)
     p.add_argument("--seq-length", type=int, default=128)
     p.add_argument("--dir", default=None, help="where the checkpoints go (default: a temp dir)")

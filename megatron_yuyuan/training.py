@@ -470,6 +470,9 @@ class Saving:
     pending: storage.PendingSave | None = None
     path: Path | None = None
     """A synchronous save's folder, once written."""
+    blocked_s: float = 0.0
+    """Seconds training waited for this save: all of a synchronous one; for a background one,
+    building the state dict, planning and copying the tensors, and waiting for its files."""
 
 
 def save(
@@ -478,6 +481,7 @@ def save(
     valid_loss: float | None = None,
     background: bool = False,
     resumable: bool = False,
+    validate: bool = True,
 ) -> Saving:
     """Save this iteration under ``--save``: the whole training state, or the weights only
     (``--no-save-optim``; the run's last save with ``--final-save weights``) unless the run must
@@ -485,9 +489,10 @@ def save(
     files are written (:func:`complete` it); a synchronous one is complete when this returns
     (:func:`report_save` it)."""
     t = state.cfg.train
+    started = time.perf_counter()
     sync_params(state)
     weights_only = not resumable and (not t.save_optim or (final and t.final_save == "weights"))
-    saving = Saving(time.perf_counter(), weights_only, valid_loss)
+    saving = Saving(started, weights_only, valid_loss)
     result = save_training_checkpoint(
         t.save,
         unwrap(state.model),
@@ -503,18 +508,22 @@ def save(
         with_optimizer=not weights_only,
         valid_loss=valid_loss,
         background=background,
+        validate=validate,
     )
     if background:
         saving.pending = result
     else:
         saving.path = result
+    saving.blocked_s = time.perf_counter() - started  # the state dict, the plan, the copy
     return saving
 
 
 def complete(state: TrainState, saving: Saving) -> None:
     """Wait for a background save's files on every rank and complete it (collective)."""
+    waited = time.perf_counter()
     path = saving.pending.finish()
-    report_save(state, saving, path, time.perf_counter() - saving.started, saving.pending.blocked_s)
+    saving.blocked_s += time.perf_counter() - waited
+    report_save(state, saving, path, time.perf_counter() - saving.started, saving.blocked_s)
 
 
 def report_save(
@@ -608,6 +617,7 @@ def train(cfg: RunConfig, tracking=None) -> TrainResult:
     )
     stopped = Stop.NO
     writing: Saving | None = None  # a background save whose files are being written
+    checked = False  # a background save's sharding was validated once (the structure stays)
     try:
         exits.install()
         while state.iteration < t.train_iters:
@@ -684,13 +694,15 @@ def train(cfg: RunConfig, tracking=None) -> TrainResult:
                     valid_loss=valid,
                     background=background,
                     resumable=bool(stopped) and not last,
+                    validate=not (background and checked),
                 )
+                checked = checked or background
                 exits.saving = False  # the checkpoint is complete (or being written)
                 if background:
                     writing = saving
                 else:
                     seconds = time.perf_counter() - saving.started
-                    report_save(state, saving, saving.path, seconds, blocked_s=seconds)
+                    report_save(state, saving, saving.path, seconds, saving.blocked_s)
                 if logger:
                     plot_loss_curve(history, valid_history, Path(t.save) / "loss_curve.png")
             if stopped:

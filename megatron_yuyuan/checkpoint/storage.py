@@ -483,10 +483,8 @@ class PendingSave:
     rank calls :meth:`ready` (cheap: one all-reduce) and, once it is true or a save must be
     complete, :meth:`finish`; :meth:`abandon` stops the writers when the run ends in an error."""
 
-    def __init__(self, transaction: _Transaction, request, commit_args: tuple, blocked_s: float):
+    def __init__(self, transaction: _Transaction, request, commit_args: tuple):
         self.transaction, self.request, self.commit_args = transaction, request, commit_args
-        self.blocked_s = blocked_s
-        """Seconds the caller has been held by this save so far (planning, the snapshot)."""
         self.started = time.perf_counter()
         self.error: BaseException | None = None
         self.stop = threading.Event()
@@ -517,7 +515,6 @@ class PendingSave:
     def finish(self) -> Path:
         """Wait for the writers, then complete the checkpoint as a synchronous save does
         (collective). Returns its folder."""
-        waited = time.perf_counter()
         try:
             if self.thread is not None:
                 self.thread.join()
@@ -530,8 +527,6 @@ class PendingSave:
             self.transaction.commit(*self.commit_args)
         except BaseException as exc:
             self.transaction.undo(exc)
-        finally:
-            self.blocked_s += time.perf_counter() - waited
         parallel.barrier()
         return self.final
 
@@ -565,6 +560,7 @@ def save_sharded(
     prompt_template: str | None = None,
     valid_loss: float | None = None,
     background: bool = False,
+    validate: bool = True,
 ) -> Path | PendingSave:
     """Save a sharded state dict as checkpoint ``iteration`` under ``save``.
 
@@ -572,7 +568,9 @@ def save_sharded(
     interrupt or an error during the write removes the temporary: the previous checkpoint stays the
     one ``latest`` names. With ``background``, the tensors are copied and a :class:`PendingSave`
     is returned at once: the files are written while the caller goes on, and the rename and the
-    pointer wait for :meth:`PendingSave.finish` on every rank.
+    pointer wait for :meth:`PendingSave.finish` on every rank. ``validate`` checks that the
+    ranks' shards tile every tensor (megatron-core's all-gather of the sharding metadata): a run
+    whose state keeps its structure needs it for its first save only.
     """
     info = CheckpointInfo(
         model_cfg,
@@ -585,18 +583,24 @@ def save_sharded(
         prompt_template,
         valid_loss,
     )
-    started = time.perf_counter()
     transaction = _Transaction(Path(save), iteration, info, _bytes_to_write(sharded))
     try:
         transaction.begin()
         if background:
             request = dist_checkpointing.save(
-                sharded, str(transaction.tmp), _ThreadedSave(), async_sharded_save=True
+                sharded,
+                str(transaction.tmp),
+                sharded_strategy=_ThreadedSave(),
+                validate_access_integrity=validate,
+                async_sharded_save=True,
             )
-            pending = PendingSave(transaction, request, (run_config, extra_files), 0.0)
-            pending.blocked_s = time.perf_counter() - started  # the snapshot copy included
-            return pending
-        dist_checkpointing.save(sharded, str(transaction.tmp), sharded_strategy=_ThreadedSave())
+            return PendingSave(transaction, request, (run_config, extra_files))
+        dist_checkpointing.save(
+            sharded,
+            str(transaction.tmp),
+            sharded_strategy=_ThreadedSave(),
+            validate_access_integrity=validate,
+        )
         transaction.commit(run_config, extra_files)
     except BaseException as exc:
         transaction.undo(exc)
