@@ -481,7 +481,6 @@ def save(
     valid_loss: float | None = None,
     background: bool = False,
     resumable: bool = False,
-    validate: bool = True,
 ) -> Saving:
     """Save this iteration under ``--save``: the whole training state, or the weights only
     (``--no-save-optim``; the run's last save with ``--final-save weights``) unless the run must
@@ -508,7 +507,6 @@ def save(
         with_optimizer=not weights_only,
         valid_loss=valid_loss,
         background=background,
-        validate=validate,
     )
     if background:
         saving.pending = result
@@ -617,7 +615,6 @@ def train(cfg: RunConfig, tracking=None) -> TrainResult:
     )
     stopped = Stop.NO
     writing: Saving | None = None  # a background save whose files are being written
-    checked = False  # a background save's sharding was validated once (the structure stays)
     try:
         exits.install()
         while state.iteration < t.train_iters:
@@ -694,9 +691,7 @@ def train(cfg: RunConfig, tracking=None) -> TrainResult:
                     valid_loss=valid,
                     background=background,
                     resumable=bool(stopped) and not last,
-                    validate=not (background and checked),
                 )
-                checked = checked or background
                 exits.saving = False  # the checkpoint is complete (or being written)
                 if background:
                     writing = saving

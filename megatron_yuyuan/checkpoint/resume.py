@@ -90,7 +90,6 @@ def save_training_checkpoint(
     with_optimizer: bool = True,
     valid_loss: float | None = None,
     background: bool = False,
-    validate: bool = True,
 ) -> Path | storage.PendingSave:
     """Model, optimizer, LR schedule, RNG states and the data position. A LoRA run saves only
     the model's adapters (``adapters_only``, every rank) and rank 0 records ``lora`` (see
@@ -125,7 +124,6 @@ def save_training_checkpoint(
         prompt_template=prompt_template,
         valid_loss=valid_loss,
         background=background,
-        validate=validate,
     )
 
 

@@ -26,7 +26,6 @@ import queue
 import shutil
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -485,7 +484,6 @@ class PendingSave:
 
     def __init__(self, transaction: _Transaction, request, commit_args: tuple):
         self.transaction, self.request, self.commit_args = transaction, request, commit_args
-        self.started = time.perf_counter()
         self.error: BaseException | None = None
         self.stop = threading.Event()
         args = list(request.async_fn_args)
@@ -560,7 +558,6 @@ def save_sharded(
     prompt_template: str | None = None,
     valid_loss: float | None = None,
     background: bool = False,
-    validate: bool = True,
 ) -> Path | PendingSave:
     """Save a sharded state dict as checkpoint ``iteration`` under ``save``.
 
@@ -568,9 +565,7 @@ def save_sharded(
     interrupt or an error during the write removes the temporary: the previous checkpoint stays the
     one ``latest`` names. With ``background``, the tensors are copied and a :class:`PendingSave`
     is returned at once: the files are written while the caller goes on, and the rename and the
-    pointer wait for :meth:`PendingSave.finish` on every rank. ``validate`` checks that the
-    ranks' shards tile every tensor (megatron-core's all-gather of the sharding metadata): a run
-    whose state keeps its structure needs it for its first save only.
+    pointer wait for :meth:`PendingSave.finish` on every rank.
     """
     info = CheckpointInfo(
         model_cfg,
@@ -591,7 +586,6 @@ def save_sharded(
                 sharded,
                 str(transaction.tmp),
                 sharded_strategy=_ThreadedSave(),
-                validate_access_integrity=validate,
                 async_sharded_save=True,
             )
             return PendingSave(transaction, request, (run_config, extra_files))
@@ -599,7 +593,6 @@ def save_sharded(
             sharded,
             str(transaction.tmp),
             sharded_strategy=_ThreadedSave(),
-            validate_access_integrity=validate,
         )
         transaction.commit(run_config, extra_files)
     except BaseException as exc:
