@@ -7,16 +7,19 @@ transformers model through the same interface.
     python -m megatron_yuyuan.generate --hf-dir hf/yuyuan-qa --question "What causes glaucoma ?"
 
 Prompts are ``Question:{q} answer:`` (:mod:`megatron_yuyuan.prompts`), left-padded into batches.
-Decoding is incremental: one prefill pass fills megatron-core's static KV cache, then one token per
-step; greedy by default, or sampling with temperature / top-k / top-p from a seeded generator (every
-rank draws the same token). Generation stops at EOS or ``--max-new-tokens``. The answer is the text
+Decoding is incremental (:mod:`megatron_yuyuan.slots`): one prefill pass fills megatron-core's
+static KV cache, then one token per step, chosen on the device (:mod:`megatron_yuyuan.decoding`);
+greedy by default, or sampling with temperature / top-k / top-p, each answer from its own generator
+seeded ``--seed`` (so an answer does not depend on its batch; every rank draws the same token).
+Generation stops at EOS or ``--max-new-tokens``. The answer is the text
 generated before EOS. Data-parallel ranks split the questions.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -32,51 +35,6 @@ from megatron_yuyuan.sampling import SamplingConfig
 from megatron_yuyuan.tokenizer import Tokenizer, load_tokenizer
 
 
-def apply_penalties(
-    logits: torch.Tensor, history: torch.Tensor, cfg: SamplingConfig
-) -> torch.Tensor:
-    """transformers' RepetitionPenaltyLogitsProcessor, then NoRepeatNGramLogitsProcessor, with
-    their exact semantics (so greedy tokens match ``transformers.generate``).
-
-    Args:
-        logits: next-token logits ``[b, V]``.
-        history: every token of each row so far ``[b, t]``, left padding included (as
-            transformers' ``input_ids``).
-    """
-    if cfg.repetition_penalty != 1.0:
-        seen = logits.gather(1, history)  # [b, t]
-        seen = torch.where(seen < 0, seen * cfg.repetition_penalty, seen / cfg.repetition_penalty)
-        logits = logits.scatter(1, history, seen)
-    n = cfg.no_repeat_ngram_size
-    if n > 0 and history.shape[1] >= n:
-        prefix = history[:, history.shape[1] + 1 - n :]  # [b, n-1]: what the next token extends
-        windows = history.unfold(1, n, 1)  # [b, t-n+1, n]
-        matches = (windows[..., :-1] == prefix.unsqueeze(1)).all(dim=-1)  # [b, t-n+1]
-        vocab = logits.shape[-1]
-        banned = torch.zeros(logits.shape[0], vocab + 1, dtype=torch.bool)  # spare column
-        banned.scatter_(1, torch.where(matches, windows[..., -1].clamp(max=vocab), vocab), True)
-        logits = logits.masked_fill(banned[:, :vocab], float("-inf"))
-    return logits
-
-
-def sample_next(
-    logits: torch.Tensor, cfg: SamplingConfig, gen: torch.Generator | None
-) -> torch.Tensor:
-    """Next token ids ``[b]`` from last-position logits ``[b, V]``."""
-    if not cfg.do_sample:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / max(cfg.temperature, 1e-5)
-    if cfg.top_k > 0:
-        kth = torch.topk(logits, min(cfg.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if 0.0 < cfg.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs > cfg.top_p  # keep the token that crosses p
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=gen).squeeze(-1)
-
-
 def left_pad(
     prompts: Sequence[Sequence[int]], total: int, pad: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,12 +46,6 @@ def left_pad(
         tokens[i, longest - len(p) : longest] = torch.as_tensor(p)
         valid[i, longest - len(p) : longest] = True
     return tokens, valid
-
-
-StepHook = Callable[[list[int], list[bool]], Iterable[int]]
-"""Called after every decoding step with each row's new token and whether that row was still
-generating (a finished row's token is filler); returns the rows to stop now (e.g. a stop string
-matched, or the client went away)."""
 
 
 def finish_reason(new_tokens: int, budget: int) -> str:
@@ -110,21 +62,6 @@ def row_budgets(
     if budgets is not None:
         limits = torch.as_tensor(list(budgets), dtype=torch.long).clamp(min=1)
     return limits
-
-
-def stopped_rows(
-    on_step: StepHook | None, nxt: torch.Tensor, active: torch.Tensor, sync: bool
-) -> torch.Tensor:
-    """[b] bool: the rows ``on_step`` stops, made identical on every rank when ``sync``."""
-    stop = torch.zeros(nxt.shape[0], dtype=torch.bool)
-    if on_step is not None:
-        for row in on_step(nxt.tolist(), active.tolist()):
-            stop[row] = True
-    if sync and dist.is_initialized() and dist.get_world_size() > 1:
-        flags = stop.to(torch.uint8).to(runtime.device())
-        dist.broadcast(flags, src=0)  # rank 0 serves the requests and decides
-        stop = flags.cpu().bool()
-    return stop
 
 
 class MegatronGenerator:
@@ -156,6 +93,8 @@ class MegatronGenerator:
         self.tokenizer = tokenizer
         self.vocab_size = model_cfg.vocab_size
         self.max_positions = model_cfg.max_position_embeddings
+        self.decoding: dict = {}
+        """The decoding its run's evaluation used (a server's defaults; see from_checkpoint)."""
 
     @classmethod
     def from_checkpoint(
@@ -186,23 +125,21 @@ class MegatronGenerator:
                 f"({spec}) has {tok.vocab_size}; give the model's own --tokenizer"
             )
         template = PromptTemplate(info.prompt_template) if info.prompt_template else None
-        return cls(model, layout, info.model, tok, template)
+        generator = cls(model, layout, info.model, tok, template)
+        generator.decoding = storage.recorded_decoding(ckpt)
+        return generator
 
-    def _forward(self, tokens, positions, mask, context) -> torch.Tensor | None:
-        """One pass through this pipeline stage; full-vocab logits ``[b, q, V]`` on the last
-        stage."""
-        b, q = tokens.shape
-        if not self.layout.is_first_stage:
-            hidden = parallel.recv_prev((q, b, self.model_cfg.hidden_size), self.dtype, self.device)
-            self.model.set_input_tensor(hidden)
-        # megatron gathers the vocab shards itself in inference mode: logits [b, q, Vp]
-        out = self.model(
-            tokens, positions, mask, inference_context=context, runtime_gather_output=True
-        )
-        if not self.layout.is_last_stage:
-            parallel.send_next(out)
-            return None
-        return out[..., : self.vocab_size].float()
+    def stepper(self):
+        """This model's forward over a slot cache (:mod:`megatron_yuyuan.slots`)."""
+        from megatron_yuyuan.steppers import MegatronStepper
+
+        return MegatronStepper(self.model, self.layout, self.model_cfg.hidden_size, self.vocab_size)
+
+    def slot_batch(self, slots: int):
+        """Rows that requests join and leave between steps (a server's engine)."""
+        from megatron_yuyuan.slots import SlotBatch
+
+        return SlotBatch(self.stepper(), slots, self.max_positions, self.tokenizer.eod)
 
     @torch.inference_mode()  # lighter than no_grad: no version counters on the KV cache
     def generate_ids(
@@ -211,66 +148,65 @@ class MegatronGenerator:
         cfg: SamplingConfig,
         use_cache: bool = True,
         budgets: Sequence[int] | None = None,
-        on_step: StepHook | None = None,
-        sync_stops: bool = False,
     ) -> list[list[int]]:
         """New token ids per prompt, up to and excluding EOS.
 
         Args:
             budgets: per-prompt new-token limits (default: ``cfg.max_new_tokens`` for all).
-            on_step: see :data:`StepHook` (rank 0 only: a server's streams).
-            sync_stops: broadcast rank 0's stop decisions every step, so that all ranks of a
-                TP/PP group stop the same rows (a server's ranks, with or without ``on_step``).
+            use_cache: False recomputes every position at every step (a reference for tests).
         """
-        from megatron.core.inference.contexts import StaticInferenceContext
+        from megatron_yuyuan.slots import generate_batch
 
         longest = check_prompt_lengths(prompts, self.max_positions)
-        limits = row_budgets(prompts, cfg, budgets)
-        total = min(longest + int(limits.max()), self.max_positions)
+        limits = row_budgets(prompts, cfg, budgets).clamp(max=self.max_positions - longest)
+        configs = [dataclasses.replace(cfg, max_new_tokens=int(n)) for n in limits]
+        if not use_cache:
+            return self._generate_without_cache(prompts, configs)
+        return generate_batch(
+            self.stepper(), prompts, configs, self.max_positions, self.tokenizer.eod
+        )
+
+    def _generate_without_cache(self, prompts, configs) -> list[list[int]]:
+        """Every step recomputes the whole left-padded batch: the slow reference the KV cache is
+        checked against (one row at a time through the same per-row choice)."""
+        from megatron_yuyuan.decoding import RowSettings, choose
+
         eos = self.tokenizer.eod
-        tokens, valid = left_pad(prompts, total, eos)
-        positions = (valid.long().cumsum(1) - 1).clamp(min=0)
-        causal = torch.ones(total, total, dtype=torch.bool).tril()
-        context = StaticInferenceContext(len(prompts), total) if use_cache else None
-        gen = torch.Generator().manual_seed(cfg.seed)
-        finished = torch.zeros(len(prompts), dtype=torch.bool)
-        active = ~finished  # rows whose token of this step is a real one
-        new_count = torch.zeros(len(prompts), dtype=torch.long)
-        start, cur = 0, longest
-        while cur < total:
-            lo = start if use_cache else 0
-            allowed = causal[lo:cur, :cur].unsqueeze(0) & valid[:, None, :cur]  # [b, q, k]
-            allowed |= torch.eye(cur, dtype=torch.bool)[lo:cur].unsqueeze(
-                0
-            )  # pad rows see themselves
-            logits = self._forward(
-                tokens[:, lo:cur].to(self.device),
-                positions[:, lo:cur].to(self.device),
-                (~allowed).unsqueeze(1).to(self.device),
-                context,
-            )
-            nxt = torch.zeros(len(prompts), dtype=torch.long, device=self.device)
-            if logits is not None:
-                last = apply_penalties(logits[:, -1].cpu(), tokens[:, :cur], cfg)  # [b, V]
-                nxt = sample_next(last, cfg, gen).to(self.device)
-            nxt = parallel.broadcast_from_last_stage(nxt).cpu()
-            nxt = torch.where(finished, torch.full_like(nxt, eos), nxt)
-            tokens[:, cur], valid[:, cur] = nxt, True
-            positions[:, cur] = positions[:, cur - 1] + 1
-            new_count += 1
-            finished |= (nxt == eos) | (new_count >= limits)
-            if on_step is not None or sync_stops:
-                finished |= stopped_rows(on_step, nxt, active, sync_stops)
-            active = ~finished
-            if context is not None:
-                context.sequence_len_offset += cur - start
-            start, cur = cur, cur + 1
-            if finished.all():
-                break
         out = []
-        for row in tokens[:, longest:cur].tolist():
-            out.append(row[: row.index(eos)] if eos in row else row)
+        for prompt, cfg in zip(prompts, configs):
+            settings = RowSettings(1, self.device)
+            settings.set([0], [cfg])
+            ids = list(prompt)
+            new: list[int] = []
+            while len(new) < cfg.max_new_tokens:
+                tokens = torch.as_tensor([ids], device=self.device)
+                positions = torch.arange(len(ids), device=self.device)[None]
+                causal = torch.ones(len(ids), len(ids), dtype=torch.bool, device=self.device)
+                mask = ~causal.tril()[None, None]
+                logits = self._forward_full(tokens, positions, mask)
+                nxt = torch.zeros(1, dtype=torch.long, device=self.device)
+                if logits is not None:
+                    hist = tokens
+                    lengths = torch.tensor([len(ids)], device=self.device)
+                    nxt = choose(logits, [0], settings, hist, lengths, {0: len(ids)})
+                token = int(parallel.broadcast_from_last_stage(nxt)[0])
+                if token == eos:
+                    break
+                ids.append(token)
+                new.append(token)
+            out.append(new)
         return out
+
+    def _forward_full(self, tokens, positions, mask):
+        b, q = tokens.shape
+        if not self.layout.is_first_stage:
+            hidden = parallel.recv_prev((q, b, self.model_cfg.hidden_size), self.dtype, self.device)
+            self.model.set_input_tensor(hidden)
+        out = self.model(tokens, positions, mask, runtime_gather_output=True)
+        if not self.layout.is_last_stage:
+            parallel.send_next(out)
+            return None
+        return out[:, -1, : self.vocab_size].float()
 
 
 def check_prompt_lengths(prompts: Sequence[Sequence[int]], max_positions: int) -> int:
@@ -327,6 +263,17 @@ class HFGenerator:
         self.max_positions = int(getattr(self.model.config, "n_positions", 1 << 30))
         self.layout = None
         self.template = export_template(Path(hf_dir))
+        self.decoding = export_decoding(Path(hf_dir))
+        """The decoding its run's evaluation used, as the export records it (or nothing)."""
+
+    def slot_batch(self, slots: int):
+        """Rows that requests join and leave between steps (a server's engine)."""
+        from megatron_yuyuan.slots import SlotBatch
+        from megatron_yuyuan.steppers import HFStepper
+
+        vocab = int(self.model.config.vocab_size)
+        stepper = HFStepper(self.model, vocab)
+        return SlotBatch(stepper, slots, self.max_positions, self.tokenizer.eod)
 
     @torch.no_grad()
     def generate_ids(
@@ -335,18 +282,15 @@ class HFGenerator:
         cfg: SamplingConfig,
         use_cache: bool = True,
         budgets: Sequence[int] | None = None,
-        on_step: StepHook | None = None,
-        sync_stops: bool = False,
     ) -> list[list[int]]:
-        """As :meth:`MegatronGenerator.generate_ids` (one process: ``sync_stops`` has nothing
-        to synchronise)."""
+        """As :meth:`MegatronGenerator.generate_ids`, by ``transformers.generate`` itself."""
         eos = self.tokenizer.eod
         longest = check_prompt_lengths(prompts, self.max_positions)
         limits = row_budgets(prompts, cfg, budgets)
         tokens, valid = left_pad(prompts, longest, eos)
         extra = {}
-        if budgets is not None or on_step is not None:
-            extra["stopping_criteria"] = [_RowStops(longest, limits, eos, on_step)]
+        if budgets is not None:
+            extra["stopping_criteria"] = [_RowBudgets(longest, limits, eos)]
         torch.manual_seed(cfg.seed)
         kwargs = (
             dict(do_sample=True, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
@@ -370,21 +314,18 @@ class HFGenerator:
         return [row[: row.index(eos)] if eos in row else row for row in rows]
 
 
-class _RowStops:
-    """A transformers stopping criterion: per-row budgets and the ``on_step`` hook (transformers
-    fills a stopped row with the pad token, EOS here, so the row is cut there)."""
+class _RowBudgets:
+    """A transformers stopping criterion: per-row budgets (transformers fills a stopped row with
+    the pad token, EOS here, so the row is cut there)."""
 
-    def __init__(self, prompt_len: int, limits: torch.Tensor, eos: int, on_step) -> None:
-        self.prompt_len, self.limits, self.eos, self.on_step = prompt_len, limits, eos, on_step
+    def __init__(self, prompt_len: int, limits: torch.Tensor, eos: int) -> None:
+        self.prompt_len, self.limits, self.eos = prompt_len, limits, eos
         self.finished = torch.zeros(len(limits), dtype=torch.bool)
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
         nxt = input_ids[:, -1].cpu()
-        active = ~self.finished
         count = input_ids.shape[1] - self.prompt_len
         self.finished |= (nxt == self.eos) | (count >= self.limits)
-        if self.on_step is not None:
-            self.finished |= stopped_rows(self.on_step, nxt, active, sync=False)
         return self.finished.to(input_ids.device)
 
 
@@ -398,6 +339,18 @@ def export_template(hf_dir: Path) -> PromptTemplate:
         return DEFAULT_TEMPLATE
     text = read_json_object(marker, "re-export the model").get("prompt_template")
     return PromptTemplate.parse(text, str(marker)) if text else DEFAULT_TEMPLATE
+
+
+def export_decoding(hf_dir: Path) -> dict:
+    """The evaluation decoding an export of ours records (nothing for other HF models)."""
+    from megatron_yuyuan.convert.hf_io import EXPORT_MARKER
+    from megatron_yuyuan.files import read_json_object
+
+    marker = hf_dir / EXPORT_MARKER
+    if not marker.is_file():
+        return {}
+    decoding = read_json_object(marker, "re-export the model").get("decoding")
+    return decoding if isinstance(decoding, dict) else {}
 
 
 def prompt_ids(tokenizer: Tokenizer, template: PromptTemplate, row) -> list[int]:

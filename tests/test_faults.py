@@ -777,13 +777,8 @@ def fake_server():
     """The app over an engine that answers one EOS token, and a word tokenizer that, as a real
     one, cannot encode lone surrogates."""
     from megatron_yuyuan.serve.app import ServedModel, create_app
-    from megatron_yuyuan.serve.batcher import Batcher
-
-    class Engine:
-        max_positions = 64
-
-        def run(self, jobs):
-            return [[0] for _ in jobs]
+    from megatron_yuyuan.serve.scheduler import Scheduler
+    from slow_server import StepEngine
 
     class Tok:
         eod = 0
@@ -795,7 +790,7 @@ def fake_server():
         def decode(self, ids):
             return " x" * len(ids)
 
-    return create_app(Batcher(Engine(), wait_ms=0), Tok(), ServedModel("m", "x"))
+    return create_app(Scheduler(StepEngine(0, max_positions=64)), Tok(), ServedModel("m", "x"))
 
 
 @pytest.mark.parametrize(

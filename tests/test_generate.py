@@ -17,7 +17,6 @@ from megatron_yuyuan.generation import (
     MegatronGenerator,
     SamplingConfig,
     generate_file,
-    sample_next,
 )
 from megatron_yuyuan.prompts import format_prompt
 
@@ -126,18 +125,20 @@ def test_seeded_sampling(megatron_generator):
     )
 
 
-def test_sample_next_filters():
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    gen = torch.Generator().manual_seed(0)
-    draws = {
-        int(sample_next(logits, SamplingConfig(do_sample=True, top_p=0.7), gen)) for _ in range(200)
-    }
-    assert draws == {0, 1}  # 0.5 < 0.7 needs the second token, not the third
-    draws = {
-        int(sample_next(logits, SamplingConfig(do_sample=True, top_k=3), gen)) for _ in range(300)
-    }
-    assert draws == {0, 1, 2}
-    assert int(sample_next(logits, SamplingConfig(), None)) == 0
+def test_sampling_filters_per_row():
+    """top-p keeps the token that crosses p; top-k keeps k; each row by its own values."""
+    from megatron_yuyuan.decoding import sample
+
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]] * 2))
+    gens = [torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)]
+    draws: list[set] = [set(), set()]
+    for _ in range(300):
+        got = sample(
+            logits, torch.ones(2), torch.tensor([0, 3]), torch.tensor([0.7, 1.0]), gens
+        ).tolist()
+        for row, token in enumerate(got):
+            draws[row].add(token)
+    assert draws == [{0, 1}, {0, 1, 2}]  # 0.5 < 0.7 needs the second token, not the third
 
 
 def run_generate(nproc, models, out, extra):

@@ -158,7 +158,7 @@ def test_a_template_gives_one_prompt_everywhere(context_run, tmp_path):
     from megatron_yuyuan.checkpoint import storage
     from megatron_yuyuan.generation import prompt_ids
     from megatron_yuyuan.serve.app import ServedModel, create_app
-    from megatron_yuyuan.serve.batcher import Batcher
+    from megatron_yuyuan.serve.scheduler import Scheduler
 
     tmp, prefix, save = context_run
     tok = load_tokenizer("gpt2")
@@ -182,16 +182,11 @@ def test_a_template_gives_one_prompt_everywhere(context_run, tmp_path):
     # the server's /api/answer and /v1/chat/completions hand the engine the same ids
     from fastapi.testclient import TestClient
 
-    seen = []
+    from slow_server import StepEngine
 
-    class Recorder:  # an engine that records the prompts it is given and answers with one token
-        max_positions = 64
-
-        def run(self, jobs):
-            seen.extend(list(job.prompt) for job in jobs)
-            return [[tok.eod] for _ in jobs]
-
-    app = create_app(Batcher(Recorder(), wait_ms=0), tok, ServedModel("m", "x", template=template))
+    recorder = StepEngine(0, token=tok.eod, max_positions=64)  # records prompts; answers EOS
+    seen = recorder.prompts
+    app = create_app(Scheduler(recorder), tok, ServedModel("m", "x", template=template))
     r = rows[0]
     with TestClient(app) as client:
         a = client.post(

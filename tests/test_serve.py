@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import write_gpt2
-from slow_server import WordTokenizer
+from slow_server import StepEngine, WordTokenizer
 
 # real multi-process runs (torchrun, servers): the slow tier (`-m "not slow"` skips it)
 pytestmark = pytest.mark.slow
@@ -206,11 +206,13 @@ def test_hf_server_answers_errors_and_openai(hf_server, models):
         == 404
     )
     for bad, param in (
-        ({"prompt": "x", "n": 2}, "n"),
+        ({"prompt": "x", "n": 65}, "n"),
+        ({"prompt": ["x"] * 16, "n": 5}, "n"),
         ({"prompt": 5}, "prompt"),
         ({"prompt": ["a", 5]}, "prompt"),
         ({"prompt": "x", "presence_penalty": 0.5}, "presence_penalty"),
-        ({"prompt": "x", "logprobs": 3}, "logprobs"),
+        ({"prompt": "x", "logprobs": 21}, "logprobs"),
+        ({"prompt": "x", "logprobs": 2, "echo": True}, "logprobs"),
     ):
         r = httpx.post(url + "/v1/completions", json=bad)
         assert r.status_code == 422 and r.json()["error"]["param"] == param, (bad, r.text)
@@ -228,7 +230,7 @@ def test_hf_server_answers_errors_and_openai(hf_server, models):
     r = httpx.post(url + "/v1/completions", json=neutral)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 16, r.text
     health = httpx.get(url + "/health").json()
-    assert health["status"] == "ok" and health["batches"] > 0
+    assert health["status"] == "ok" and health["steps"] > 0
     try:
         import openai
     except ImportError:
@@ -340,103 +342,31 @@ def test_cli_refuses_bad_setups(models, tmp_path, capsys):
     assert "choose another --port" in capsys.readouterr().err
     assert main(["--hf-dir", str(tmp_path), "--port", str(free_port())]) == 2
     assert "no config.json" in capsys.readouterr().err
-    for bad in (["--port", "70000"], ["--batch-wait-ms", "inf"], ["--log-level", "loud"]):
+    for bad in (["--port", "70000"], ["--scheduler", "fifo"], ["--log-level", "loud"]):
         with pytest.raises(SystemExit) as exc:
             main(["--hf-dir", str(models / "hf"), *bad])
         assert exc.value.code == 2 and capsys.readouterr().err.startswith("error:")
-
-
-class SlowEngine:
-    """A stand-in engine: one token per 20 ms, so requests pile up behind a batch."""
-
-    max_positions = 1024
-
-    def __init__(self) -> None:
-        self.tokens = 0
-
-    def run(self, jobs):
-        out = [[] for _ in jobs]
-        for _ in range(10):
-            time.sleep(0.02)
-            for i, job in enumerate(jobs):
-                self.tokens += 1
-                if job.on_token(7):
-                    out[i].append(7)
-        return out
 
 
 def test_full_queue_answers_503_with_retry_after():
     from fastapi.testclient import TestClient
 
     from megatron_yuyuan.serve.app import ServedModel, create_app
-    from megatron_yuyuan.serve.batcher import Batcher
+    from megatron_yuyuan.serve.scheduler import Scheduler
 
-    batcher = Batcher(SlowEngine(), max_batch_size=1, wait_ms=0, max_queue=1)
-    app = create_app(batcher, WordTokenizer(), ServedModel("fake", "nowhere"))
+    scheduler = Scheduler(StepEngine(0.02), max_batch_size=1, max_queue=1)
+    app = create_app(scheduler, WordTokenizer(), ServedModel("fake", "nowhere"))
+    ask = {"question": "a b", "max_new_tokens": 10}
     with TestClient(app) as client:
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(8) as pool:
-            replies = list(
-                pool.map(lambda _: client.post("/api/answer", json={"question": "a b"}), range(8))
-            )
+            replies = list(pool.map(lambda _: client.post("/api/answer", json=ask), range(8)))
     codes = sorted(r.status_code for r in replies)
     assert codes.count(200) >= 2 and 503 in codes, codes
     busy = next(r for r in replies if r.status_code == 503)
     assert busy.headers["Retry-After"] == "1" and "busy" in busy.json()["error"]["message"]
     assert all(r.json()["answer"] == "x " * 9 + "x" for r in replies if r.status_code == 200)
-
-
-def test_budgets_and_step_hook_stop_rows_in_both_generators(models):
-    """Per-row budgets and stops from the step hook (a client gone, a stop string) end exactly
-    those rows, in the transformers generator and in the megatron one (one process)."""
-    from megatron_yuyuan.generation import HFGenerator, MegatronGenerator, SamplingConfig
-
-    cfg = SamplingConfig(max_new_tokens=12)
-    hf = HFGenerator(str(models / "hf"))
-    prompts = hf.tokenizer.encode_batch([f"Question:{q} answer:" for q in QUESTIONS[:3]])
-    full = hf.generate_ids(prompts, cfg)
-    for gen in (hf, MegatronGenerator.from_checkpoint(str(models / "mc"))):
-        seen = {0: 0, 1: 0, 2: 0}
-
-        def hook(tokens, active, seen=seen):
-            for i, a in enumerate(active):
-                seen[i] += a
-            return [2] if seen[2] == 3 else []  # row 2's client leaves after 3 tokens
-
-        got = gen.generate_ids(prompts, cfg, budgets=[12, 5, 12], on_step=hook)
-        assert got[0] == full[0] and got[1] == full[1][:5] and got[2] == full[2][:3], gen
-
-
-def test_batches_fit_the_positions_and_penalties_do_not_mix_lengths():
-    """A batch runs to its longest prompt + largest budget: requests that would cut each other
-    short go to different batches; with a repetition penalty only equal-length prompts share one."""
-    from megatron_yuyuan.generation import SamplingConfig
-    from megatron_yuyuan.serve.batcher import Batcher, Request
-
-    class Fake:
-        max_positions = 64
-
-    async def batches(requests):
-        b = Batcher(Fake(), max_batch_size=8, wait_ms=0)
-        for r in requests:
-            b.submit(r)
-        out = []
-        while b.waiting():
-            out.append([requests.index(r) for r in await b._gather()])
-        return out
-
-    greedy = SamplingConfig
-    reqs = [
-        Request([1] * 50, greedy(max_new_tokens=10)),  # 60 positions
-        Request([1] * 5, greedy(max_new_tokens=50)),  # 55, but 50 + 50 > 64 with the first
-        Request([1] * 8, greedy(max_new_tokens=10)),  # fits with the first
-    ]
-    assert asyncio.run(batches(reqs)) == [[0, 2], [1]]
-    penal = [Request([1] * n, greedy(max_new_tokens=4, repetition_penalty=1.3)) for n in (5, 6, 5)]
-    assert asyncio.run(batches(penal)) == [[0, 2], [1]]
-    seeds = [Request([1] * 5, greedy(max_new_tokens=4, seed=s)) for s in (1, 2)]
-    assert asyncio.run(batches(seeds)) == [[0], [1]]  # the server neutralises greedy seeds
 
 
 def test_prompt_limits_name_the_prompt_and_streams_start_stripped():
@@ -445,11 +375,10 @@ def test_prompt_limits_name_the_prompt_and_streams_start_stripped():
     from fastapi.testclient import TestClient
 
     from megatron_yuyuan.serve.app import ServedModel, create_app
-    from megatron_yuyuan.serve.batcher import Batcher
+    from megatron_yuyuan.serve.scheduler import Scheduler
 
-    engine = SlowEngine()
-    engine.max_positions = 16
-    app = create_app(Batcher(engine, wait_ms=0), WordTokenizer(), ServedModel("fake", "x"))
+    engine = StepEngine(0.001, max_positions=16)
+    app = create_app(Scheduler(engine), WordTokenizer(), ServedModel("fake", "x"))
     with TestClient(app) as client:
         r = client.post("/api/answer", json={"question": "w " * 20, "max_new_tokens": 2})
         assert r.status_code == 422 and r.json()["error"]["param"] == "question"
@@ -462,7 +391,7 @@ def test_prompt_limits_name_the_prompt_and_streams_start_stripped():
             "POST", "/api/answer", json={"question": "a b", "max_new_tokens": 3, "stream": True}
         ) as r:
             events = [json.loads(x[6:]) for x in r.iter_lines() if x.startswith("data: ")]
-        assert events[0]["text"] == "x" and events[-1]["answer"] == "x x x x x x x x x x"
+        assert events[0]["text"] == "x" and events[-1]["answer"] == "x x x"
         r = client.post(
             "/v1/completions",
             json={
@@ -473,19 +402,18 @@ def test_prompt_limits_name_the_prompt_and_streams_start_stripped():
             },
         )
         chunks = [x[6:] for x in r.text.splitlines() if x.startswith("data: ")]
-        assert chunks[-1] == "[DONE]" and json.loads(chunks[-2])["usage"]["completion_tokens"] == 10
+        assert chunks[-1] == "[DONE]" and json.loads(chunks[-2])["usage"]["completion_tokens"] == 3
 
 
 def test_bodies_beyond_the_limit_and_foreign_origins_are_refused_and_the_server_still_answers():
     from fastapi.testclient import TestClient
 
     from megatron_yuyuan.serve.app import ServedModel, create_app
-    from megatron_yuyuan.serve.batcher import Batcher
+    from megatron_yuyuan.serve.scheduler import Scheduler
     from megatron_yuyuan.serve.schemas import MAX_BODY_BYTES
 
-    engine = SlowEngine()
     app = create_app(
-        Batcher(engine, wait_ms=0),
+        Scheduler(StepEngine(0.001)),
         WordTokenizer(),
         ServedModel("fake", "x"),
         allowed_origins=["https://app.example.org"],

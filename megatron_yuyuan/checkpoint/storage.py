@@ -251,6 +251,19 @@ def _check_lora_record(record, path: Path) -> dict | None:
     return record
 
 
+def recorded_decoding(ckpt_dir: Path) -> dict:
+    """The decoding settings the run's end-of-training evaluation used (``max_new_tokens``,
+    ``repetition_penalty``, ``no_repeat_ngram_size``), from the iteration's ``run_config.yaml``;
+    empty when it records none (a converted checkpoint) or cannot be read."""
+    path = Path(ckpt_dir) / "run_config.yaml"
+    try:
+        train = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("train") or {}
+    except (OSError, yaml.YAMLError, AttributeError):
+        return {}
+    names = ("max_new_tokens", "repetition_penalty", "no_repeat_ngram_size")
+    return {n: train[f"eval_{n}"] for n in names if isinstance(train.get(f"eval_{n}"), int | float)}
+
+
 def read_info(ckpt_dir: Path) -> CheckpointInfo:
     path = Path(ckpt_dir) / MODEL_CONFIG
     try:

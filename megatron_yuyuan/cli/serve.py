@@ -5,13 +5,15 @@ and a web page at /.
     torchrun --nproc-per-node 2 -m megatron_yuyuan.serve --load runs/demo/checkpoints \\
         --tensor-model-parallel-size 2 --port 8000
 
-Rank 0 runs the HTTP server (FastAPI on uvicorn); the other TP/PP ranks follow its batches. Ctrl-C
-or SIGTERM stops every rank. The API is described in :mod:`megatron_yuyuan.serve.app`.
+Rank 0 runs the HTTP server (FastAPI on uvicorn) and schedules every decoding step (requests join
+and leave the running batch between steps: :mod:`megatron_yuyuan.serve.scheduler`); the other
+TP/PP ranks run the same steps. Ctrl-C or SIGTERM stops every rank. The API is described in
+:mod:`megatron_yuyuan.serve.app`.
 """
 
 from __future__ import annotations
 
-import math
+import os
 import signal
 import socket
 import sys
@@ -30,6 +32,8 @@ from megatron_yuyuan.cli import (
 from megatron_yuyuan.cli.generate import add_model_arguments, generator_from_args
 from megatron_yuyuan.errors import UserError
 from megatron_yuyuan.runtime import launch_rank, launch_world_size
+
+API_KEY_ENV = "MEGATRON_YUYUAN_API_KEY"
 
 
 def check_port(host: str, port: int) -> None:
@@ -60,10 +64,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="requests generated together (default: --batch-size)",
     )
     p.add_argument(
-        "--batch-wait-ms",
-        type=float,
-        default=10.0,
-        help="how long the first request of a batch waits for more",
+        "--scheduler",
+        choices=["continuous", "static"],
+        default="continuous",
+        help="continuous: requests join the running batch at the next decoding step and leave "
+        "when they end; static: a batch is admitted only when the previous one has ended (the "
+        "older policy, for comparison)",
+    )
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get(API_KEY_ENV) or None,
+        help=f"require 'Authorization: Bearer KEY' on every endpoint but /health (default: "
+        f"${API_KEY_ENV}; prefer the variable: a flag shows in the process list)",
     )
     p.add_argument(
         "--max-queue",
@@ -114,8 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not 0 < args.port < 65536:
         p.error(f"--port {args.port}: use 1..65535")
-    if not math.isfinite(args.batch_wait_ms) or args.batch_wait_ms < 0:
-        p.error(f"--batch-wait-ms {args.batch_wait_ms}: must be a finite number >= 0")
+    if args.api_key is not None and not args.api_key.strip():
+        p.error("--api-key: empty; give the key clients must send, or leave it out")
 
     def body() -> int:
         pick_iteration(args)
@@ -139,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             # 0 stuck in its next collective).
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            engine.follow(generator)
+            engine.follow(generator, args.max_batch_size or args.batch_size)
             return 0
         return serve(generator, args)
 
@@ -148,9 +160,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def serve(generator, args) -> int:
     from megatron_yuyuan.serve.app import ServedModel, create_app
-    from megatron_yuyuan.serve.batcher import Batcher
     from megatron_yuyuan.serve.engine import Engine
     from megatron_yuyuan.serve.http import run_server
+    from megatron_yuyuan.serve.scheduler import Scheduler
 
     source = args.load or args.hf_dir
     path = Path(source).resolve()
@@ -159,29 +171,29 @@ def serve(generator, args) -> int:
     if path.name == "checkpoints":
         path = path.parent
     name = args.served_model_name or path.name
-    eng = Engine(generator)
-    batcher = Batcher(
-        eng,
-        max_batch_size=args.max_batch_size or args.batch_size,
-        wait_ms=args.batch_wait_ms,
-        max_queue=args.max_queue,
-    )
+    slots = args.max_batch_size or args.batch_size
+    eng = Engine(generator, slots)
+    scheduler = Scheduler(eng, slots, max_queue=args.max_queue, policy=args.scheduler)
     layout = f"TP={args.tensor_model_parallel_size}, PP={args.pipeline_model_parallel_size}"
     app = create_app(
-        batcher,
+        scheduler,
         generator.tokenizer,
-        ServedModel(name, str(source), layout, generator.template),
+        ServedModel(name, str(source), layout, generator.template, generator.decoding),
         allowed_origins=args.allowed_origins,
+        api_key=args.api_key,
     )
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(
             f"warning: --host {args.host} makes the API reachable from other machines and it "
-            f"has no authentication; put it behind an authenticating proxy or a firewall",
+            f"has no authentication; set $MEGATRON_YUYUAN_API_KEY (or --api-key), or put it behind "
+            f"an authenticating proxy or a firewall",
             file=sys.stderr,
             flush=True,
         )
     print(
-        f"> serving {name} ({layout}) from {source} at http://{args.host}:{args.port}/", flush=True
+        f"> serving {name} ({layout}, {args.scheduler} batching of up to {slots}) from {source} "
+        f"at http://{args.host}:{args.port}/" + (" (API key required)" if args.api_key else ""),
+        flush=True,
     )
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, restores the handlers it found and then
     # re-raises the signal; with these no-op handlers the re-raise returns here, so the followers
@@ -198,7 +210,7 @@ def serve(generator, args) -> int:
             keep_alive_s=args.keep_alive_s,
             head_timeout_s=args.request_head_timeout_s,
             grace_s=args.shutdown_grace_s,
-            on_signal=batcher.drain,
+            on_signal=scheduler.drain,
         )
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):  # another signal now stops a stuck exit

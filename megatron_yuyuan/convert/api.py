@@ -332,6 +332,8 @@ def convert_megatron_to_hf(
                     "source": str(ckpt.resolve()),
                     "iteration": info.iteration,
                     "prompt_template": info.prompt_template or PromptTemplate().text,
+                    # the run's evaluation decoding: a server's defaults
+                    "decoding": storage.recorded_decoding(ckpt),
                     "files": sorted(p.name for p in tmp.iterdir()),
                 },
                 indent=1,

@@ -1,6 +1,10 @@
 """The HTTP answer service as one FastAPI application: the endpoints (:mod:`.routes`: ``POST
 /api/answer``, ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /health``, ``GET
-/v1/models``) plus the web page at ``GET /``.
+/v1/models``; ``GET /metrics``) plus the web page at ``GET /``.
+
+With an API key every endpoint but ``/health`` (and the page itself, which asks for the key) needs
+``Authorization: Bearer KEY``; the key is compared in constant time (of SHA-256 digests, so not
+even its length leaks), anything else is a 401.
 
 Client mistakes never reach the model: malformed JSON is a 400, a missing/empty field, a wrong
 type or an out-of-range value a 422 naming the field (:mod:`.schemas`), a prompt plus token budget
@@ -10,21 +14,27 @@ beyond the model's positions a 422 stating the limit. Errors have OpenAI's shape
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import html
 from collections.abc import Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, Response
 
 from megatron_yuyuan.prompts import DEFAULT_TEMPLATE, PromptTemplate
-from megatron_yuyuan.serve.batcher import Batcher
 from megatron_yuyuan.serve.errors import APIError, error_response, validation_error
+from megatron_yuyuan.serve.metrics import Metrics
 from megatron_yuyuan.serve.routes import Service, router
+from megatron_yuyuan.serve.scheduler import Scheduler
+
+OPEN_PATHS = ("/health", "/")
+"""What answers without the API key: the liveness probe, and the page (which asks for it)."""
 
 
 @dataclass
@@ -39,6 +49,9 @@ class ServedModel:
     """Its parallel layout, for /health and the page."""
     template: PromptTemplate = DEFAULT_TEMPLATE
     """The prompt template it was trained with: /api/answer and /v1/chat/completions use it."""
+    decoding: dict = field(default_factory=dict)
+    """The decoding settings its run's end-of-training evaluation used (``max_new_tokens``,
+    ``repetition_penalty``, ``no_repeat_ngram_size``): the defaults of the page and the API."""
 
 
 def origin_allowed(origin: str, host: str, allowed: Sequence[str]) -> bool:
@@ -48,21 +61,34 @@ def origin_allowed(origin: str, host: str, allowed: Sequence[str]) -> bool:
     return origin.split("://", 1)[-1].rstrip("/") == host
 
 
+def key_matches(given: str, key: str) -> bool:
+    """Constant time, whatever the lengths."""
+    digest = lambda text: hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()  # noqa: E731
+    return hmac.compare_digest(digest(given), digest(key))
+
+
 def create_app(
-    batcher: Batcher, tokenizer, model: ServedModel, allowed_origins: Sequence[str] = ()
+    scheduler: Scheduler,
+    tokenizer,
+    model: ServedModel,
+    allowed_origins: Sequence[str] = (),
+    api_key: str | None = None,
 ) -> FastAPI:
-    """The FastAPI application over a running batcher (its loop starts with the app).
+    """The FastAPI application over a scheduler (its thread starts with the app).
 
     A request whose ``Origin`` is another site than the server's own (a page the user visits
     posting a cross-site ``text/plain`` form, which browsers send without asking) is refused
-    with 403 unless ``allowed_origins`` lists it (``*``: any)."""
-    service = Service(batcher, tokenizer, model)
+    with 403 unless ``allowed_origins`` lists it (``*``: any). With ``api_key``, see the module
+    docstring."""
+    metrics = scheduler.metrics or Metrics()
+    scheduler.metrics = metrics
+    service = Service(scheduler, tokenizer, model)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        batcher.start()
+        scheduler.start()
         yield
-        await batcher.stop()
+        await scheduler.stop()
 
     app = FastAPI(title="megatron_yuyuan QA server", lifespan=lifespan)
     app.state.service = service
@@ -81,6 +107,32 @@ def create_app(
             )
         return await call_next(request)
 
+    @app.middleware("http")
+    async def key_required(request: HTTPRequest, call_next):
+        if api_key and request.url.path not in OPEN_PATHS:
+            scheme, _, given = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not key_matches(given.strip(), api_key):
+                return error_response(
+                    401,
+                    "this server needs its API key: send the header Authorization: Bearer KEY",
+                    "authorization",
+                    {"WWW-Authenticate": "Bearer"},
+                )
+        return await call_next(request)
+
+    known = {route.path for route in router.routes} | {"/", "/metrics"}
+
+    @app.middleware("http")  # added last: runs first, so refusals above are counted too
+    async def count(request: HTTPRequest, call_next):
+        response = await call_next(request)
+        path = request.url.path if request.url.path in known else "other"
+        metrics.requests.labels(path, str(response.status_code)).inc()
+        return response
+
+    @app.get("/metrics")
+    async def scrape():
+        return Response(metrics.render(), media_type=metrics.content_type)
+
     app.add_exception_handler(
         APIError, lambda r, e: error_response(e.status, e.message, e.param, e.headers)
     )
@@ -94,6 +146,9 @@ def create_app(
         .replace("{{LAYOUT}}", html.escape(model.layout))
         .replace("{{MAX_POSITIONS}}", str(service.max_positions))
         .replace("{{DEFAULT_TOKENS}}", str(service.default_budget))
+        .replace("{{REPETITION_PENALTY}}", f"{service.defaults['repetition_penalty']:g}")
+        .replace("{{NO_REPEAT_NGRAM_SIZE}}", str(service.defaults["no_repeat_ngram_size"]))
+        .replace("{{KEY_HIDDEN}}", "" if api_key else "hidden")
     )
 
     @app.get("/", response_class=HTMLResponse)

@@ -1,6 +1,7 @@
 """How failures reach a client: OpenAI's error shape ``{"error": {"message", "type", "param"}}``
-with the status that says whose fault it is (400 malformed, 413 too large, 422 a field the schema
-or the limits refuse, 503 busy or shutting down, 500 a generation that failed)."""
+with the status that says whose fault it is (400 malformed, 401 no or a wrong API key, 413 too
+large, 422 a field the schema or the limits refuse, 503 busy or shutting down, 500 a generation
+that failed)."""
 
 from __future__ import annotations
 
@@ -29,7 +30,13 @@ class APIError(Exception):
 
 
 def error_response(status: int, message: str, param: str | None = None, headers=None):
-    kind = {400: "invalid_request_error", 404: "not_found_error", 422: "invalid_request_error"}
+    kind = {
+        400: "invalid_request_error",
+        401: "authentication_error",
+        404: "not_found_error",
+        413: "invalid_request_error",
+        422: "invalid_request_error",
+    }
     body = {"error": {"message": message, "type": kind.get(status, "server_error"), "param": param}}
     return JSONResponse(body, status_code=status, headers=headers)
 

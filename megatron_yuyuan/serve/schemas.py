@@ -28,6 +28,12 @@ from megatron_yuyuan.serve.errors import APIError
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed's range
 MAX_PROMPT_CHARS = 100_000
 MAX_BODY_BYTES = 2_000_000
+MAX_PROMPTS = 16
+"""Prompts in one /v1/completions request."""
+MAX_CHOICES = 64
+"""Prompts x n in one /v1/completions request."""
+MAX_LOGPROBS = 20
+"""Alternatives per token in ``logprobs``."""
 
 
 class _Strict(BaseModel):
@@ -36,14 +42,16 @@ class _Strict(BaseModel):
 
 class AnswerRequest(_Strict):
     question: str = Field(min_length=1, max_length=4000)
-    max_new_tokens: int = Field(128, ge=1)
+    max_new_tokens: int | None = Field(None, ge=1)
+    """None: the served model's default (its evaluation's answer length)."""
     temperature: float = 0.0
     """0: greedy (as ``generate`` without --do-sample); > 0: sampling at this temperature."""
     top_k: int = 0
     top_p: float = 1.0
     seed: int = Field(1234, ge=0, le=MAX_SEED)
-    repetition_penalty: float = 1.0
-    no_repeat_ngram_size: int = 0
+    repetition_penalty: float | None = None
+    """None: the served model's default (its evaluation's)."""
+    no_repeat_ngram_size: int | None = None
     stream: bool = False
     fields: dict[str, str] | None = None
     """The prompt template's other fields (e.g. ``{"context": "..."}``)."""
@@ -63,6 +71,10 @@ class _OpenAIRequest(_Strict):
     temperature: float = 1.0
     top_p: float = 1.0
     n: int = Field(1, ge=1, le=1)
+    # extensions (as vLLM's): None takes the served model's defaults
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    no_repeat_ngram_size: int | None = None
     stream: bool = False
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
@@ -93,13 +105,16 @@ class _OpenAIRequest(_Strict):
 class CompletionRequest(_OpenAIRequest):
     prompt: str | list[str]
     max_tokens: int | None = Field(16, ge=1)
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
+    """Choices per prompt; choice j is drawn with ``seed + j``."""
     echo: bool = False
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    """Each token's log-probability and this many most likely alternatives."""
     best_of: int | None = None
     logit_bias: dict | None = None
     suffix: str | None = None
 
-    @field_validator("logprobs", "suffix")
+    @field_validator("suffix")
     @classmethod
     def null_only(cls, v):
         if v is not None:
@@ -126,8 +141,8 @@ class CompletionRequest(_OpenAIRequest):
         items = [v] if isinstance(v, str) else v
         if not items or any(not p for p in items):
             raise ValueError("must be a non-empty string or a non-empty list of them")
-        if len(items) > 16:
-            raise ValueError("at most 16 prompts per request")
+        if len(items) > MAX_PROMPTS:
+            raise ValueError(f"at most {MAX_PROMPTS} prompts per request")
         if any(len(p) > MAX_PROMPT_CHARS for p in items):
             raise ValueError(f"at most {MAX_PROMPT_CHARS} characters per prompt")
         return v
@@ -165,7 +180,7 @@ class ChatRequest(_OpenAIRequest):
 def sampling(temperature: float, top_p: float, top_k: int, seed: int, budget: int, **extra):
     """A request's sampling values as a :class:`SamplingConfig`, which bounds them (a value out of
     range is a 422 naming its field). Greedy at temperature 0: then the seed and the sampling
-    knobs take neutral values, so greedy requests batch together whatever their seeds."""
+    knobs take neutral values (a greedy answer is the same whatever seed it was sent with)."""
     greedy = temperature == 0.0
     asked = dict(temperature=1.0 if greedy else temperature, top_k=top_k, top_p=top_p, seed=seed)
     try:

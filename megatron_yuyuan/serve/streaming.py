@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator
 
 from fastapi import Request as HTTPRequest
 
-from megatron_yuyuan.serve.batcher import Request
 from megatron_yuyuan.serve.errors import GenerationFailed, ShuttingDown
+from megatron_yuyuan.serve.scheduler import Request
 
 
 class TextStream:
@@ -62,40 +62,65 @@ def token_usage(prompt_tokens: int, completion_tokens: int) -> dict:
     }
 
 
+def openai_logprobs(tokenizer, entries: list, offset: int = 0) -> dict:
+    """OpenAI's completions ``logprobs`` object for ``entries`` of ``(token, logprob, [(id,
+    logprob), ...])``; ``offset`` is where the first token's text starts in the choice's text."""
+    tokens = [tokenizer.decode([t]) for t, _, _ in entries]
+    offsets = []
+    for text in tokens:
+        offsets.append(offset)
+        offset += len(text)
+    return {
+        "tokens": tokens,
+        "token_logprobs": [lp for _, lp, _ in entries],
+        "top_logprobs": [{tokenizer.decode([i]): v for i, v in top} for _, _, top in entries],
+        "text_offset": offsets,
+    }
+
+
 async def events_of(
     request: Request, stream: TextStream, http: HTTPRequest
-) -> AsyncIterator[tuple[str, list[int] | None]]:
-    """(text delta, None) per token, then ("", ids) when done. A stop string, an error or a
-    client that went away (checked twice a second, tokens arriving or not) cancels the
-    request, so its row stops costing compute at the next step."""
+) -> AsyncIterator[tuple[str, list[int] | None, list]]:
+    """(text delta, None, new logprob entries) per token, then ("", ids, entries) when done. A
+    stop string, an error or a client that went away (checked twice a second, tokens arriving or
+    not) cancels the request, so its row stops costing compute at the next step."""
     loop = asyncio.get_running_loop()
     next_check = loop.time() + 0.5
+    entries: list = []  # logprob entries not yet yielded
+    given = 0  # entries yielded so far
     try:
         while True:
             try:
-                kind, value = await asyncio.wait_for(request.events.get(), timeout=0.5)
+                event = await asyncio.wait_for(request.events.get(), timeout=0.5)
             except asyncio.TimeoutError:
-                kind, value = None, None
+                event = (None,)
             if loop.time() >= next_check:
                 next_check = loop.time() + 0.5
                 if await http.is_disconnected():
                     return
+            kind = event[0]
             if kind == "token":
                 if stream.stopped:
                     continue
-                delta = stream.push(value)
+                _, token, logprob = event
+                delta = stream.push(token)
+                if logprob is not None:
+                    entries.append((token, *logprob))
                 if stream.stopped:
                     request.cancel()
                 if delta:
-                    yield delta, None
+                    given += len(entries)
+                    yield delta, None, entries
+                    entries = []
             elif kind == "done":
+                _, ids, logprobs = event
                 if not request.tokens:  # no token events came: the text is all new
-                    stream.ids = list(value)
-                yield stream.rest(), value
+                    stream.ids = list(ids)
+                yield stream.rest(), ids, list(logprobs[given:])
                 return
             elif kind == "error":
-                raise GenerationFailed(value)
+                raise GenerationFailed(event[1])
             elif kind == "unavailable":  # queued when the server began to shut down
-                raise ShuttingDown(value)
+                raise ShuttingDown(event[1])
     finally:
         request.cancel()

@@ -1,0 +1,191 @@
+"""The next token of every row, chosen on the device, each row with its own settings.
+
+Rows of one batch may differ in everything a :class:`~megatron_yuyuan.sampling.SamplingConfig`
+holds: greedy or sampled, temperature, top-k, top-p, repetition penalty, no-repeat n-gram size and
+seed. Penalties follow transformers' ``RepetitionPenaltyLogitsProcessor`` and
+``NoRepeatNGramLogitsProcessor`` exactly (so greedy tokens equal ``transformers.generate``); each
+sampled row draws from its own ``torch.Generator``, so a seeded row gives the same tokens whatever
+it is batched with. Nothing here reads a tensor back to the host: the caller does that once per
+step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from megatron_yuyuan.sampling import SamplingConfig
+
+
+class RowSettings:
+    """Per-row sampling values as device tensors ``[S]``, and each sampled row's generator.
+
+    Args:
+        slots: rows at most.
+        device: where the logits live.
+    """
+
+    def __init__(self, slots: int, device: torch.device) -> None:
+        self.device = device
+        self.configs: list[SamplingConfig | None] = [None] * slots
+        """The host copy: which rows sample, penalise, ban n-grams (decided without a sync)."""
+        self.temperature = torch.ones(slots, device=device)
+        self.top_k = torch.zeros(slots, dtype=torch.long, device=device)
+        self.top_p = torch.ones(slots, device=device)
+        self.penalty = torch.ones(slots, device=device)
+        self.generators: list[torch.Generator | None] = [None] * slots
+
+    def set(self, rows: Sequence[int], configs: Sequence[SamplingConfig]) -> None:
+        """Give ``rows`` their settings (one host-to-device copy per field)."""
+        idx = torch.as_tensor(list(rows), dtype=torch.long, device=self.device)
+        for name, field in (
+            ("temperature", "temperature"),
+            ("top_p", "top_p"),
+            ("penalty", "repetition_penalty"),
+        ):
+            values = [float(getattr(c, field)) for c in configs]
+            getattr(self, name)[idx] = torch.tensor(values, device=self.device)
+        self.top_k[idx] = torch.tensor([c.top_k for c in configs], device=self.device)
+        for row, cfg in zip(rows, configs):
+            self.configs[row] = cfg
+            self.generators[row] = None
+            if cfg.do_sample:
+                self.generators[row] = torch.Generator(device=self.device).manual_seed(cfg.seed)
+
+    def clear(self, rows: Sequence[int]) -> None:
+        for row in rows:
+            self.configs[row], self.generators[row] = None, None
+
+
+def penalize(
+    logits: torch.Tensor, history: torch.Tensor, lengths: torch.Tensor, penalty: torch.Tensor
+) -> torch.Tensor:
+    """Repetition penalty per row: a logit of a token in the row's history is divided by the
+    row's penalty when positive, multiplied when negative (a penalty of 1 changes nothing).
+
+    Args:
+        logits: ``[n, V]``.
+        history: ``[n, H]`` token ids; ``lengths`` ``[n]`` of them are the row's.
+        penalty: ``[n]``.
+    """
+    n, vocab = logits.shape
+    valid = torch.arange(history.shape[1], device=logits.device) < lengths[:, None]  # [n, H]
+    ids = torch.where(valid, history, vocab)  # a spare column for what is not history
+    seen = torch.zeros(n, vocab + 1, dtype=torch.bool, device=logits.device)
+    seen = seen.scatter_(1, ids, True)[:, :vocab]  # [n, V]
+    p = penalty[:, None]
+    return torch.where(seen, torch.where(logits < 0, logits * p, logits / p), logits)
+
+
+def banned_ngrams(history: torch.Tensor, lengths: torch.Tensor, n: int, vocab: int) -> torch.Tensor:
+    """``[r, V]`` bool: the tokens that would repeat an ``n``-gram of each row's history (the
+    row's last ``n - 1`` tokens followed by them already occur in it).
+
+    Args:
+        history: ``[r, H]``; ``lengths`` ``[r]`` of each row are its tokens.
+    """
+    r, h = history.shape
+    device = history.device
+    banned = torch.zeros(r, vocab + 1, dtype=torch.bool, device=device)
+    if h < n:
+        return banned[:, :vocab]
+    windows = history.unfold(1, n, 1)  # [r, h-n+1, n]
+    inside = torch.arange(h - n + 1, device=device)[None] + n <= lengths[:, None]  # [r, h-n+1]
+    at = (lengths[:, None] - (n - 1) + torch.arange(n - 1, device=device)).clamp(min=0)
+    prefix = history.gather(1, at)  # [r, n-1]: what the next token extends
+    matches = inside & (windows[..., :-1] == prefix[:, None]).all(dim=-1)  # [r, h-n+1]
+    banned.scatter_(1, torch.where(matches, windows[..., -1], vocab), True)
+    return banned[:, :vocab]
+
+
+def sample(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    generators: Sequence[torch.Generator],
+    filtered: bool = True,
+) -> torch.Tensor:
+    """One token per row ``[n]`` from ``logits`` ``[n, V]``: divided by the row's temperature,
+    cut to its top-k (ties at the k-th value kept), then to the smallest set whose probability
+    reaches its top-p (the token that crosses p kept), and drawn with the row's generator.
+    ``filtered=False`` skips the cuts (no row asked for one)."""
+    logits = logits.float() / temperature[:, None]
+    if filtered:
+        vocab = logits.shape[-1]
+        ordered, order = torch.sort(logits, descending=True, dim=-1)  # [n, V]
+        k = torch.where(top_k > 0, top_k.clamp(max=vocab), vocab)
+        kth = ordered.gather(1, (k - 1)[:, None])  # [n, 1]
+        ordered = ordered.masked_fill(ordered < kth, float("-inf"))
+        probs = ordered.softmax(-1)
+        drop = (probs.cumsum(-1) - probs > top_p[:, None]) & (top_p < 1.0)[:, None]
+        ordered = ordered.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(1, order, ordered)
+    probs = logits.softmax(-1)
+    draws = [torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)]
+    return torch.cat(draws)
+
+
+def choose(
+    logits: torch.Tensor,
+    slots: Sequence[int],
+    settings: RowSettings,
+    history: torch.Tensor,
+    lengths: torch.Tensor,
+    host_lengths: dict[int, int],
+    first: int = 0,
+) -> torch.Tensor:
+    """The next token ``[W]`` of every row of ``logits`` ``[W, V]``, by each row's settings.
+
+    Args:
+        slots: the rows that are generating (row ``i`` of ``logits`` is slot ``first + i``; the
+            others get argmax filler).
+        history: ``[W, H]`` the rows' tokens so far (prompt included), which penalties read;
+            ``lengths`` ``[W]`` of each are the row's.
+        host_lengths: each slot's history length as the host knows it (bounds the n-gram search
+            without a sync).
+    """
+    configs = [settings.configs[s] for s in slots]
+    width = logits.shape[0]
+    if any(c.repetition_penalty != 1.0 for c in configs):
+        logits = penalize(logits, history, lengths, settings.penalty[first : first + width])
+    sizes = sorted({c.no_repeat_ngram_size for c in configs} - {0})
+    if sizes:
+        logits = logits.clone()
+    for n in sizes:
+        group = [s for s, c in zip(slots, configs) if c.no_repeat_ngram_size == n]
+        idx = torch.as_tensor([s - first for s in group], device=logits.device)
+        span = max(host_lengths[s] for s in group)
+        ban = banned_ngrams(history[idx, :span], lengths[idx], n, logits.shape[-1])
+        logits[idx] = logits[idx].masked_fill(ban, float("-inf"))
+    nxt = logits.argmax(dim=-1)  # [W]
+    sampled = [s for s, c in zip(slots, configs) if c.do_sample]
+    if sampled:
+        rows = torch.as_tensor([s - first for s in sampled], device=logits.device)
+        at = torch.as_tensor(sampled, device=logits.device)
+        filtered = any(
+            settings.configs[s].top_k > 0 or settings.configs[s].top_p < 1.0 for s in sampled
+        )
+        draws = sample(
+            logits[rows],
+            settings.temperature[at],
+            settings.top_k[at],
+            settings.top_p[at],
+            [settings.generators[s] for s in sampled],
+            filtered,
+        )
+        nxt = nxt.index_copy(0, rows, draws)
+    return nxt
+
+
+def top_logprobs(logits: torch.Tensor, chosen: torch.Tensor, k: int) -> torch.Tensor:
+    """``[n, 1 + 2k]`` float64: the chosen token's log-probability, then the ``k`` most likely
+    tokens' ids and log-probabilities, from the model's own logits (before penalties and
+    temperature, as OpenAI reports them)."""
+    lp = torch.log_softmax(logits.float(), dim=-1)  # [n, V]
+    own = lp.gather(1, chosen[:, None])  # [n, 1]
+    if k == 0:
+        return own.double()
+    best = lp.topk(k, dim=-1)
+    return torch.cat([own.double(), best.indices.double(), best.values.double()], dim=1)
