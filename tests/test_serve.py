@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import write_gpt2
 from slow_server import StepEngine, WordTokenizer
@@ -89,12 +90,14 @@ def models(tmp_path_factory):
     return root
 
 
-def expected(models: Path, source: list[str], name: str) -> list[dict]:
+def expected(
+    models: Path, source: list[str], name: str, tokens: int = NEW_TOKENS, flags: tuple = ()
+) -> list[dict]:
     """`python -m megatron_yuyuan.generate` answers, one question at a time (batch size 1)."""
     inp, out = models / "questions.jsonl", models / f"expected_{name}.jsonl"
     inp.write_text("".join(json.dumps({"question": q}) + "\n" for q in QUESTIONS))
     cmd = [sys.executable, "-m", "megatron_yuyuan.generate", *source, "--input", str(inp)]
-    cmd += ["--output", str(out), "--batch-size", "1", "--max-new-tokens", str(NEW_TOKENS)]
+    cmd += ["--output", str(out), "--batch-size", "1", "--max-new-tokens", str(tokens), *flags]
     subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     return [json.loads(line) for line in out.read_text().splitlines()]
 
@@ -262,8 +265,9 @@ def test_hf_server_stops_cleanly_on_sigterm(hf_server):
     assert "server stopped" in server.log.read_text()
 
 
-def browser_check(url: str, answer: str, tmp_path: Path) -> None:
-    """Headless Chromium types a question, submits, waits for the streamed answer."""
+def browser_check(url: str, answer: str, tmp_path: Path, api_key: str | None = None) -> None:
+    """Headless Chromium types a question (and the API key), submits, waits for the streamed
+    answer."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     try:
         from playwright.sync_api import sync_playwright
@@ -278,6 +282,11 @@ def browser_check(url: str, answer: str, tmp_path: Path) -> None:
         page.goto(url + "/")
         page.fill("#question", QUESTIONS[0])
         page.fill("#max_new_tokens", str(NEW_TOKENS))
+        if api_key is not None:
+            page.click("#submit")  # without the key first: the page says it needs one
+            page.wait_for_selector("#status.error", timeout=60_000)
+            assert "API key" in page.inner_text("#status")
+            page.fill("#api_key", api_key)
         page.click("#submit")
         page.wait_for_selector("#answer[data-done='1']", timeout=60_000)
         text = page.inner_text("#answer")
@@ -599,3 +608,262 @@ def test_repeated_accept_errors_are_logged_once_per_interval():
     assert records[0] == "socket.accept() out of system resource"
     assert records[1].startswith("socket.accept() out of system resource (999 more like it")
     assert records[2:] == ["something else"]
+
+
+# --- the serving engine: continuous batching, mixed settings, logprobs, keys, metrics -------------
+LONG = 30
+PENALTIES = {"repetition_penalty": 1.3, "no_repeat_ngram_size": 3}
+KEY = "s3cret-key-for-tests"
+
+
+def mixed_wants(models: Path, source: list[str], name: str) -> dict:
+    """`generate` alone for each greedy setting the mixed workload uses."""
+    flags = ("--repetition-penalty", "1.3", "--no-repeat-ngram-size", "3")
+    return {
+        "short": expected(models, source, f"{name}_short"),
+        "long": expected(models, source, f"{name}_long", LONG),
+        "penalties": expected(models, source, f"{name}_pen", NEW_TOKENS, flags),
+    }
+
+
+def mixed_workload(url: str, wants: dict, headers: dict | None = None, n: int = 64) -> None:
+    """``n`` concurrent requests of mixed lengths and settings (a quarter sampled, each with its
+    own temperature / top-k / top-p / seed): every greedy answer equals `generate` alone, every
+    seeded sample equals the same request sent alone."""
+    import random
+
+    rng = random.Random(0)
+    bodies, kinds = [], []
+    for i in range(n):
+        q = QUESTIONS[i % len(QUESTIONS)]
+        if i % 4 == 3:
+            kinds.append(None)
+            bodies.append(
+                {
+                    "question": q,
+                    "max_new_tokens": rng.randint(4, 40),
+                    "temperature": rng.choice([0.7, 1.0, 1.3]),
+                    "top_k": rng.choice([0, 20]),
+                    "top_p": rng.choice([1.0, 0.9]),
+                    "seed": rng.randint(0, 10**9),
+                }
+            )
+        else:
+            kind = rng.choice(["short", "long", "penalties"])
+            kinds.append(kind)
+            body = {"question": q, "max_new_tokens": LONG if kind == "long" else NEW_TOKENS}
+            bodies.append({**body, **(PENALTIES if kind == "penalties" else {})})
+
+    async def send(items):
+        async with httpx.AsyncClient(timeout=300, headers=headers) as client:
+            return await asyncio.gather(*(client.post(url + "/api/answer", json=b) for b in items))
+
+    replies = asyncio.run(send(bodies))
+    assert all(r.status_code == 200 for r in replies), [r.text for r in replies][:3]
+    for i, (body, kind, r) in enumerate(zip(bodies, kinds, replies)):
+        got = r.json()
+        if kind is not None:
+            w = wants[kind][i % len(QUESTIONS)]
+            assert (got["answer"], got["tokens"]) == (w["prediction"], w["new_tokens"]), (i, kind)
+        else:
+            alone = httpx.post(url + "/api/answer", json=body, headers=headers, timeout=120)
+            assert got == alone.json(), (i, body)
+            assert got["tokens"] == body["max_new_tokens"]  # peaked weights: no early EOS
+
+
+def short_finishes_first(url: str, headers: dict | None = None) -> None:
+    """A short request sent while a long one is decoding finishes before the long one."""
+    finished = {}
+
+    async def scenario():
+        async with httpx.AsyncClient(timeout=300, headers=headers) as client:
+
+            async def long():
+                body = {"question": QUESTIONS[0], "max_new_tokens": 100, "stream": True}
+                async with client.stream("POST", url + "/api/answer", json=body) as r:
+                    async for line in r.aiter_lines():
+                        if line.startswith("data: ") and not started.done():
+                            started.set_result(True)
+                finished["long"] = time.monotonic()
+
+            started = asyncio.get_running_loop().create_future()
+            task = asyncio.create_task(long())
+            await started  # the long one is decoding now
+            body = {"question": QUESTIONS[1], "max_new_tokens": 3}
+            r = await client.post(url + "/api/answer", json=body)
+            assert r.status_code == 200 and r.json()["tokens"] == 3
+            finished["short"] = time.monotonic()
+            await task
+
+    asyncio.run(scenario())
+    assert finished["short"] < finished["long"], finished
+
+
+@pytest.fixture(scope="module")
+def keyed_server(models, tmp_path_factory):
+    """A server over the HF directory that needs an API key (from the environment)."""
+    log = tmp_path_factory.mktemp("keyed") / "keyed.log"
+    os.environ["MEGATRON_YUYUAN_API_KEY"] = KEY
+    try:
+        server = Server(
+            ["--hf-dir", str(models / "hf"), "--batch-size", "8"], [sys.executable], log
+        )
+    finally:
+        del os.environ["MEGATRON_YUYUAN_API_KEY"]
+    yield server
+    server.stop()
+
+
+def test_api_key_is_required_everywhere_but_health(keyed_server):
+    url, auth = keyed_server.url, {"Authorization": f"Bearer {KEY}"}
+    ask = {"question": QUESTIONS[0], "max_new_tokens": 2}
+    for headers in (
+        {},
+        {"Authorization": "Bearer " + "x" * len(KEY)},  # wrong key, same length
+        {"Authorization": "Bearer short"},  # another length
+        {"Authorization": KEY},  # no scheme
+        {"Authorization": f"Basic {KEY}"},
+    ):
+        for method, path, body in (
+            ("POST", "/api/answer", ask),
+            ("POST", "/v1/completions", {"prompt": "x"}),
+            ("GET", "/v1/models", None),
+            ("GET", "/metrics", None),
+        ):
+            r = httpx.request(method, url + path, json=body, headers=headers)
+            assert r.status_code == 401, (headers, path, r.text)
+            assert r.headers["www-authenticate"] == "Bearer" and "API key" in r.text
+    assert httpx.post(url + "/api/answer", json=ask, headers=auth).status_code == 200
+    assert httpx.get(url + "/v1/models", headers=auth).status_code == 200
+    assert httpx.get(url + "/health").status_code == 200
+    assert 'id="api_key"' in httpx.get(url + "/").text  # the page asks for it
+
+
+def test_metrics_count_exactly_the_requests_sent(keyed_server):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url, auth = keyed_server.url, {"Authorization": f"Bearer {KEY}"}
+
+    def scrape() -> dict:
+        text = httpx.get(url + "/metrics", headers=auth).text
+        values = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                values[key] = sample.value
+        return values
+
+    def delta(after, before, name, **labels):
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0) - before.get(key, 0)
+
+    before = scrape()
+    replies = [
+        httpx.post(url + "/api/answer", json={"question": q, "max_new_tokens": 4}, headers=auth)
+        for q in QUESTIONS[:5]
+    ]
+    assert all(r.status_code == 200 for r in replies)
+    bad = [httpx.post(url + "/api/answer", json={"question": ""}, headers=auth) for _ in range(2)]
+    assert [r.status_code for r in bad] == [422, 422]
+    assert httpx.post(url + "/api/answer", json={"question": "x"}).status_code == 401
+    after = scrape()
+    answer = {"endpoint": "/api/answer"}
+    assert delta(after, before, "yuyuan_requests_total", **answer, status="200") == 5
+    assert delta(after, before, "yuyuan_requests_total", **answer, status="422") == 2
+    assert delta(after, before, "yuyuan_requests_total", **answer, status="401") == 1
+    assert delta(after, before, "yuyuan_generation_tokens_total") == sum(
+        r.json()["tokens"] for r in replies
+    )
+    assert delta(after, before, "yuyuan_time_to_first_token_seconds_count") == 5
+    assert delta(after, before, "yuyuan_time_per_output_token_seconds_count") == 5
+    assert delta(after, before, "yuyuan_prompt_tokens_total") > 5 * 5
+    assert after[("yuyuan_queue_length", ())] == 0
+    assert after[("yuyuan_running_batch_size", ())] == 0
+
+
+def test_logprobs_and_n_through_the_api(keyed_server, models):
+    from transformers import GPT2LMHeadModel
+
+    from megatron_yuyuan.tokenizer import load_tokenizer
+
+    url, auth = keyed_server.url, {"Authorization": f"Bearer {KEY}"}
+    prompt = f"Question:{QUESTIONS[2]} answer:"
+    body = {"prompt": prompt, "max_tokens": 6, "temperature": 0, "logprobs": 3}
+    r = httpx.post(url + "/v1/completions", json=body, headers=auth)
+    choice = r.json()["choices"][0]
+    lp = choice["logprobs"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == 6
+    assert "".join(lp["tokens"]) == choice["text"]
+    assert lp["text_offset"][0] == 0 and lp["text_offset"][1] == len(lp["tokens"][0])
+    tok = load_tokenizer(str(models / "hf"))
+    model = GPT2LMHeadModel.from_pretrained(str(models / "hf")).eval()
+    ids = tok.encode(prompt)
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=6,
+            do_sample=False,
+            output_scores=True,
+            return_dict_in_generate=True,
+            pad_token_id=tok.eod,
+        )
+        new = out.sequences[0, len(ids) :].tolist()
+        logits = model(out.sequences).logits[0, len(ids) - 1 : -1]
+    assert [tok.decode([t]) for t in new] == lp["tokens"]
+    for reference in (torch.log_softmax(logits, -1), torch.log_softmax(torch.cat(out.scores), -1)):
+        for step, t in enumerate(new):
+            assert abs(lp["token_logprobs"][step] - reference[step, t].item()) < 1e-5
+            best = reference[step].topk(3)
+            want = {tok.decode([int(i)]): v for i, v in zip(best.indices, best.values.tolist())}
+            got = lp["top_logprobs"][step]
+            assert got.keys() == want.keys()
+            assert all(abs(got[k] - want[k]) < 1e-5 for k in want)
+    # n=3: three choices per prompt, sampled ones differ by seed (seed + j), each reproducible
+    body = {"prompt": [prompt, "Question:hi answer:"], "max_tokens": 5, "n": 3, "seed": 5}
+    r = httpx.post(url + "/v1/completions", json=body, headers=auth).json()
+    assert [c["index"] for c in r["choices"]] == list(range(6))
+    texts = [c["text"] for c in r["choices"]]
+    assert len(set(texts[:3])) > 1
+    one = {**body, "prompt": prompt, "n": 1, "seed": 6}
+    again = httpx.post(url + "/v1/completions", json=one, headers=auth)
+    assert again.json()["choices"][0]["text"] == texts[1]
+    greedy = httpx.post(url + "/v1/completions", json={**body, "temperature": 0}, headers=auth)
+    assert len({c["text"] for c in greedy.json()["choices"][:3]}) == 1
+
+
+def test_hf_server_mixed_workload_and_short_before_long(keyed_server, models):
+    auth = {"Authorization": f"Bearer {KEY}"}
+    wants = mixed_wants(models, ["--hf-dir", str(models / "hf")], "hf_mixed")
+    mixed_workload(keyed_server.url, wants, auth)
+    short_finishes_first(keyed_server.url, auth)
+
+
+def test_web_page_with_an_api_key_in_headless_chromium(keyed_server, models, tmp_path):
+    want = expected(models, ["--hf-dir", str(models / "hf")], "hf_page")
+    browser_check(keyed_server.url, want[0]["prediction"], tmp_path, api_key=KEY)
+
+
+def test_megatron_tp2_server_mixed_workload(models, tmp_path):
+    wants = mixed_wants(models, ["--load", str(models / "mc")], "mc_mixed")
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    launcher += ["--master-port", str(free_port())]
+    args = ["--load", str(models / "mc"), "--tensor-model-parallel-size", "2", "--batch-size", "8"]
+    server = Server(args, launcher, tmp_path / "tp2_mixed.log")
+    try:
+        mixed_workload(server.url, wants)
+        short_finishes_first(server.url)
+    finally:
+        server.stop(signal.SIGINT)
+    assert "server stopped" in (tmp_path / "tp2_mixed.log").read_text()
+
+
+def test_static_scheduler_answers_the_same(models, tmp_path):
+    want = expected(models, ["--load", str(models / "mc")], "mc_static")
+    args = ["--load", str(models / "mc"), "--scheduler", "static"]
+    server = Server(args, [sys.executable], tmp_path / "static.log")
+    try:
+        check_answers(server.url, want)
+        assert httpx.get(server.url + "/health").json()["scheduler"] == "static"
+    finally:
+        assert server.stop() == 0
