@@ -53,6 +53,16 @@ class RowSettings:
             if cfg.do_sample:
                 self.generators[row] = torch.Generator(device=self.device).manual_seed(cfg.seed)
 
+    def move(self, src: Sequence[int], dst: Sequence[int]) -> None:
+        """Rows ``src`` become rows ``dst``."""
+        i = torch.as_tensor(list(src), device=self.device)
+        j = torch.as_tensor(list(dst), device=self.device)
+        for t in (self.temperature, self.top_k, self.top_p, self.penalty):
+            t[j] = t[i]
+        for a, b in zip(src, dst):
+            self.configs[b], self.generators[b] = self.configs[a], self.generators[a]
+            self.configs[a], self.generators[a] = None, None
+
     def clear(self, rows: Sequence[int]) -> None:
         for row in rows:
             self.configs[row], self.generators[row] = None, None
@@ -105,26 +115,58 @@ def sample(
     top_k: torch.Tensor,
     top_p: torch.Tensor,
     generators: Sequence[torch.Generator],
-    filtered: bool = True,
+    cuts: Sequence[tuple[int, float]] | None = None,
 ) -> torch.Tensor:
     """One token per row ``[n]`` from ``logits`` ``[n, V]``: divided by the row's temperature,
     cut to its top-k (ties at the k-th value kept), then to the smallest set whose probability
     reaches its top-p (the token that crosses p kept), and drawn with the row's generator.
-    ``filtered=False`` skips the cuts (no row asked for one)."""
+
+    ``cuts`` is each row's ``(top_k, top_p)`` as the host knows them (default: read from the
+    tensors): rows with a top-k are cut through ``topk`` (k values, not a sort of the
+    vocabulary), rows with only a top-p through one sort, rows with neither not at all. The draw
+    inverts the cumulative distribution at one uniform number from the row's generator (one
+    number per row and step, where ``torch.multinomial`` costs a millisecond per row)."""
     logits = logits.float() / temperature[:, None]
-    if filtered:
-        vocab = logits.shape[-1]
-        ordered, order = torch.sort(logits, descending=True, dim=-1)  # [n, V]
-        k = torch.where(top_k > 0, top_k.clamp(max=vocab), vocab)
-        kth = ordered.gather(1, (k - 1)[:, None])  # [n, 1]
-        ordered = ordered.masked_fill(ordered < kth, float("-inf"))
-        probs = ordered.softmax(-1)
-        drop = (probs.cumsum(-1) - probs > top_p[:, None]) & (top_p < 1.0)[:, None]
-        ordered = ordered.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(1, order, ordered)
-    probs = logits.softmax(-1)
-    draws = [torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)]
-    return torch.cat(draws)
+    if cuts is None:
+        cuts = list(zip(top_k.tolist(), top_p.tolist()))
+    with_k = [i for i, (k, _) in enumerate(cuts) if k > 0]
+    only_p = [i for i, (k, p) in enumerate(cuts) if k == 0 and p < 1.0]
+    if with_k or only_p:
+        logits = logits.clone()
+    if with_k:
+        rows = torch.as_tensor(with_k, device=logits.device)
+        largest = min(max(cuts[i][0] for i in with_k), logits.shape[-1])
+        logits[rows] = _cut_top_k(logits[rows], top_k[rows], top_p[rows], largest)
+    if only_p:
+        rows = torch.as_tensor(only_p, device=logits.device)
+        logits[rows] = _cut_top_p(logits[rows], top_p[rows])
+    probs = logits.softmax(-1)  # [n, V]; cut tokens have probability 0
+    cdf = probs.cumsum(-1)
+    u = torch.cat([torch.rand(1, generator=g, device=logits.device) for g in generators])  # [n]
+    u = u * cdf[:, -1]  # the total may differ from 1 in the last bits
+    drawn = torch.searchsorted(cdf, u[:, None], right=True).squeeze(-1)  # first cdf > u
+    return drawn.clamp(max=logits.shape[-1] - 1)
+
+
+def _cut_top_k(logits, top_k, top_p, largest: int) -> torch.Tensor:
+    """Rows with a top-k: below the k-th value goes, then top-p within the k kept."""
+    values, order = logits.topk(largest, dim=-1)  # [m, K], descending
+    k = top_k.clamp(max=largest)
+    kth = values.gather(1, (k - 1)[:, None])  # [m, 1]
+    logits = logits.masked_fill(logits < kth, float("-inf"))
+    inside = torch.arange(largest, device=logits.device)[None] < k[:, None]  # [m, K]
+    values = values.masked_fill(~inside, float("-inf"))
+    probs = values.softmax(-1)
+    drop = (probs.cumsum(-1) - probs > top_p[:, None]) & inside  # the crossing token stays
+    return logits.scatter(1, order, values.masked_fill(drop, float("-inf")))
+
+
+def _cut_top_p(logits, top_p) -> torch.Tensor:
+    """Rows with only a top-p: one sort of the vocabulary."""
+    ordered, order = torch.sort(logits, descending=True, dim=-1)  # [m, V]
+    probs = ordered.softmax(-1)
+    drop = probs.cumsum(-1) - probs > top_p[:, None]
+    return logits.scatter(1, order, ordered.masked_fill(drop, float("-inf")))
 
 
 def choose(
@@ -164,16 +206,13 @@ def choose(
     if sampled:
         rows = torch.as_tensor([s - first for s in sampled], device=logits.device)
         at = torch.as_tensor(sampled, device=logits.device)
-        filtered = any(
-            settings.configs[s].top_k > 0 or settings.configs[s].top_p < 1.0 for s in sampled
-        )
         draws = sample(
             logits[rows],
             settings.temperature[at],
             settings.top_k[at],
             settings.top_p[at],
             [settings.generators[s] for s in sampled],
-            filtered,
+            [(settings.configs[s].top_k, settings.configs[s].top_p) for s in sampled],
         )
         nxt = nxt.index_copy(0, rows, draws)
     return nxt

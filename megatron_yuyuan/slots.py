@@ -31,6 +31,10 @@ import torch
 from megatron_yuyuan.decoding import RowSettings, choose, top_logprobs
 from megatron_yuyuan.sampling import SamplingConfig
 
+EAGER_MOVE = 32
+"""Move the timeline left once this many leading columns are unused: attention reads every column
+up to the cursor at every step, a move copies the live ones once."""
+
 
 @dataclass
 class Admission:
@@ -51,10 +55,12 @@ class Admission:
 
 @dataclass
 class Plan:
-    """What one step does, in this order: forget ``release``, decode the live rows, prefill
-    ``admit``. Rank 0 decides it; the other ranks of a TP/PP group run the same plan."""
+    """What one step does, in this order: forget ``release``, move rows (``src -> dst``, so the
+    live rows stay in the lowest slots and a step computes no free rows), decode the live rows,
+    prefill ``admit``. Rank 0 decides it; the other ranks of a TP/PP group run the same plan."""
 
     release: list[int] = field(default_factory=list)
+    moves: list[tuple[int, int]] = field(default_factory=list)
     admit: list[Admission] = field(default_factory=list)
     reset: bool = False
     """Drop every row first (after a failed step)."""
@@ -119,6 +125,7 @@ class SlotBatch:
         if plan.reset:
             self.reset()
         self.release(plan.release)
+        self.move_rows(plan.moves)
         out = self.decode() if self.rows else []
         if plan.admit:
             out += self.admit(plan.admit)
@@ -138,6 +145,24 @@ class SlotBatch:
         self.live[torch.as_tensor(slots, device=self.device)] = False
         self.settings.clear(slots)
 
+    def move_rows(self, moves: Sequence[tuple[int, int]]) -> None:
+        """Row ``src`` becomes row ``dst`` (a free one): its cached columns, state and settings."""
+        if not moves:
+            return
+        src = [a for a, _ in moves]
+        dst = [b for _, b in moves]
+        lo = min(self.rows[a].start for a in src)
+        self.stepper.move_rows(src, dst, lo, self.cursor)
+        d = self.device
+        i, j = torch.as_tensor(src, device=d), torch.as_tensor(dst, device=d)
+        for name in ("last", "pos", "start", "count", "budget", "live", "history", "lengths"):
+            t = getattr(self, name)
+            t[j] = t[i]
+        self.live[i] = False
+        self.settings.move(src, dst)
+        for a, b in moves:
+            self.rows[b] = self.rows.pop(a)
+
     # --- decoding -------------------------------------------------------------------------------
     def decode(self) -> list[Emitted]:
         """One token for every live row."""
@@ -145,7 +170,7 @@ class SlotBatch:
             self._move(-min(r.start for r in self.rows.values()))
         else:  # columns nobody reads any more cost attention every step: drop them early
             first = min(r.start for r in self.rows.values())
-            if first >= max(64, self.cursor // 2):
+            if first >= EAGER_MOVE:
                 self._move(-first)
         slots = sorted(self.rows)
         width = slots[-1] + 1

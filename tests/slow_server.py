@@ -34,6 +34,8 @@ class StepEngine:
             self.rows.clear()
         for slot in plan.release:
             self.rows.pop(slot, None)
+        for src, dst in plan.moves:
+            self.rows[dst] = self.rows.pop(src)
         out = []
         if self.rows:
             time.sleep(self.step_s)

@@ -39,9 +39,10 @@ def generators(tmp_path_factory):
     }
 
 
-def run(core: SlotBatch, prompts, schedule, logprobs=None) -> dict:
+def run(core: SlotBatch, prompts, schedule, logprobs=None, compact=False) -> dict:
     """Drive ``core`` as the server's scheduler does: ``schedule`` is (step, request) arrivals;
-    returns each request's tokens (and log-probabilities)."""
+    returns each request's tokens (and log-probabilities). ``compact`` moves live rows down into
+    free slots, as the scheduler does."""
     eos = core.eos
     out: dict[int, list] = {}
     live: dict[int, int] = {}
@@ -49,13 +50,20 @@ def run(core: SlotBatch, prompts, schedule, logprobs=None) -> dict:
     step = 0
     with torch.inference_mode():
         while pending or live:
-            admit = []
+            admit, moves = [], []
+            free.sort()
+            while compact and live and free and free[0] < max(live):
+                src, dst = max(live), free.pop(0)
+                live[dst] = live.pop(src)
+                moves.append((src, dst))
+                free = sorted(free + [src])
             while pending and pending[0][0] <= step and free:
                 _, i = pending.pop(0)
                 slot = free.pop(0)
                 live[slot], out[i] = i, []
                 admit.append(Admission(slot, prompts[i], CONFIGS[i], logprobs))
-            for e in core.step(Plan(release, admit)):
+            plan, release = Plan(release=release, moves=moves, admit=admit), []
+            for e in core.step(plan):
                 i = live[e.slot]
                 if e.token != eos:
                     out[i].append((e.token, e.logprob) if logprobs is not None else e.token)
@@ -64,7 +72,6 @@ def run(core: SlotBatch, prompts, schedule, logprobs=None) -> dict:
                     free.append(e.slot)
                     del live[e.slot]
             step += 1
-            release = [s for s in release if s not in live]
     return out
 
 
@@ -83,6 +90,11 @@ def test_rows_joining_and_leaving_get_the_tokens_they_get_alone(generators, kind
     core = gen.slot_batch(3)
     assert run(core, prompts, schedule) == alone
     assert core.moves >= 1
+    # live rows moved down into freed slots give the same tokens
+    assert (
+        run(gen.slot_batch(4), prompts, [(0, 0), (0, 1), (0, 2), (2, 3), (9, 4)], None, True)
+        == alone
+    )
     # a timeline barely longer than the positions: it moves left while rows are live
     core = SlotBatch(gen.slot_batch(3).stepper, 3, 128, gen.tokenizer.eod, capacity=48)
     assert run(core, prompts, [(0, 0), (10, 1), (20, 2), (28, 3), (40, 4)]) == alone

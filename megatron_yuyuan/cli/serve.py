@@ -72,6 +72,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "older policy, for comparison)",
     )
     p.add_argument(
+        "--batch-wait-ms",
+        type=non_negative_float,
+        default=10.0,
+        help="--scheduler static: how long a batch's first request waits for more",
+    )
+    p.add_argument(
         "--api-key",
         default=os.environ.get(API_KEY_ENV) or None,
         help=f"require 'Authorization: Bearer KEY' on every endpoint but /health (default: "
@@ -173,7 +179,7 @@ def serve(generator, args) -> int:
     name = args.served_model_name or path.name
     slots = args.max_batch_size or args.batch_size
     eng = Engine(generator, slots)
-    scheduler = Scheduler(eng, slots, max_queue=args.max_queue, policy=args.scheduler)
+    scheduler = Scheduler(eng, slots, args.max_queue, args.scheduler, wait_ms=args.batch_wait_ms)
     layout = f"TP={args.tensor_model_parallel_size}, PP={args.pipeline_model_parallel_size}"
     app = create_app(
         scheduler,

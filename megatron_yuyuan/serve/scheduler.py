@@ -6,7 +6,7 @@ rows that ended (EOS, their ``max_tokens``, a stop string, a client gone: :meth:
 and gives free rows to waiting requests, whatever their sampling settings (the choice is per row);
 the step decodes the live rows and prefills the newcomers (:class:`megatron_yuyuan.slots.Plan`).
 ``static`` is the older policy, kept to compare against: a batch is admitted only when the previous
-one has ended entirely.
+one has ended entirely, after its first request has waited up to ``wait_ms`` for others.
 
 Requests wait in a bounded queue (full: the app answers 503 with ``Retry-After``). Each token goes
 to its request's asyncio queue as ``("token", id, logprob)`` (only when it streams), then
@@ -63,6 +63,7 @@ class Scheduler:
         max_queue: requests waiting at most.
         policy: ``continuous`` or ``static``.
         metrics: a :class:`megatron_yuyuan.serve.metrics.Metrics` (or None).
+        wait_ms: ``static`` only: how long a batch's first request waits for more.
     """
 
     def __init__(
@@ -72,11 +73,12 @@ class Scheduler:
         max_queue: int = 64,
         policy: str = "continuous",
         metrics=None,
+        wait_ms: float = 10.0,
     ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         self.engine, self.max_batch_size, self.max_queue = engine, max_batch_size, max_queue
-        self.policy, self.metrics = policy, metrics
+        self.policy, self.metrics, self.wait_s = policy, metrics, wait_ms / 1000.0
         self.waiting_q: collections.deque[Request] = collections.deque()
         self.cond = threading.Condition()
         self.live: dict[int, Request] = {}
@@ -157,6 +159,19 @@ class Scheduler:
                     self.cond.wait()
                 if self.stopped:
                     return
+                if self.policy == "static" and not self.live and not ended:
+                    # the older batcher's gathering: the first request waits for company
+                    until = self.waiting_q[0].submitted + self.wait_s
+                    while (
+                        not self.stopped
+                        and 0 < len(self.waiting_q) < self.max_batch_size
+                        and time.monotonic() < until
+                    ):
+                        self.cond.wait(until - time.monotonic())
+                    if self.stopped:
+                        return
+                    if not self.waiting_q:
+                        continue
                 release, done = list(ended), []
                 for slot, r in list(self.live.items()):
                     if slot not in release and r.cancelled.is_set():
@@ -166,8 +181,17 @@ class Scheduler:
                     del self.live[slot]
                     free.append(slot)
                 free.sort()
+                # the live rows move down into free slots: a step computes rows 0..max live
+                moves = []
+                while self.live and free and free[0] < max(self.live):
+                    src, dst = max(self.live), free.pop(0)
+                    self.live[dst] = self.live.pop(src)
+                    moves.append((src, dst))
+                    free.append(src)
+                    free.sort()
                 admitted: list[Admission] = []
-                if self.policy == "continuous" or not self.live:
+                # static: a batch starts in a step of its own, after the gathering wait above
+                if self.policy == "continuous" or not (self.live or release):
                     while free and self.waiting_q:
                         r = self.waiting_q.popleft()
                         if r.cancelled.is_set():
@@ -178,11 +202,9 @@ class Scheduler:
             ended = []
             events: list[tuple[Request, tuple]] = [(r, self._done(r)) for r in done]
             try:
-                emitted = (
-                    self.engine.step(Plan(release, admitted, reset=reset))
-                    if (self.live or release or reset)
-                    else []
-                )
+                plan = Plan(release=release, moves=moves, admit=admitted, reset=reset)
+                busy = self.live or release or reset
+                emitted = self.engine.step(plan) if busy else []
                 reset = False
             except Exception as exc:  # a failed step fails its requests, not the server
                 message = f"{type(exc).__name__}: {exc}"
