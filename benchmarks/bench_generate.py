@@ -26,7 +26,7 @@ from megatron_yuyuan.data.sample import SAMPLE_DIR
 from megatron_yuyuan.prompts import format_prompt
 
 
-def make_models(root: Path, preset: str) -> tuple[Path, Path]:
+def make_models(root: Path, preset: str, dtype: torch.dtype = torch.float32) -> tuple[Path, Path]:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from checkpoints_convert.to_megatron import main as to_megatron
@@ -34,12 +34,12 @@ def make_models(root: Path, preset: str) -> tuple[Path, Path]:
 
     m = get_preset(preset)
     torch.manual_seed(0)
-    hf = GPT2LMHeadModel(GPT2Config(**hf_config_dict(m, torch.float32)))
+    hf = GPT2LMHeadModel(GPT2Config(**hf_config_dict(m, dtype)))
     with torch.no_grad():  # peaked logits: greedy text that does not hit EOS early
         for p in hf.parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.1)
-    hf.save_pretrained(str(root / "hf"))
+    hf.to(dtype).save_pretrained(str(root / "hf"))
     write_tokenizer_files(root / "hf", m.vocab_size, None)
     assert to_megatron(["--hf-dir", str(root / "hf"), "--save", str(root / "mc")]) == 0
     return root / "hf", root / "mc"
@@ -66,7 +66,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument(
+        "--skip-no-cache",
+        action="store_true",
+        help="do not time decoding without the KV cache (minutes at 3.5B)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default="float32",
+        help="weights and activations of both generators (bf16 for yuyuan-3.5b on a GPU)",
+    )
     args = p.parse_args(argv)
+    dtype = getattr(torch, args.dtype)
     if get_preset(args.preset).vocab_size != 50257:
         p.error(f"--preset {args.preset}: prompts are GPT-2 tokens; use a GPT-2-vocabulary preset")
     cpu_compat.apply_if_no_cuda()
@@ -77,21 +89,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     questions = [r.question for r in records[: args.batch_size]]
     cfg = SamplingConfig(max_new_tokens=args.max_new_tokens)
     with tempfile.TemporaryDirectory() as tmp:
-        hf_dir, mc_dir = make_models(Path(tmp), args.preset)
-        ours = MegatronGenerator.from_checkpoint(str(mc_dir))
-        theirs = HFGenerator(str(hf_dir))
+        hf_dir, mc_dir = make_models(Path(tmp), args.preset, dtype)
+        ours = MegatronGenerator.from_checkpoint(str(mc_dir), dtype=dtype)
+        theirs = HFGenerator(str(hf_dir), dtype=dtype)
         prompts = ours.tokenizer.encode_batch([format_prompt(q) for q in questions])
         ours.generate_ids(prompts, cfg)  # warm-up
         theirs.generate_ids(prompts, cfg)
         hf_s, hf_out = time_it(lambda: theirs.generate_ids(prompts, cfg), args.repeats)
         our_s, our_out = time_it(lambda: ours.generate_ids(prompts, cfg), args.repeats)
-        nocache_s, _ = time_it(lambda: ours.generate_ids(prompts, cfg, use_cache=False), 1)
+        nocache_s = None
+        if not args.skip_no_cache:
+            nocache_s, _ = time_it(lambda: ours.generate_ids(prompts, cfg, use_cache=False), 1)
     new = sum(len(x) for x in our_out)
     same = our_out == hf_out
     where = device_label(args.threads)
     print(
         f"\ngreedy generation, {args.preset} preset, batch {args.batch_size}, up to "
-        f"{args.max_new_tokens} new tokens, fp32, {where}; "
+        f"{args.max_new_tokens} new tokens, {args.dtype}, {where}; "
         f"baseline: transformers generate (KV cache) on the same weights"
     )
     print("| generator | new tokens | median s | tokens/s | ratio |")
@@ -104,10 +118,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"| megatron_yuyuan, KV cache | {new} | {our_s:.2f} | {new / our_s:.0f} | "
         f"{hf_s / our_s:.2f}x |"
     )
-    print(
-        f"| megatron_yuyuan, no cache | {new} | {nocache_s:.2f} | {new / nocache_s:.0f} | "
-        f"{hf_s / nocache_s:.2f}x |"
-    )
+    if nocache_s is not None:
+        print(
+            f"| megatron_yuyuan, no cache | {new} | {nocache_s:.2f} | {new / nocache_s:.0f} | "
+            f"{hf_s / nocache_s:.2f}x |"
+        )
     print(f"identical tokens: {same}")
     return 0 if same else 1
 

@@ -112,7 +112,9 @@ async def open_loop(url: str, plan: list[tuple]):
         results.append((body["max_new_tokens"], time.perf_counter() - sent))
         generated += r.json()["tokens"]
 
-    limits = httpx.Limits(max_connections=len(plan))
+    # a connection per request: a pooled one that the server closes as idle just when a request
+    # goes out would fail that request
+    limits = httpx.Limits(max_connections=len(plan), max_keepalive_connections=0)
     async with httpx.AsyncClient(timeout=3600, limits=limits) as http:
         start = time.perf_counter()
         await asyncio.gather(*(one(http, at, body, start) for at, body in plan))
@@ -121,7 +123,7 @@ async def open_loop(url: str, plan: list[tuple]):
 
 
 class ServerProcess:
-    def __init__(self, mc_dir: Path, policy: str, slots: int, threads: int) -> None:
+    def __init__(self, mc_dir: Path, policy: str, slots: int, threads: int, log: Path) -> None:
         import httpx
 
         self.url = f"http://127.0.0.1:{free_port()}"
@@ -129,9 +131,8 @@ class ServerProcess:
         cmd = [sys.executable, "-m", "megatron_yuyuan.serve", "--load", str(mc_dir)]
         cmd += ["--port", self.url.rsplit(":", 1)[1], "--max-batch-size", str(slots)]
         cmd += ["--scheduler", policy, "--max-queue", "4096"]
-        self.proc = subprocess.Popen(
-            cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
+        self.log = log
+        self.proc = subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
         for _ in range(600):
             try:
                 if httpx.get(self.url + "/health", timeout=1).status_code == 200:
@@ -140,9 +141,11 @@ class ServerProcess:
                 time.sleep(0.5)
         raise RuntimeError(f"the {policy} server did not start")
 
-    def stop(self) -> None:
+    def stop(self, failed: bool = False) -> None:
         self.proc.send_signal(signal.SIGTERM)
         self.proc.wait(timeout=120)
+        if failed:
+            print(self.log.read_text()[-3000:], file=sys.stderr)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -185,7 +188,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         offline_tps = offline / (time.perf_counter() - start)
         del gen
         for policy in ("continuous", "static"):
-            server = ServerProcess(mc_dir, policy, c, args.threads)
+            server = ServerProcess(mc_dir, policy, c, args.threads, Path(tmp) / f"{policy}.log")
+            failed = True
             try:
                 asyncio.run(closed_loop(server.url, questions, 2, 2, 4))  # warm-up
                 wall, lat, toks = asyncio.run(
@@ -202,8 +206,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     statistics.median(every),
                     percentile(every, 0.95),
                 )
+                failed = False
             finally:
-                server.stop()
+                server.stop(failed)
     where = device_label(args.threads)
     print(
         f"\nserving, {args.preset} preset (megatron-core, TP=1, fp32, {where}), up to {c} rows; "

@@ -14,7 +14,8 @@ freed between steps) and the script ends with one table:
   over the steps after warm-up;
 * fp32 loss parity: TP=1 on the GPU against TP=2 on two CPU processes (gloo);
 * conversion + greedy generation: tokens identical to ``transformers.generate`` on the GPU, and
-  tokens/s against it.
+  tokens/s against it (small preset in fp32; yuyuan-3.5b in bf16 at batch 8 and 32, 128 new
+  tokens, where the target is 1.5x).
 """
 
 from __future__ import annotations
@@ -126,6 +127,17 @@ def plan(work: Path, iters: int) -> list[Step]:
         Step(
             "convert + greedy generation vs transformers (small, fp32, batch 8)",
             python("-m", "benchmarks.bench_generate", "--preset", "small", "--batch-size", "8"),
+        ),
+        *(
+            Step(
+                f"greedy generation vs transformers (yuyuan-3.5b, bf16, batch {b}, 128 tokens)",
+                python(
+                    *("-m", "benchmarks.bench_generate", "--preset", "yuyuan-3.5b"),
+                    *("--batch-size", str(b), "--max-new-tokens", "128", "--dtype", "bfloat16"),
+                    *("--repeats", "2", "--skip-no-cache"),
+                ),
+            )
+            for b in (8, 32)
         ),
     ]
 

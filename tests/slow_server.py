@@ -27,7 +27,7 @@ class StepEngine:
         self.step_s, self.token, self.max_positions = step_s, token, max_positions
         self.rows: dict[int, list[int]] = {}  # slot -> [tokens so far, budget]
         self.prompts: list[list[int]] = []  # every admitted prompt, in order
-        self.widths: list[int] = []  # live rows per step
+        self.widths: list[int] = []  # rows computed per step (the last live slot + 1)
 
     def step(self, plan):
         if plan.reset:
@@ -39,7 +39,7 @@ class StepEngine:
         out = []
         if self.rows:
             time.sleep(self.step_s)
-            self.widths.append(len(self.rows))
+            self.widths.append(max(self.rows) + 1)
         for slot, row in self.rows.items():
             row[0] += 1
             out.append(Emitted(slot, self.token, row[0] >= row[1] or self.token == self.eos))

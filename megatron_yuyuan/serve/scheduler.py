@@ -5,8 +5,10 @@ A generation thread runs steps while anything is live or waiting. Before each st
 rows that ended (EOS, their ``max_tokens``, a stop string, a client gone: :meth:`Request.cancel`)
 and gives free rows to waiting requests, whatever their sampling settings (the choice is per row);
 the step decodes the live rows and prefills the newcomers (:class:`megatron_yuyuan.slots.Plan`).
-``static`` is the older policy, kept to compare against: a batch is admitted only when the previous
-one has ended entirely, after its first request has waited up to ``wait_ms`` for others.
+``static`` is the older batcher, kept to compare against: a batch of requests with identical
+sampling settings (but the budget) is admitted only when the previous one has ended entirely,
+after its first request has waited up to ``wait_ms`` for others; a row whose answer ended runs on
+with its batch and every answer is delivered when the batch ends.
 
 Requests wait in a bounded queue (full: the app answers 503 with ``Retry-After``). Each token goes
 to its request's asyncio queue as ``("token", id, logprob)`` (only when it streams), then
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import threading
 import time
 from dataclasses import dataclass, field
@@ -152,6 +155,8 @@ class Scheduler:
     def _run(self) -> None:
         free = list(range(self.max_batch_size))
         ended: list[int] = []
+        held: set[int] = set()  # static: rows whose request ended, running on with the batch
+        deferred: list[Request] = []  # static: their answers, delivered when the batch ends
         reset = False
         while True:
             with self.cond:
@@ -174,28 +179,41 @@ class Scheduler:
                         continue
                 release, done = list(ended), []
                 for slot, r in list(self.live.items()):
-                    if slot not in release and r.cancelled.is_set():
+                    if slot in release or slot in held or not r.cancelled.is_set():
+                        continue
+                    if self.policy == "static":  # its row runs on with the batch
+                        held.add(slot)
+                        deferred.append(r)
+                    else:
                         release.append(slot)
                         done.append(r)  # its answer so far (a stop string waits for it)
+                if held and held == set(self.live):  # static: the whole batch has ended
+                    release += sorted(held)
+                    done += deferred
+                    held, deferred = set(), []
                 for slot in release:
                     del self.live[slot]
                     free.append(slot)
                 free.sort()
                 # the live rows move down into free slots: a step computes rows 0..max live
                 moves = []
-                while self.live and free and free[0] < max(self.live):
+                while self.live and free and free[0] < max(self.live) and not held:
                     src, dst = max(self.live), free.pop(0)
                     self.live[dst] = self.live.pop(src)
                     moves.append((src, dst))
                     free.append(src)
                     free.sort()
                 admitted: list[Admission] = []
-                # static: a batch starts in a step of its own, after the gathering wait above
-                if self.policy == "continuous" or not (self.live or release):
+                if self.policy == "continuous":
                     while free and self.waiting_q:
                         r = self.waiting_q.popleft()
                         if r.cancelled.is_set():
                             continue
+                        slot = free.pop(0)
+                        self.live[slot] = r
+                        admitted.append(Admission(slot, r.prompt, r.sampling, r.logprobs))
+                elif not (self.live or release):  # static: a batch in a step of its own
+                    for r in self._static_batch():
                         slot = free.pop(0)
                         self.live[slot] = r
                         admitted.append(Admission(slot, r.prompt, r.sampling, r.logprobs))
@@ -214,6 +232,7 @@ class Scheduler:
                 for slot, r in failed:
                     free.append(slot)
                     events.append((r, ("error", message)))
+                held, deferred = set(), []
                 reset = True
                 self._hand_over(events)
                 continue
@@ -221,7 +240,7 @@ class Scheduler:
             now = time.monotonic()
             for e in emitted:
                 r = self.live.get(e.slot)
-                if r is None:
+                if r is None or e.slot in held:
                     continue
                 if r.first_token is None:
                     r.first_token = now
@@ -233,11 +252,37 @@ class Scheduler:
                         r.logprob_list.append((e.token, *e.logprob))
                     if r.tokens:
                         events.append((r, ("token", e.token, e.logprob)))
-                if e.finished:
+                if e.finished and self.policy == "static":
+                    held.add(e.slot)
+                    deferred.append(r)
+                elif e.finished:
                     ended.append(e.slot)
                     events.append((r, self._done(r)))
             self._hand_over(events)
             self._gauges()
+
+    def _static_batch(self) -> list[Request]:
+        """The older batcher's batch: the first waiting request and up to ``max_batch_size - 1``
+        more with identical sampling settings but the budget (looking 4 batches deep), whose
+        rows all fit the positions until the longest ends (an ended row runs on)."""
+        first = None
+        batch: list[Request] = []
+        longest = budget = 0
+        for r in list(self.waiting_q)[: 4 * self.max_batch_size]:
+            if r.cancelled.is_set():
+                self.waiting_q.remove(r)
+                continue
+            key = dataclasses.replace(r.sampling, max_new_tokens=1)
+            first = first or key
+            span = max(longest, len(r.prompt)) + max(budget, r.sampling.max_new_tokens)
+            if batch and span > self.engine.max_positions:
+                continue
+            if key == first and len(batch) < self.max_batch_size:
+                batch.append(r)
+                self.waiting_q.remove(r)
+                longest = max(longest, len(r.prompt))
+                budget = max(budget, r.sampling.max_new_tokens)
+        return batch
 
     def _done(self, r: Request) -> tuple:
         if self.metrics is not None:
