@@ -123,9 +123,15 @@ def sample(
 
     ``cuts`` is each row's ``(top_k, top_p)`` as the host knows them (default: read from the
     tensors): rows with a top-k are cut through ``topk`` (k values, not a sort of the
-    vocabulary), rows with only a top-p through one sort, rows with neither not at all. The draw
-    inverts the cumulative distribution at one uniform number from the row's generator (one
-    number per row and step, where ``torch.multinomial`` costs a millisecond per row)."""
+    vocabulary), rows with only a top-p through one sort, rows with neither not at all.
+
+    The draw is the Gumbel-max trick: the argmax of the logits plus Gumbel noise from the row's
+    generator, an exact sample of the softmax. It needs no normalisation or cumulative sum, so
+    the last-bit differences between a row computed in a batch and alone do not move it: a draw
+    changes only if two perturbed logits tie to within them. Inverting the cumulative
+    distribution does not have that property: a flat distribution over 50k tokens shifts by a
+    good part of one token's width when the normaliser changes in its last bits, and a seeded
+    sample then differs from the same request alone."""
     logits = logits.float() / temperature[:, None]
     if cuts is None:
         cuts = list(zip(top_k.tolist(), top_p.tolist()))
@@ -140,12 +146,11 @@ def sample(
     if only_p:
         rows = torch.as_tensor(only_p, device=logits.device)
         logits[rows] = _cut_top_p(logits[rows], top_p[rows])
-    probs = logits.softmax(-1)  # [n, V]; cut tokens have probability 0
-    cdf = probs.cumsum(-1)
-    u = torch.cat([torch.rand(1, generator=g, device=logits.device) for g in generators])  # [n]
-    u = u * cdf[:, -1]  # the total may differ from 1 in the last bits
-    drawn = torch.searchsorted(cdf, u[:, None], right=True).squeeze(-1)  # first cdf > u
-    return drawn.clamp(max=logits.shape[-1] - 1)
+    noise = torch.stack(
+        [torch.rand(logits.shape[-1], generator=g, device=logits.device) for g in generators]
+    )  # [n, V] uniform
+    gumbel = -torch.log(-torch.log(noise.clamp(min=torch.finfo(noise.dtype).tiny)))
+    return (logits + gumbel).argmax(dim=-1)
 
 
 def _cut_top_k(logits, top_k, top_p, largest: int) -> torch.Tensor:
