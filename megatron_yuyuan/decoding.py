@@ -163,7 +163,11 @@ def _cut_top_k(logits, top_k, top_p, largest: int) -> torch.Tensor:
     values = values.masked_fill(~inside, float("-inf"))
     probs = values.softmax(-1)
     drop = (probs.cumsum(-1) - probs > top_p[:, None]) & inside  # the crossing token stays
-    return logits.scatter(1, order, values.masked_fill(drop, float("-inf")))
+    kept = values.masked_fill(drop, float("-inf"))
+    # beyond this row's k, topk's order is arbitrary among ties with the k-th value: those keep
+    # their logits (cut above when smaller), whatever the batch's largest k
+    beyond = torch.where(values == kth, values, torch.full_like(values, float("-inf")))
+    return logits.scatter(1, order, torch.where(inside, kept, beyond))
 
 
 def _cut_top_p(logits, top_p) -> torch.Tensor:

@@ -260,7 +260,9 @@ class HFGenerator:
             ) from exc
         self.model = model.to(self.device).eval()
         self.tokenizer = load_tokenizer(tokenizer or hf_dir)
-        self.max_positions = int(getattr(self.model.config, "n_positions", 1 << 30))
+        cfg = self.model.config
+        positions = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", 0)
+        self.max_positions = int(positions or 1 << 30)  # none named: generate as transformers does
         self.layout = None
         self.template = export_template(Path(hf_dir))
         self.decoding = export_decoding(Path(hf_dir))
@@ -271,6 +273,11 @@ class HFGenerator:
         from megatron_yuyuan.slots import SlotBatch
         from megatron_yuyuan.steppers import HFStepper
 
+        if self.max_positions >= 1 << 30:
+            raise UserError(
+                "--hf-dir: the model's config.json names no position limit (n_positions or "
+                "max_position_embeddings), which the server sizes its KV cache by; add one"
+            )
         vocab = int(self.model.config.vocab_size)
         stepper = HFStepper(self.model, vocab)
         return SlotBatch(stepper, slots, self.max_positions, self.tokenizer.eod)

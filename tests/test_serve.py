@@ -819,6 +819,14 @@ def test_logprobs_and_n_through_the_api(keyed_server, models):
             got = lp["top_logprobs"][step]
             assert got.keys() == want.keys()
             assert all(abs(got[k] - want[k]) < 1e-5 for k in want)
+    # a stop string: the log-probabilities and the usage end where the text does
+    stop = lp["tokens"][3].strip()
+    if stop:
+        cut = httpx.post(url + "/v1/completions", json={**body, "stop": stop}, headers=auth).json()
+        lp_cut = cut["choices"][0]["logprobs"]
+        assert cut["choices"][0]["finish_reason"] == "stop"
+        assert len(lp_cut["tokens"]) == cut["usage"]["completion_tokens"] <= 4
+        assert lp_cut["tokens"] == lp["tokens"][: len(lp_cut["tokens"])]
     # n=3: three choices per prompt, sampled ones differ by seed (seed + j), each reproducible
     body = {"prompt": [prompt, "Question:hi answer:"], "max_tokens": 5, "n": 3, "seed": 5}
     r = httpx.post(url + "/v1/completions", json=body, headers=auth).json()

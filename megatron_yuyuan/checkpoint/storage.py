@@ -260,8 +260,13 @@ def recorded_decoding(ckpt_dir: Path) -> dict:
         train = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("train") or {}
     except (OSError, yaml.YAMLError, AttributeError):
         return {}
-    names = ("max_new_tokens", "repetition_penalty", "no_repeat_ngram_size")
-    return {n: train[f"eval_{n}"] for n in names if isinstance(train.get(f"eval_{n}"), int | float)}
+    kinds = {"max_new_tokens": int, "repetition_penalty": float, "no_repeat_ngram_size": int}
+    out = {}
+    for name, kind in kinds.items():
+        value = train.get(f"eval_{name}")
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            out[name] = kind(value)
+    return out
 
 
 def read_info(ckpt_dir: Path) -> CheckpointInfo:

@@ -109,7 +109,8 @@ def create_app(
 
     @app.middleware("http")
     async def key_required(request: HTTPRequest, call_next):
-        if api_key and request.url.path not in OPEN_PATHS:
+        # the routed path itself (a Host header cannot make url.path differ from it)
+        if api_key and request.scope["path"] not in OPEN_PATHS:
             scheme, _, given = request.headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not key_matches(given.strip(), api_key):
                 return error_response(
@@ -125,7 +126,7 @@ def create_app(
     @app.middleware("http")  # added last: runs first, so refusals above are counted too
     async def count(request: HTTPRequest, call_next):
         response = await call_next(request)
-        path = request.url.path if request.url.path in known else "other"
+        path = request.scope["path"] if request.scope["path"] in known else "other"
         metrics.requests.labels(path, str(response.status_code)).inc()
         return response
 

@@ -88,6 +88,10 @@ class Service:
                 f"positions); ask for at most {max(self.max_positions - len(prompt), 0)} tokens",
                 field_name,
             )
+        if not prompt:
+            raise APIError(
+                422, f"{prompt_field}: the prompt encodes to no tokens", prompt_field.split("[")[0]
+            )
         if len(prompt) >= self.max_positions:
             raise APIError(
                 422,
@@ -297,14 +301,15 @@ async def completions(http: HTTPRequest):
     choices, completion_tokens = [], 0
     try:
         for i, (req, stream) in enumerate(zip(requests, streams)):
-            text = texts[i]
-            async for delta, ids, _ in events_of(req, stream, http):
+            text, collected = texts[i], []
+            async for delta, ids, entries in events_of(req, stream, http):
                 text += delta
+                collected += entries
                 if ids is not None:
                     completion_tokens += len(ids)
                     lp = None
                     if body.logprobs is not None:
-                        lp = openai_logprobs(tokenizer, req.logprob_list, len(texts[i]))
+                        lp = openai_logprobs(tokenizer, collected, len(texts[i]))
                     choices.append(
                         {
                             "text": text,

@@ -231,7 +231,8 @@ class Scheduler:
                     self.live.clear()
                 for slot, r in failed:
                     free.append(slot)
-                    events.append((r, ("error", message)))
+                    ended_before = r in deferred  # static: its answer was complete already
+                    events.append((r, self._done(r) if ended_before else ("error", message)))
                 held, deferred = set(), []
                 reset = True
                 self._hand_over(events)

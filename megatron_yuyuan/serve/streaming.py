@@ -116,6 +116,8 @@ async def events_of(
                 _, ids, logprobs = event
                 if not request.tokens:  # no token events came: the text is all new
                     stream.ids = list(ids)
+                if stream.stopped:  # tokens generated after the stop string are not the answer's
+                    ids, logprobs = ids[: len(stream.ids)], logprobs[: len(stream.ids)]
                 yield stream.rest(), ids, list(logprobs[given:])
                 return
             elif kind == "error":
