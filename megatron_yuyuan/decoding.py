@@ -39,14 +39,14 @@ class RowSettings:
     def set(self, rows: Sequence[int], configs: Sequence[SamplingConfig]) -> None:
         """Give ``rows`` their settings (one host-to-device copy per field)."""
         idx = torch.as_tensor(list(rows), dtype=torch.long, device=self.device)
-        for name, field in (
-            ("temperature", "temperature"),
-            ("top_p", "top_p"),
-            ("penalty", "repetition_penalty"),
-        ):
-            values = [float(getattr(c, field)) for c in configs]
-            getattr(self, name)[idx] = torch.tensor(values, device=self.device)
-        self.top_k[idx] = torch.tensor([c.top_k for c in configs], device=self.device)
+
+        def values(field: str) -> torch.Tensor:
+            return torch.tensor([getattr(c, field) for c in configs], device=self.device)
+
+        self.temperature[idx] = values("temperature").float()
+        self.top_p[idx] = values("top_p").float()
+        self.penalty[idx] = values("repetition_penalty").float()
+        self.top_k[idx] = values("top_k")
         for row, cfg in zip(rows, configs):
             self.configs[row] = cfg
             self.generators[row] = None

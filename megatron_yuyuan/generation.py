@@ -32,20 +32,8 @@ from megatron_yuyuan.errors import UserError
 from megatron_yuyuan.files import read_jsonl, write_jsonl
 from megatron_yuyuan.prompts import DEFAULT_TEMPLATE, PromptTemplate, answer_from_continuation
 from megatron_yuyuan.sampling import SamplingConfig
+from megatron_yuyuan.slots import SlotBatch, generate_batch, left_pad
 from megatron_yuyuan.tokenizer import Tokenizer, load_tokenizer
-
-
-def left_pad(
-    prompts: Sequence[Sequence[int]], total: int, pad: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokens ``[b, total]``, each prompt right-aligned at ``max len``, and the validity mask."""
-    longest = max(len(p) for p in prompts)
-    tokens = torch.full((len(prompts), total), pad, dtype=torch.long)
-    valid = torch.zeros((len(prompts), total), dtype=torch.bool)
-    for i, p in enumerate(prompts):
-        tokens[i, longest - len(p) : longest] = torch.as_tensor(p)
-        valid[i, longest - len(p) : longest] = True
-    return tokens, valid
 
 
 def finish_reason(new_tokens: int, budget: int) -> str:
@@ -137,8 +125,6 @@ class MegatronGenerator:
 
     def slot_batch(self, slots: int):
         """Rows that requests join and leave between steps (a server's engine)."""
-        from megatron_yuyuan.slots import SlotBatch
-
         return SlotBatch(self.stepper(), slots, self.max_positions, self.tokenizer.eod)
 
     @torch.inference_mode()  # lighter than no_grad: no version counters on the KV cache
@@ -155,8 +141,6 @@ class MegatronGenerator:
             budgets: per-prompt new-token limits (default: ``cfg.max_new_tokens`` for all).
             use_cache: False recomputes every position at every step (a reference for tests).
         """
-        from megatron_yuyuan.slots import generate_batch
-
         longest = check_prompt_lengths(prompts, self.max_positions)
         limits = row_budgets(prompts, cfg, budgets).clamp(max=self.max_positions - longest)
         configs = [dataclasses.replace(cfg, max_new_tokens=int(n)) for n in limits]
@@ -167,11 +151,12 @@ class MegatronGenerator:
         )
 
     def _generate_without_cache(self, prompts, configs) -> list[list[int]]:
-        """Every step recomputes the whole left-padded batch: the slow reference the KV cache is
-        checked against (one row at a time through the same per-row choice)."""
+        """Every step recomputes the whole row: the slow reference the KV cache is checked
+        against (one prompt at a time, through the same per-row choice)."""
         from megatron_yuyuan.decoding import RowSettings, choose
 
         eos = self.tokenizer.eod
+        stepper = self.stepper()
         out = []
         for prompt, cfg in zip(prompts, configs):
             settings = RowSettings(1, self.device)
@@ -183,12 +168,11 @@ class MegatronGenerator:
                 positions = torch.arange(len(ids), device=self.device)[None]
                 causal = torch.ones(len(ids), len(ids), dtype=torch.bool, device=self.device)
                 mask = ~causal.tril()[None, None]
-                logits = self._forward_full(tokens, positions, mask)
+                logits = stepper.run(tokens, positions, mask)
                 nxt = torch.zeros(1, dtype=torch.long, device=self.device)
                 if logits is not None:
-                    hist = tokens
                     lengths = torch.tensor([len(ids)], device=self.device)
-                    nxt = choose(logits, [0], settings, hist, lengths, {0: len(ids)})
+                    nxt = choose(logits, [0], settings, tokens, lengths, {0: len(ids)})
                 token = int(parallel.broadcast_from_last_stage(nxt)[0])
                 if token == eos:
                     break
@@ -196,17 +180,6 @@ class MegatronGenerator:
                 new.append(token)
             out.append(new)
         return out
-
-    def _forward_full(self, tokens, positions, mask):
-        b, q = tokens.shape
-        if not self.layout.is_first_stage:
-            hidden = parallel.recv_prev((q, b, self.model_cfg.hidden_size), self.dtype, self.device)
-            self.model.set_input_tensor(hidden)
-        out = self.model(tokens, positions, mask, runtime_gather_output=True)
-        if not self.layout.is_last_stage:
-            parallel.send_next(out)
-            return None
-        return out[:, -1, : self.vocab_size].float()
 
 
 def check_prompt_lengths(prompts: Sequence[Sequence[int]], max_positions: int) -> int:
@@ -270,7 +243,6 @@ class HFGenerator:
 
     def slot_batch(self, slots: int):
         """Rows that requests join and leave between steps (a server's engine)."""
-        from megatron_yuyuan.slots import SlotBatch
         from megatron_yuyuan.steppers import HFStepper
 
         if self.max_positions >= 1 << 30:

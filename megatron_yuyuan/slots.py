@@ -23,7 +23,7 @@ Each step is one forward of the live rows (``[W, 1]``), then the per-row choice 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -111,7 +111,6 @@ class SlotBatch:
         device = self.device = stepper.device
         self.cursor = 0
         self.rows: dict[int, _Row] = {}
-        self.steps = 0
         self.moves = 0  # timeline moves (a test and a benchmark read it)
         zeros = lambda dtype=torch.long: torch.zeros(slots, dtype=dtype, device=device)  # noqa: E731
         self.last, self.pos, self.start = zeros(), zeros(), zeros()  # [S] each
@@ -129,7 +128,6 @@ class SlotBatch:
         out = self.decode() if self.rows else []
         if plan.admit:
             out += self.admit(plan.admit)
-        self.steps += 1
         return out
 
     def reset(self) -> None:
@@ -166,12 +164,11 @@ class SlotBatch:
     # --- decoding -------------------------------------------------------------------------------
     def decode(self) -> list[Emitted]:
         """One token for every live row."""
-        if self.cursor + 1 > self.capacity:
-            self._move(-min(r.start for r in self.rows.values()))
-        else:  # columns nobody reads any more cost attention every step: drop them early
-            first = min(r.start for r in self.rows.values())
-            if first >= EAGER_MOVE:
-                self._move(-first)
+        # at the last column, or once leading columns nobody reads any more (they cost attention
+        # every step) are many enough: move left
+        first = min(r.start for r in self.rows.values())
+        if self.cursor + 1 > self.capacity or first >= EAGER_MOVE:
+            self._move(-first)
         slots = sorted(self.rows)
         width = slots[-1] + 1
         cols = torch.arange(self.cursor + 1, device=self.device)
@@ -199,11 +196,7 @@ class SlotBatch:
     def _prefill(self, run: list[Admission]) -> list[Emitted]:
         first, n = run[0].slot, len(run)
         longest = max(len(a.prompt) for a in run)
-        tokens = torch.full((n, longest), self.eos, dtype=torch.long)
-        valid = torch.zeros((n, longest), dtype=torch.bool)
-        for i, a in enumerate(run):
-            tokens[i, longest - len(a.prompt) :] = torch.as_tensor(a.prompt)
-            valid[i, longest - len(a.prompt) :] = True
+        tokens, valid = left_pad([a.prompt for a in run], longest, self.eos)
         positions = (valid.long().cumsum(1) - 1).clamp(min=0)
         key_mask = torch.zeros((n, self.cursor), dtype=torch.bool)
         key_mask[:, self.cursor - longest :] = valid
@@ -271,7 +264,7 @@ class SlotBatch:
             row.length += 1
             lp = None
             if row.logprobs is not None:
-                top = [(int(values[1 + 1 + i]), values[2 + k + i]) for i in range(row.logprobs)]
+                top = [(int(values[2 + i]), values[2 + k + i]) for i in range(row.logprobs)]
                 lp = (values[1], top)
             out.append(Emitted(s, int(values[0]), bool(values[-1]), lp))
         return out
@@ -290,6 +283,19 @@ class SlotBatch:
         self.cursor += delta
 
 
+def left_pad(
+    prompts: Sequence[Sequence[int]], total: int, pad: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens ``[b, total]``, each prompt right-aligned at ``max len``, and the validity mask."""
+    longest = max(len(p) for p in prompts)
+    tokens = torch.full((len(prompts), total), pad, dtype=torch.long)
+    valid = torch.zeros((len(prompts), total), dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        tokens[i, longest - len(p) : longest] = torch.as_tensor(p)
+        valid[i, longest - len(p) : longest] = True
+    return tokens, valid
+
+
 def _adjacent_runs(admissions: list[Admission]) -> list[list[Admission]]:
     runs: list[list[Admission]] = []
     for a in admissions:
@@ -306,7 +312,6 @@ def generate_batch(
     configs: Sequence[SamplingConfig],
     max_positions: int,
     eos: int,
-    on_step: Callable[[], None] | None = None,
 ) -> list[list[int]]:
     """Answer ``prompts`` together (left-padded, as ``transformers.generate`` batches them): new
     ids per prompt up to EOS. ``configs[i].max_new_tokens`` is row i's budget."""
@@ -327,8 +332,6 @@ def generate_batch(
             if e.finished:
                 ended.append(e.slot)
         core.release(ended)
-        if on_step is not None:
-            on_step()
         if not core.rows:
             return answers
         emitted = core.decode()

@@ -60,12 +60,19 @@ class MegatronStepper:
         allowed = key_mask[:, None, :] & (cols <= rows)  # [n, q, k]
         allowed |= cols == rows  # a padding token sees itself: no empty softmax
         mask = ~allowed[:, None]  # [n, 1, q, k]: True = masked, megatron's convention
+        return self.run(tokens, positions, mask, ctx)
+
+    def run(self, tokens, positions, mask, context=None):
+        """This pipeline stage's pass (``mask`` ``[n, 1, q, k]``, True = masked; no ``context``:
+        no cache); the last position's logits ``[n, V]`` on the last stage, else None."""
+        n, q = tokens.shape
         if not self.layout.is_first_stage:
             hidden = parallel.recv_prev((q, n, self.hidden_size), self.dtype, self.device)
             self.model.set_input_tensor(hidden)
-        # megatron gathers the vocab shards itself in inference mode; only the last position's
-        # logits are computed (materialize_only_last_token_logits): [n, 1, Vp]
-        out = self.model(tokens, positions, mask, inference_context=ctx, runtime_gather_output=True)
+        # megatron gathers the vocab shards itself in inference mode: [n, q or 1, Vp]
+        out = self.model(
+            tokens, positions, mask, inference_context=context, runtime_gather_output=True
+        )
         if not self.layout.is_last_stage:
             parallel.send_next(out)
             return None

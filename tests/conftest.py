@@ -115,6 +115,26 @@ def write_gpt2(
     return Path(path)
 
 
+def transformers_logprobs(model, prompt: list[int], tokens: int, pad: int):
+    """Greedy ``transformers.generate`` from ``prompt``: its new ids, and two independent
+    references for their log-probabilities ``[tokens, V]``: ``log_softmax`` of the model's own
+    forward over the whole sequence, and of ``generate``'s scores."""
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=tokens,
+            do_sample=False,
+            output_scores=True,
+            return_dict_in_generate=True,
+            pad_token_id=pad,
+        )
+        logits = model(out.sequences).logits[0, len(prompt) - 1 : -1]
+    new = out.sequences[0, len(prompt) :].tolist()
+    scores = torch.cat(out.scores)  # [tokens, V]: greedy with no processors: the raw logits
+    return new, [torch.log_softmax(logits.float(), -1), torch.log_softmax(scores.float(), -1)]
+
+
 @pytest.fixture
 def single_process_group():
     """A world of one gloo process with TP=PP=1, torn down afterwards."""

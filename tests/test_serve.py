@@ -16,9 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
-from conftest import write_gpt2
+from conftest import transformers_logprobs, write_gpt2
 from slow_server import StepEngine, WordTokenizer
 
 # real multi-process runs (torchrun, servers): the slow tier (`-m "not slow"` skips it)
@@ -797,21 +796,9 @@ def test_logprobs_and_n_through_the_api(keyed_server, models):
     assert lp["text_offset"][0] == 0 and lp["text_offset"][1] == len(lp["tokens"][0])
     tok = load_tokenizer(str(models / "hf"))
     model = GPT2LMHeadModel.from_pretrained(str(models / "hf")).eval()
-    ids = tok.encode(prompt)
-    with torch.no_grad():
-        out = model.generate(
-            torch.tensor([ids]),
-            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-            max_new_tokens=6,
-            do_sample=False,
-            output_scores=True,
-            return_dict_in_generate=True,
-            pad_token_id=tok.eod,
-        )
-        new = out.sequences[0, len(ids) :].tolist()
-        logits = model(out.sequences).logits[0, len(ids) - 1 : -1]
+    new, references = transformers_logprobs(model, tok.encode(prompt), 6, tok.eod)
     assert [tok.decode([t]) for t in new] == lp["tokens"]
-    for reference in (torch.log_softmax(logits, -1), torch.log_softmax(torch.cat(out.scores), -1)):
+    for reference in references:
         for step, t in enumerate(new):
             assert abs(lp["token_logprobs"][step] - reference[step, t].item()) < 1e-5
             best = reference[step].topk(3)

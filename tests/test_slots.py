@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from checkpoints_convert.to_megatron import main as to_megatron
-from conftest import write_gpt2
+from conftest import transformers_logprobs, write_gpt2
 from megatron_yuyuan.generation import HFGenerator, MegatronGenerator, SamplingConfig
 from megatron_yuyuan.slots import Admission, Plan, SlotBatch
 
@@ -105,24 +105,10 @@ def test_logprobs_are_the_models_own_and_transformers_scores(generators):
     hf, mc = generators["hf"], generators["megatron"]
     prompt = hf.tokenizer.encode(QUESTIONS[0])
     got = run(mc.slot_batch(2), [prompt], [(0, 0)], logprobs=3)[0][:10]
-    tokens = [t for t, _ in got]
-    with torch.no_grad():
-        ids = torch.tensor([prompt + tokens])
-        logits = hf.model(ids).logits[0, len(prompt) - 1 : -1]  # [10, V]
-        out = hf.model.generate(
-            torch.tensor([prompt]),
-            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-            max_new_tokens=10,
-            do_sample=False,
-            output_scores=True,
-            return_dict_in_generate=True,
-            pad_token_id=hf.tokenizer.eod,
-        )
-    own = torch.log_softmax(logits.float(), -1)
-    scores = torch.log_softmax(torch.stack(out.scores)[:, 0].float(), -1)
-    assert out.sequences[0, len(prompt) :].tolist() == tokens
+    new, references = transformers_logprobs(hf.model, prompt, 10, hf.tokenizer.eod)
+    assert new == [t for t, _ in got]
     for step, (token, (lp, top)) in enumerate(got):
-        for reference in (own, scores):
+        for reference in references:
             assert abs(lp - reference[step, token].item()) < 1e-5
             best = reference[step].topk(3)
             assert [t for t, _ in top] == best.indices.tolist()
